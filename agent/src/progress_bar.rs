@@ -1,0 +1,61 @@
+//! Draws the sync's progress on a terminal: hashing and sending apart, with rates.
+//! Nothing is drawn when stderr is not a terminal.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use engine::agent::{Phase, Progress};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+pub struct Bars {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Bars {
+    pub fn finish(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub fn spawn(progress: Arc<Progress>) -> Bars {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_flag = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let style = ProgressStyle::with_template(
+            "{prefix:>8} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        let hashing = multi.add(
+            ProgressBar::new(0)
+                .with_style(style.clone())
+                .with_prefix("hashing"),
+        );
+        let sending = multi.add(ProgressBar::new(0).with_style(style).with_prefix("sending"));
+        while !stop_flag.load(Ordering::Relaxed) {
+            hashing.set_length(progress.hash_total.load(Ordering::Relaxed));
+            hashing.set_position(progress.hashed.load(Ordering::Relaxed));
+            sending.set_length(progress.send_total.load(Ordering::Relaxed));
+            sending.set_position(progress.sent.load(Ordering::Relaxed));
+            let phase = match progress.phase() {
+                Phase::Comparing => "comparing hash trees",
+                Phase::Flushing => "waiting for the master target to flush",
+                _ => "",
+            };
+            sending.set_message(phase);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        hashing.finish_and_clear();
+        sending.finish_and_clear();
+    });
+    Bars {
+        stop,
+        thread: Some(thread),
+    }
+}

@@ -1,0 +1,23 @@
+//! deltaback's engine: everything the agent, process server, master target and operator CLI
+//! share. The binaries only parse their command lines and call in here.
+//!
+//! See ARCHITECTURE.md at the repository root for how the parts fit together.
+
+pub mod agent;
+pub mod durable;
+pub mod encoding;
+pub mod error;
+pub mod geometry;
+pub mod manifest;
+pub mod pki;
+pub mod protocol;
+pub mod relay;
+pub mod sample;
+pub mod scan;
+pub mod service;
+pub mod target;
+pub mod tls;
+pub mod transport;
+pub mod vmdk;
+
+pub use error::{Error, ErrorCode, Result};

@@ -1,0 +1,166 @@
+//! The process server's relay: agents in, master target out.
+//!
+//! For each agent connection (TLS, agent certificate required) the relay opens one
+//! connection to the master target (TLS, master-target certificate required) and passes
+//! frames both ways. Each direction holds at most one frame in flight, so a slow master
+//! target slows the agents through TCP back-pressure instead of filling memory. The relay
+//! checks every frame's length and that the conversation opens with `Hello`; a durable
+//! spool between the two sides comes later (see ARCHITECTURE.md).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::error::{Error, Result};
+use crate::protocol::Message;
+use crate::tls::{Identity, Role};
+use crate::transport::{self, Conn, ConnReader, ConnWriter};
+
+/// Where the relay forwards to.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// The master target's address, `HOST:PORT`.
+    pub master_target: String,
+}
+
+/// Serves agents on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    identity: &Identity,
+    config: RelayConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let acceptor = TlsAcceptor::from(identity.server_config()?);
+    let upstream_tls = identity.client_config()?;
+    let config = Arc::new(config);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let upstream_tls = upstream_tls.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            let agent = match transport::accept(tcp, &acceptor, Role::Agent).await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e.chain(), "refused connection");
+                    return;
+                }
+            };
+            match relay(agent, &config, upstream_tls).await {
+                Ok(machine) => tracing::info!(%peer, %machine, "relay ended"),
+                Err(e) => tracing::warn!(%peer, error = %e.chain(), "relay failed"),
+            }
+        });
+    }
+}
+
+/// Relays one agent's conversation; returns the machine name.
+async fn relay(
+    mut agent: Conn,
+    config: &RelayConfig,
+    upstream_tls: Arc<rustls::ClientConfig>,
+) -> Result<String> {
+    let (machine, upstream) = match open_upstream(&mut agent, config, upstream_tls).await {
+        Ok(opened) => opened,
+        Err(err) => {
+            agent.fail(&err).await;
+            return Err(err);
+        }
+    };
+    tracing::info!(%machine, "relaying");
+    let (agent_rx, mut agent_tx) = agent.split();
+    let (upstream_rx, mut upstream_tx) = upstream.split();
+    let outcome = pump_both(agent_rx, &mut agent_tx, upstream_rx, &mut upstream_tx).await;
+    match outcome {
+        Ok(()) => Ok(machine),
+        Err(Failure::Agent(err)) => {
+            // The agent broke the protocol: tell it why; the master target sees the cut.
+            let _ = agent_tx.send(&Message::error(&err)).await;
+            let _ = agent_tx.close().await;
+            Err(err)
+        }
+        Err(Failure::Upstream(err)) => {
+            let err = Error::Invalid(format!("master target connection failed: {}", err.chain()));
+            let _ = agent_tx.send(&Message::error(&err)).await;
+            let _ = agent_tx.close().await;
+            Err(err)
+        }
+    }
+}
+
+async fn open_upstream(
+    agent: &mut Conn,
+    config: &RelayConfig,
+    upstream_tls: Arc<rustls::ClientConfig>,
+) -> Result<(String, Conn)> {
+    let hello = agent.recv().await?;
+    let Message::Hello { machine, .. } = &hello else {
+        return Err(Error::Protocol(
+            "the conversation must start with Hello".into(),
+        ));
+    };
+    let machine = machine.clone();
+    let mut upstream = transport::connect(&config.master_target, upstream_tls, Role::MasterTarget)
+        .await
+        .map_err(|e| {
+            Error::Invalid(format!(
+                "master target at {} is unreachable: {}",
+                config.master_target,
+                e.chain()
+            ))
+        })?;
+    upstream.send(&hello).await?;
+    Ok((machine, upstream))
+}
+
+enum Failure {
+    Agent(Error),
+    Upstream(Error),
+}
+
+/// Passes frames both ways until both directions have ended.
+async fn pump_both(
+    mut agent_rx: ConnReader,
+    agent_tx: &mut ConnWriter,
+    mut upstream_rx: ConnReader,
+    upstream_tx: &mut ConnWriter,
+) -> Result<(), Failure> {
+    let up = async {
+        while let Some(frame) = agent_rx.recv_frame().await.map_err(Failure::Agent)? {
+            upstream_tx
+                .send_frame(frame)
+                .await
+                .map_err(Failure::Upstream)?;
+        }
+        let _ = upstream_tx.close().await;
+        Ok(())
+    };
+    let down = async {
+        while let Some(frame) = upstream_rx.recv_frame().await.map_err(Failure::Upstream)? {
+            agent_tx.send_frame(frame).await.map_err(Failure::Agent)?;
+        }
+        let _ = agent_tx.close().await;
+        Ok(())
+    };
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut up, if !up_done => { r?; up_done = true; }
+            r = &mut down, if !down_done => { r?; down_done = true; }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! What every deltaback binary does the same way: logging, binding, and stopping on signals.
+
+use std::io::Write;
+
+use tokio::net::TcpListener;
+
+use crate::error::{Error, Result};
+
+/// Sends tracing output to stderr. `RUST_LOG` overrides the default level given.
+pub fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Binds `addr` and prints the address actually bound on stdout (`listening on ADDR`), so
+/// that `--listen 127.0.0.1:0` can be used by scripts and tests.
+pub async fn bind(addr: &str, what: &str) -> Result<TcpListener> {
+    let listener = TcpListener::bind(addr).await.map_err(|e| Error::Net {
+        op: "bind",
+        source: std::io::Error::new(e.kind(), format!("{addr}: {e}")),
+    })?;
+    let local = listener
+        .local_addr()
+        .map_err(Error::net("read bound address"))?;
+    println!("listening on {local}");
+    let _ = std::io::stdout().flush();
+    tracing::info!(%local, "{what} listening");
+    Ok(listener)
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received, stopping"),
+                _ = int.recv() => tracing::info!("SIGINT received, stopping"),
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

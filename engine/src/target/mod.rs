@@ -1,0 +1,419 @@
+//! The master target: accepts process servers' connections and writes replicas.
+//!
+//! Each connection is one agent's session, relayed by a process server. The async side
+//! parses messages; a writer thread per session owns the session's [`Replica`]s and does the
+//! CPU and disk work (decompress, verify, `pwrite`, `fdatasync`), so receiving the next
+//! batch overlaps writing the previous one. The command queue between them is bounded,
+//! which pushes back through TCP to the agent when the disk is slower than the network.
+
+pub mod replica;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::TlsAcceptor;
+
+use crate::error::{Error, ErrorCode, Result};
+use crate::geometry::{BlockHash, BlockSize, Geometry, SafeName};
+use crate::protocol::message::records;
+use crate::protocol::{DiskState, Message, PROTOCOL_VERSION};
+use crate::tls::{Identity, Role};
+use crate::transport::{self, Conn};
+pub use replica::{Replica, ReplicaPaths};
+
+/// Batches queued between the network and the writer thread of one session.
+const WRITE_QUEUE: usize = 4;
+
+/// How the master target stores replicas.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    /// The datastore folder: replicas go to `<datastore>/<machine>/<id>.vmdk`.
+    pub datastore: PathBuf,
+    /// Rehash existing extents even when their manifest could be trusted.
+    pub verify: bool,
+    /// Threads used to hash an existing extent.
+    pub hash_threads: usize,
+}
+
+/// Disks being written right now, as `machine/id`: one session per disk at a time.
+type DiskLocks = Arc<Mutex<HashSet<String>>>;
+
+/// Serves process servers on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    identity: &Identity,
+    config: TargetConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let acceptor = TlsAcceptor::from(identity.server_config()?);
+    let config = Arc::new(config);
+    let locks = DiskLocks::default();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let config = config.clone();
+        let locks = locks.clone();
+        tokio::spawn(async move {
+            let conn = match transport::accept(tcp, &acceptor, Role::ProcessServer).await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e.chain(), "refused connection");
+                    return;
+                }
+            };
+            match session(conn, config, locks).await {
+                Ok(machine) => tracing::info!(%peer, %machine, "session ended"),
+                Err(e) => tracing::warn!(%peer, error = %e.chain(), "session failed"),
+            }
+        });
+    }
+}
+
+/// One agent's conversation; returns the machine name.
+async fn session(mut conn: Conn, config: Arc<TargetConfig>, locks: DiskLocks) -> Result<String> {
+    let machine = match handshake(&mut conn).await {
+        Ok(machine) => machine,
+        Err(err) => {
+            conn.fail(&err).await;
+            return Err(err);
+        }
+    };
+    tracing::info!(%machine, "session started");
+    let (failures_tx, mut failures) = mpsc::channel(1);
+    let (commands, command_rx) = mpsc::channel(WRITE_QUEUE);
+    let writer = Writer {
+        config,
+        locks,
+        machine: machine.clone(),
+        replicas: HashMap::new(),
+        held: Vec::new(),
+    };
+    std::thread::Builder::new()
+        .name(format!("write-{machine}"))
+        .spawn(move || writer.run(command_rx, failures_tx))
+        .map_err(|e| Error::Invalid(format!("cannot start writer thread: {e}")))?;
+
+    let result = async {
+        loop {
+            let msg = tokio::select! {
+                msg = conn.recv() => msg?,
+                Some(err) = failures.recv() => return Err(err),
+            };
+            if let Message::Bye = msg {
+                return Ok(());
+            }
+            let reply = handle(msg, &commands).await?;
+            if let Some(reply) = reply {
+                conn.send(&reply).await?;
+            }
+        }
+    }
+    .await;
+    drop(commands);
+    match result {
+        Ok(()) => {
+            conn.close().await;
+            Ok(machine.to_string())
+        }
+        Err(err) => {
+            conn.fail(&err).await;
+            Err(err)
+        }
+    }
+}
+
+async fn handshake(conn: &mut Conn) -> Result<SafeName> {
+    let Message::Hello {
+        min_version,
+        max_version,
+        machine,
+    } = conn.recv().await?
+    else {
+        return Err(Error::Protocol(
+            "the conversation must start with Hello".into(),
+        ));
+    };
+    if !(min_version..=max_version).contains(&PROTOCOL_VERSION) {
+        return Err(Error::Remote {
+            peer: "agent",
+            code: ErrorCode::Version,
+            message: format!(
+                "agent speaks protocol versions {min_version} to {max_version}, \
+                 this master target speaks {PROTOCOL_VERSION}"
+            ),
+        });
+    }
+    let machine = SafeName::new("machine name", &machine)?;
+    conn.send(&Message::Welcome {
+        version: PROTOCOL_VERSION,
+    })
+    .await?;
+    Ok(machine)
+}
+
+/// Turns one message into a writer command; returns the reply to send, if any.
+async fn handle(msg: Message, commands: &mpsc::Sender<Command>) -> Result<Option<Message>> {
+    let gone = || Error::Invalid("the writer stopped".into());
+    match msg {
+        Message::OpenDisk {
+            handle,
+            id,
+            size,
+            block_size,
+        } => {
+            let id = SafeName::new("disk id", &id)?;
+            let geometry = Geometry::new(size, BlockSize::new(u64::from(block_size))?)?;
+            let (reply, answer) = oneshot::channel();
+            commands
+                .send(Command::Open {
+                    handle,
+                    id,
+                    geometry,
+                    reply,
+                })
+                .await
+                .map_err(|_| gone())?;
+            Ok(Some(Message::DiskState(answer.await.map_err(|_| gone())??)))
+        }
+        Message::HashQuery {
+            handle,
+            level,
+            ranges,
+        } => {
+            let (reply, answer) = oneshot::channel();
+            commands
+                .send(Command::Hashes {
+                    handle,
+                    level,
+                    ranges,
+                    reply,
+                })
+                .await
+                .map_err(|_| gone())?;
+            let hashes = answer.await.map_err(|_| gone())??;
+            Ok(Some(Message::HashAnswer {
+                handle,
+                level,
+                hashes,
+            }))
+        }
+        Message::Blocks {
+            handle,
+            seq,
+            count,
+            records,
+        } => {
+            commands
+                .send(Command::Blocks {
+                    handle,
+                    seq,
+                    count,
+                    records,
+                })
+                .await
+                .map_err(|_| gone())?;
+            Ok(None)
+        }
+        Message::Flush { handle, seq } => {
+            let (reply, answer) = oneshot::channel();
+            commands
+                .send(Command::Flush { handle, seq, reply })
+                .await
+                .map_err(|_| gone())?;
+            answer.await.map_err(|_| gone())??;
+            Ok(Some(Message::Ack { handle, seq }))
+        }
+        other => Err(Error::Protocol(format!(
+            "unexpected {} message from the agent",
+            other.name()
+        ))),
+    }
+}
+
+enum Command {
+    Open {
+        handle: u32,
+        id: SafeName,
+        geometry: Geometry,
+        reply: oneshot::Sender<Result<DiskState>>,
+    },
+    Hashes {
+        handle: u32,
+        level: u8,
+        ranges: Vec<(u64, u32)>,
+        reply: oneshot::Sender<Result<Vec<BlockHash>>>,
+    },
+    Blocks {
+        handle: u32,
+        seq: u64,
+        count: u32,
+        records: Bytes,
+    },
+    Flush {
+        handle: u32,
+        seq: u64,
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
+struct OpenDisk {
+    replica: Replica,
+    /// Highest sequence number received for this disk.
+    last_seq: u64,
+}
+
+/// Owns a session's replicas on a thread of its own.
+struct Writer {
+    config: Arc<TargetConfig>,
+    locks: DiskLocks,
+    machine: SafeName,
+    replicas: HashMap<u32, OpenDisk>,
+    /// Lock keys this session holds, released when the writer ends.
+    held: Vec<String>,
+}
+
+impl Writer {
+    fn run(mut self, mut commands: mpsc::Receiver<Command>, failures: mpsc::Sender<Error>) {
+        while let Some(command) = commands.blocking_recv() {
+            if let Command::Blocks {
+                handle,
+                seq,
+                count,
+                records,
+            } = command
+            {
+                if let Err(err) = self.write(handle, seq, count, &records) {
+                    let _ = failures.blocking_send(err);
+                    return;
+                }
+                continue;
+            }
+            self.answer(command);
+        }
+    }
+
+    fn answer(&mut self, command: Command) {
+        match command {
+            Command::Open {
+                handle,
+                id,
+                geometry,
+                reply,
+            } => {
+                let _ = reply.send(self.open(handle, &id, geometry));
+            }
+            Command::Hashes {
+                handle,
+                level,
+                ranges,
+                reply,
+            } => {
+                let _ = reply.send(
+                    self.disk(handle)
+                        .and_then(|d| d.replica.hashes(level, &ranges)),
+                );
+            }
+            Command::Flush { handle, seq, reply } => {
+                let _ = reply.send(self.flush(handle, seq));
+            }
+            Command::Blocks { .. } => {}
+        }
+    }
+
+    fn disk(&mut self, handle: u32) -> Result<&mut OpenDisk> {
+        self.replicas
+            .get_mut(&handle)
+            .ok_or_else(|| Error::Protocol(format!("disk handle {handle} was never opened")))
+    }
+
+    fn open(&mut self, handle: u32, id: &SafeName, geometry: Geometry) -> Result<DiskState> {
+        if self.replicas.contains_key(&handle) {
+            return Err(Error::Protocol(format!(
+                "disk handle {handle} opened twice"
+            )));
+        }
+        let key = format!("{}/{}", self.machine, id);
+        let newly_locked = self
+            .locks
+            .lock()
+            .map(|mut l| l.insert(key.clone()))
+            .unwrap_or(false);
+        if !newly_locked {
+            return Err(Error::Remote {
+                peer: "master target",
+                code: ErrorCode::Busy,
+                message: format!("disk {key} is being replicated by another session"),
+            });
+        }
+        self.held.push(key);
+        let replica = Replica::open(
+            &self.config.datastore,
+            &self.machine,
+            id,
+            geometry,
+            self.config.verify,
+            self.config.hash_threads,
+        )?;
+        let state = replica.state(handle);
+        tracing::info!(machine = %self.machine, disk = %id, fresh = state.fresh, "disk opened");
+        self.replicas.insert(
+            handle,
+            OpenDisk {
+                replica,
+                last_seq: state.durable_seq,
+            },
+        );
+        Ok(state)
+    }
+
+    fn write(&mut self, handle: u32, seq: u64, count: u32, batch: &Bytes) -> Result<()> {
+        let disk = self.disk(handle)?;
+        if seq <= disk.last_seq {
+            return Err(Error::Protocol(format!(
+                "Blocks sequence {seq} does not follow {}",
+                disk.last_seq
+            )));
+        }
+        disk.last_seq = seq;
+        for record in records(count, batch) {
+            disk.replica.write(&record?)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, handle: u32, seq: u64) -> Result<()> {
+        let disk = self.disk(handle)?;
+        if seq != disk.last_seq {
+            return Err(Error::Protocol(format!(
+                "Flush names sequence {seq}, the last received is {}",
+                disk.last_seq
+            )));
+        }
+        disk.replica.flush(seq)
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Ok(mut locks) = self.locks.lock() {
+            for key in &self.held {
+                locks.remove(key);
+            }
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! One disk replica in the datastore: the VMDK pair, its manifest, and block writes.
+//!
+//! ```text
+//! <datastore>/<machine>/<id>.vmdk                   descriptor (monolithicFlat)
+//! <datastore>/<machine>/<id>-flat.vmdk              extent, sparse: zero blocks are holes
+//! <datastore>/<machine>/.deltaback/<id>.manifest    block hashes, trusted while the extent's
+//!                                                   inode, size and mtime are unchanged
+//! ```
+//! Writes are positioned (`pwrite`), zero blocks are punched out as holes, and nothing is
+//! acknowledged before `fdatasync`. The manifest is removed before the first write of a
+//! session and saved again after each flush, so a crash in between forces a rehash instead
+//! of trusting stale hashes. No mmap for writes: a full disk must be an error, not SIGBUS.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+
+use crate::durable;
+use crate::encoding::{BlockDecoder, Encoding};
+use crate::error::{Error, Result};
+use crate::geometry::{hash_block, BlockHash, Geometry, SafeName, ZeroHashes};
+use crate::manifest::{FileStamp, Manifest};
+use crate::protocol::{BlockRecord, DiskState};
+use crate::scan;
+use crate::vmdk;
+
+/// Where the files of one replica live.
+#[derive(Debug, Clone)]
+pub struct ReplicaPaths {
+    /// The VMDK descriptor.
+    pub descriptor: PathBuf,
+    /// The flat extent.
+    pub extent: PathBuf,
+    /// The manifest of the extent's block hashes.
+    pub manifest: PathBuf,
+}
+
+impl ReplicaPaths {
+    /// Paths of disk `id` of `machine` under `datastore`. Both names are validated, so
+    /// the result always lies inside the datastore.
+    pub fn new(datastore: &Path, machine: &SafeName, id: &SafeName) -> Self {
+        let dir = datastore.join(machine.as_str());
+        Self {
+            descriptor: dir.join(format!("{id}.vmdk")),
+            extent: dir.join(format!("{id}-flat.vmdk")),
+            manifest: dir.join(".deltaback").join(format!("{id}.manifest")),
+        }
+    }
+}
+
+/// An open replica ready for hash queries and block writes.
+pub struct Replica {
+    id: SafeName,
+    paths: ReplicaPaths,
+    file: File,
+    manifest: Manifest,
+    zero: ZeroHashes,
+    fresh: bool,
+    /// True once the manifest file was removed for this session's writes.
+    dirty: bool,
+    decoder: BlockDecoder,
+    scratch: Vec<u8>,
+}
+
+impl Replica {
+    /// Opens or creates the replica of `id` for a source disk of `geometry`.
+    ///
+    /// An existing extent larger than the source is refused; a smaller one is grown. Its
+    /// block hashes come from the manifest when the extent is provably unchanged since the
+    /// manifest was saved and `verify` is off; otherwise the extent is hashed.
+    pub fn open(
+        datastore: &Path,
+        machine: &SafeName,
+        id: &SafeName,
+        geometry: Geometry,
+        verify: bool,
+        threads: usize,
+    ) -> Result<Self> {
+        let paths = ReplicaPaths::new(datastore, machine, id);
+        let meta_dir = paths.manifest.parent().unwrap_or(datastore);
+        fs::create_dir_all(meta_dir).map_err(Error::file("create folder", meta_dir))?;
+        let zero = ZeroHashes::new(geometry);
+
+        let existing = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&paths.extent);
+        let (file, manifest, fresh) = match existing {
+            Ok(file) => {
+                let manifest =
+                    Self::existing_manifest(&file, &paths, id, geometry, verify, threads)?;
+                (file, manifest, false)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&paths.extent)
+                    .map_err(Error::file("create extent", &paths.extent))?;
+                file.set_len(geometry.size)
+                    .and_then(|()| file.sync_all())
+                    .map_err(Error::file("size extent", &paths.extent))?;
+                let leaves = (0..geometry.blocks()).map(|i| zero.of(i)).collect();
+                vmdk::write_descriptor(&paths.descriptor, &paths.extent, geometry.size)?;
+                (file, Manifest::new(geometry, leaves)?, true)
+            }
+            Err(e) => return Err(Error::file("open extent", &paths.extent)(e)),
+        };
+        Ok(Self {
+            id: id.clone(),
+            paths,
+            file,
+            manifest,
+            zero,
+            fresh,
+            dirty: false,
+            decoder: BlockDecoder::new()?,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The manifest of an existing extent: trusted, or rebuilt by hashing; grown if needed.
+    fn existing_manifest(
+        file: &File,
+        paths: &ReplicaPaths,
+        id: &SafeName,
+        geometry: Geometry,
+        verify: bool,
+        threads: usize,
+    ) -> Result<Manifest> {
+        let stamp = FileStamp::of(file, &paths.extent)?;
+        let old_size = stamp.size;
+        if old_size > geometry.size {
+            return Err(Error::Invalid(format!(
+                "source disk {id} ({}) is smaller than its replica ({}); deltaback never \
+                 shrinks a replica: fail back to an alternate location or remove {}",
+                bytesize::ByteSize(geometry.size),
+                bytesize::ByteSize(old_size),
+                paths.descriptor.display()
+            )));
+        }
+        let old_geometry = Geometry::new(old_size, geometry.block_size)?;
+        let saved = Manifest::load(&paths.manifest).ok();
+        let durable_seq = saved.as_ref().map_or(0, |m| m.durable_seq);
+        let trusted = saved.filter(|m| !verify && m.stamp == stamp && m.geometry() == old_geometry);
+        let mut manifest = match trusted {
+            Some(m) => {
+                tracing::info!(disk = %id, "extent unchanged since its manifest was saved; trusting it");
+                m
+            }
+            None => {
+                tracing::info!(disk = %id, size = old_size, "hashing the existing extent");
+                let leaves = scan::hash_file(
+                    file,
+                    &paths.extent,
+                    old_geometry,
+                    threads,
+                    &AtomicU64::new(0),
+                )?;
+                Manifest::new(old_geometry, leaves)?
+            }
+        };
+        manifest.durable_seq = durable_seq;
+        if old_size < geometry.size {
+            tracing::info!(disk = %id, from = old_size, to = geometry.size, "growing the replica");
+            // The old last block may have been short: rehash it once the file has grown.
+            durable::remove(&paths.manifest)?;
+            file.set_len(geometry.size)
+                .and_then(|()| file.sync_all())
+                .map_err(Error::file("grow extent", &paths.extent))?;
+            let zero = ZeroHashes::new(geometry);
+            let old_last = old_geometry.blocks().checked_sub(1);
+            let old_last_hash = match old_last.and_then(|i| geometry.block_len(i).map(|l| (i, l))) {
+                Some((index, len)) => {
+                    let mut buf = vec![0; len];
+                    file.read_exact_at(&mut buf, geometry.offset(index))
+                        .map_err(Error::file("read", &paths.extent))?;
+                    Some((index, hash_block(&buf)))
+                }
+                None => None,
+            };
+            manifest.grow(geometry, |i| match old_last_hash {
+                Some((last, hash)) if last == i => hash,
+                _ => zero.of(i),
+            })?;
+            vmdk::write_descriptor(&paths.descriptor, &paths.extent, geometry.size)?;
+        }
+        Ok(manifest)
+    }
+
+    /// What the master target reports to the agent about this replica.
+    pub fn state(&self, handle: u32) -> DiskState {
+        DiskState {
+            handle,
+            size: self.manifest.geometry().size,
+            block_size: self.manifest.geometry().block_size.get(),
+            fresh: self.fresh,
+            durable_seq: self.manifest.durable_seq,
+            depth: u8::try_from(self.manifest.depth()).unwrap_or(u8::MAX),
+            root: self.manifest.root(),
+        }
+    }
+
+    /// The hash manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The replica's file paths.
+    pub fn paths(&self) -> &ReplicaPaths {
+        &self.paths
+    }
+
+    /// Decodes, verifies and writes one block.
+    pub fn write(&mut self, record: &BlockRecord) -> Result<()> {
+        let geometry = self.manifest.geometry();
+        let len = geometry.block_len(record.index).ok_or_else(|| {
+            Error::Invalid(format!(
+                "block {} is past the end of disk {} ({} blocks)",
+                record.index,
+                self.id,
+                geometry.blocks()
+            ))
+        })?;
+        let zero_hash = self.zero.of(record.index);
+        let actual = if record.encoding == Encoding::Zero {
+            if !record.payload.is_empty() {
+                return Err(Error::Protocol("zero block carries a payload".into()));
+            }
+            zero_hash
+        } else {
+            self.decoder
+                .decode(record.encoding, &record.payload, len, &mut self.scratch)?;
+            hash_block(&self.scratch)
+        };
+        if actual != record.hash {
+            return Err(Error::HashMismatch {
+                disk: self.id.to_string(),
+                index: record.index,
+            });
+        }
+        if self
+            .manifest
+            .leaves()
+            .get(usize::try_from(record.index).unwrap_or(usize::MAX))
+            == Some(&actual)
+        {
+            return Ok(());
+        }
+        if !self.dirty {
+            durable::remove(&self.paths.manifest)?;
+            self.dirty = true;
+        }
+        let offset = geometry.offset(record.index);
+        if actual == zero_hash {
+            self.punch_hole(offset, len)?;
+        } else {
+            self.file
+                .write_all_at(&self.scratch, offset)
+                .map_err(Error::file("write", &self.paths.extent))?;
+        }
+        self.manifest.set_leaf(record.index, actual)
+    }
+
+    fn punch_hole(&self, offset: u64, len: usize) -> Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        let punched = fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len as u64,
+        );
+        if punched.is_err() {
+            // Filesystems without hole punching get explicit zeros.
+            self.file
+                .write_all_at(&vec![0; len], offset)
+                .map_err(Error::file("write", &self.paths.extent))?;
+        }
+        Ok(())
+    }
+
+    /// Makes every write durable, records `seq` as durable and saves the manifest.
+    pub fn flush(&mut self, seq: u64) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(Error::file("fdatasync", &self.paths.extent))?;
+        self.manifest.durable_seq = seq;
+        self.manifest.rebuild_tree();
+        self.manifest.stamp = FileStamp::of(&self.file, &self.paths.extent)?;
+        self.manifest.save(&self.paths.manifest)?;
+        self.dirty = false;
+        self.fresh = false;
+        Ok(())
+    }
+
+    /// The hashes of `ranges` of tree level `level`, for the agent's top-down compare.
+    pub fn hashes(&self, level: u8, ranges: &[(u64, u32)]) -> Result<Vec<BlockHash>> {
+        let nodes = self.manifest.level(usize::from(level)).ok_or_else(|| {
+            Error::Protocol(format!(
+                "hash level {level} does not exist (the tree has {})",
+                self.manifest.depth()
+            ))
+        })?;
+        let total: u64 = ranges.iter().map(|&(_, n)| u64::from(n)).sum();
+        let max = (crate::protocol::MAX_FRAME_LEN as u64 - 64) / 32;
+        if total > max {
+            return Err(Error::Protocol(format!(
+                "{total} hashes asked for at once; at most {max} fit an answer"
+            )));
+        }
+        let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+        for &(start, count) in ranges {
+            let range = usize::try_from(start)
+                .ok()
+                .and_then(|s| Some(s..s.checked_add(count as usize)?))
+                .and_then(|r| nodes.get(r))
+                .ok_or_else(|| {
+                    Error::Protocol(format!(
+                        "hash range {start}+{count} is past the end of level {level} ({} nodes)",
+                        nodes.len()
+                    ))
+                })?;
+            out.extend_from_slice(range);
+        }
+        Ok(out)
+    }
+}

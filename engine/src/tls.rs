@@ -1,0 +1,157 @@
+//! TLS 1.3 with mutual certificates, and the roles certificates stand for.
+//!
+//! Every connection is TLS 1.3 (rustls, ring provider); nothing listens in plaintext. Both
+//! sides present a certificate signed by the deployment's CA ([`crate::pki`]). A client
+//! checks that the server's certificate names the role it meant to reach (the process server
+//! must be `process-server.deltaback`), and a server checks, after the handshake, that the
+//! client's certificate names the one role it serves ([`check_peer_role`]).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use crate::error::{Error, Result};
+
+/// The role a certificate stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Runs on the source machine and sends its disks.
+    Agent,
+    /// Relays agents' streams to the master target.
+    ProcessServer,
+    /// Writes the replicas.
+    MasterTarget,
+}
+
+impl Role {
+    /// Every role.
+    pub const ALL: [Role; 3] = [Role::Agent, Role::ProcessServer, Role::MasterTarget];
+
+    /// The role's name, also the stem of its certificate files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::ProcessServer => "process-server",
+            Role::MasterTarget => "master-target",
+        }
+    }
+
+    /// The DNS name its certificate carries.
+    pub fn dns_name(self) -> &'static str {
+        match self {
+            Role::Agent => "agent.deltaback",
+            Role::ProcessServer => "process-server.deltaback",
+            Role::MasterTarget => "master-target.deltaback",
+        }
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn tls_err(e: rustls::Error) -> Error {
+    Error::Tls(e.to_string())
+}
+
+/// A role's certificate chain and key, and the CA it trusts, loaded from a PKI folder.
+pub struct Identity {
+    role: Role,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Arc<RootCertStore>,
+}
+
+impl Identity {
+    /// Loads `ca.pem`, `<role>.pem` and `<role>-key.pem` from `dir`.
+    pub fn load(dir: &Path, role: Role) -> Result<Self> {
+        let read_certs = |path: &Path| -> Result<Vec<CertificateDer<'static>>> {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| Error::Pki(format!("{}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(Error::Pki(format!(
+                    "{}: no certificate found",
+                    path.display()
+                )));
+            }
+            Ok(certs)
+        };
+        let ca_path = dir.join("ca.pem");
+        let cert_path = dir.join(format!("{}.pem", role.name()));
+        let key_path = dir.join(format!("{}-key.pem", role.name()));
+        let mut roots = RootCertStore::empty();
+        for ca in read_certs(&ca_path)? {
+            roots
+                .add(ca)
+                .map_err(|e| Error::Pki(format!("{}: {e}", ca_path.display())))?;
+        }
+        let chain = read_certs(&cert_path)?;
+        let key = PrivateKeyDer::from_pem_file(&key_path)
+            .map_err(|e| Error::Pki(format!("{}: {e}", key_path.display())))?;
+        Ok(Self {
+            role,
+            chain,
+            key,
+            roots: Arc::new(roots),
+        })
+    }
+
+    /// The role this identity stands for.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Server configuration: requires a client certificate from the same CA.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| Error::Tls(e.to_string()))?;
+        let config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(tls_err)?;
+        Ok(Arc::new(config))
+    }
+
+    /// Client configuration: presents this identity and trusts only the CA.
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>> {
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err)?
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(tls_err)?;
+        Ok(Arc::new(config))
+    }
+}
+
+/// The server name a client must verify to reach `role`.
+pub fn server_name(role: Role) -> Result<ServerName<'static>> {
+    ServerName::try_from(role.dns_name()).map_err(|e| Error::Tls(e.to_string()))
+}
+
+/// Checks that the peer's end-entity certificate names `expected` (its chain was already
+/// verified against the CA during the handshake).
+pub fn check_peer_role(peer_certs: Option<&[CertificateDer<'_>]>, expected: Role) -> Result<()> {
+    let cert = peer_certs
+        .and_then(|c| c.first())
+        .ok_or_else(|| Error::Tls("peer presented no certificate".into()))?;
+    let end_entity = webpki::EndEntityCert::try_from(cert)
+        .map_err(|e| Error::Tls(format!("unreadable peer certificate: {e}")))?;
+    end_entity
+        .verify_is_valid_for_subject_name(&server_name(expected)?)
+        .map_err(|_| {
+            Error::Tls(format!(
+                "peer certificate is not a {} certificate (expected the name {})",
+                expected.name(),
+                expected.dns_name()
+            ))
+        })
+}

@@ -1,0 +1,67 @@
+//! deltaback-master-target: writes replicated disks into a datastore of VMDKs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use engine::target::{serve, TargetConfig};
+use engine::tls::{Identity, Role};
+
+/// The on-premises end of deltaback: receives blocks from process servers, checks each
+/// block's blake3 hash, and writes them into VMDKs in a datastore folder.
+///
+/// Each disk lands in DATASTORE/<machine>/<disk>.vmdk (a monolithicFlat descriptor) with its
+/// data in <disk>-flat.vmdk, a sparse file whose zero blocks are holes. Existing VMDKs are
+/// updated in place (failback to the original location): only differing blocks travel.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Address to listen on for process servers; port 0 picks a free port (printed on stdout).
+    #[arg(long, default_value = "0.0.0.0:9444")]
+    listen: String,
+    /// Datastore folder that receives the VMDKs (created if missing).
+    #[arg(long)]
+    datastore: PathBuf,
+    /// PKI folder from `deltaback pki init` (uses ca.pem, master-target.pem, master-target-key.pem).
+    #[arg(long)]
+    pki: PathBuf,
+    /// Rehash existing extents instead of trusting their saved manifests.
+    #[arg(long)]
+    verify: bool,
+    /// Threads for hashing existing extents [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    engine::service::init_logging("info");
+    match run(Args::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.datastore)
+        .with_context(|| format!("cannot create datastore {}", args.datastore.display()))?;
+    let identity = Identity::load(&args.pki, Role::MasterTarget)?;
+    let listener = engine::service::bind(&args.listen, "master target").await?;
+    let config = TargetConfig {
+        datastore: args.datastore,
+        verify: args.verify,
+        hash_threads: args.threads.unwrap_or_else(engine::scan::default_threads),
+    };
+    serve(
+        listener,
+        &identity,
+        config,
+        engine::service::shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}
