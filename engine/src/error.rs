@@ -105,6 +105,9 @@ pub enum Error {
 /// Codecs need a conversion from bare I/O errors: those come from the network stream.
 impl From<std::io::Error> for Error {
     fn from(source: std::io::Error) -> Self {
+        if source.kind() == std::io::ErrorKind::UnexpectedEof {
+            return Error::Truncated("(cut without TLS close_notify)");
+        }
         Error::Net {
             op: "network I/O",
             source,

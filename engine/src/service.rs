@@ -1,6 +1,6 @@
 //! What every deltaback binary does the same way: logging, binding, and stopping on signals.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 use tokio::net::TcpListener;
 
@@ -13,6 +13,7 @@ pub fn init_logging(default_level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }

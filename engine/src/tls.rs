@@ -149,7 +149,7 @@ pub fn check_peer_role(peer_certs: Option<&[CertificateDer<'_>]>, expected: Role
         .verify_is_valid_for_subject_name(&server_name(expected)?)
         .map_err(|_| {
             Error::Tls(format!(
-                "peer certificate is not a {} certificate (expected the name {})",
+                "peer certificate does not name the {} role ({})",
                 expected.name(),
                 expected.dns_name()
             ))

@@ -117,7 +117,11 @@ async fn session(mut conn: Conn, config: Arc<TargetConfig>, locks: DiskLocks) ->
             if let Message::Bye = msg {
                 return Ok(());
             }
-            let reply = handle(msg, &commands).await?;
+            // If the writer stopped, the reason it stopped for is the error to report.
+            let reply = match handle(msg, &commands).await {
+                Ok(reply) => reply,
+                Err(err) => return Err(failures.try_recv().unwrap_or(err)),
+            };
             if let Some(reply) = reply {
                 conn.send(&reply).await?;
             }

@@ -1,0 +1,313 @@
+//! Hostile or wrong input: each answered with a clear error, the services keep serving.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+use engine::encoding::Encoding;
+use engine::protocol::message::append_record;
+use engine::protocol::{FrameCodec, Message};
+use engine::sample::write_mixed_image;
+use engine::tls::{server_name, Identity, Role};
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio_rustls::client::TlsStream;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::util::{disk0, make_pki, qemu_img_same, Cluster};
+
+/// A normal sync still works: the services survived whatever came before.
+fn still_serving(cluster: &Cluster) {
+    let image = cluster.path("healthy.img");
+    write_mixed_image(&image, 2 << 20, 99).unwrap();
+    let report = cluster
+        .sync("healthy", &[format!("{}=disk0", image.display())])
+        .expect("services keep serving after bad input");
+    assert!(disk0(&report)["blocks_sent"].as_u64().unwrap() > 0);
+    assert!(qemu_img_same(&image, &cluster.vmdk("healthy", "disk0")));
+}
+
+type Tls = TlsStream<tokio::net::TcpStream>;
+
+/// A hand-driven agent: real TLS with the agent's certificate, frames written by the test.
+struct RawAgent {
+    rx: FramedRead<ReadHalf<Tls>, FrameCodec>,
+    tx: WriteHalf<Tls>,
+}
+
+impl RawAgent {
+    async fn connect(cluster: &Cluster) -> RawAgent {
+        let config = Identity::load(&cluster.pki, Role::Agent)
+            .unwrap()
+            .client_config()
+            .unwrap();
+        let tcp = tokio::net::TcpStream::connect(&cluster.relay.addr)
+            .await
+            .unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(server_name(Role::ProcessServer).unwrap(), tcp)
+            .await
+            .unwrap();
+        let (r, w) = tokio::io::split(tls);
+        RawAgent {
+            rx: FramedRead::new(r, FrameCodec),
+            tx: w,
+        }
+    }
+
+    async fn send(&mut self, msg: &Message) {
+        let mut w = FramedWrite::new(&mut self.tx, FrameCodec);
+        w.send(msg.to_frame()).await.unwrap();
+    }
+
+    async fn recv(&mut self) -> Option<Message> {
+        match self.rx.next().await {
+            Some(Ok(frame)) => Some(Message::from_frame(frame).unwrap()),
+            _ => None,
+        }
+    }
+
+    /// Hello, then OpenDisk of a fresh 1 MiB disk; returns after DiskState.
+    async fn open_disk(cluster: &Cluster, machine: &str) -> RawAgent {
+        let mut agent = RawAgent::connect(cluster).await;
+        agent
+            .send(&Message::Hello {
+                min_version: 1,
+                max_version: 1,
+                machine: machine.into(),
+            })
+            .await;
+        assert!(matches!(
+            agent.recv().await,
+            Some(Message::Welcome { version: 1 })
+        ));
+        agent
+            .send(&Message::OpenDisk {
+                handle: 0,
+                id: "disk0".into(),
+                size: 1 << 20,
+                block_size: 65536,
+            })
+            .await;
+        assert!(matches!(agent.recv().await, Some(Message::DiskState(_))));
+        agent
+    }
+
+    /// Reads until an Error message arrives and returns its text.
+    async fn error_text(&mut self) -> String {
+        while let Some(msg) = self.recv().await {
+            if let Message::Error { message, .. } = msg {
+                return message;
+            }
+        }
+        panic!("connection closed without an Error message");
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap()
+}
+
+fn blocks(index: u64, hash: [u8; 32], data: &[u8]) -> Message {
+    let mut records = Vec::new();
+    append_record(&mut records, index, &hash, |out| {
+        out.extend_from_slice(data);
+        Encoding::Raw
+    });
+    Message::Blocks {
+        handle: 0,
+        seq: 1,
+        count: 1,
+        records: records.into(),
+    }
+}
+
+#[test]
+fn wrong_certificates_are_refused() {
+    let cluster = Cluster::start();
+    let image = cluster.path("x.img");
+    write_mixed_image(&image, 1 << 20, 1).unwrap();
+    let disk = [format!("{}=disk0", image.display())];
+
+    // A certificate from another CA.
+    let foreign = cluster.path("foreign-pki");
+    make_pki(&foreign);
+    let err = cluster.sync_with("x", &disk, &foreign, &[]).unwrap_err();
+    assert!(
+        err.contains("handshake") && err.contains("invalid peer certificate"),
+        "{err}"
+    );
+    cluster.relay.wait_for_log("refused connection");
+
+    // The right CA, the wrong role: a master-target certificate posing as an agent.
+    let posing = cluster.path("posing-pki");
+    std::fs::create_dir_all(&posing).unwrap();
+    let copy =
+        |from: &str, to: &str| std::fs::copy(cluster.pki.join(from), posing.join(to)).unwrap();
+    copy("ca.pem", "ca.pem");
+    copy("master-target.pem", "agent.pem");
+    copy("master-target-key.pem", "agent-key.pem");
+    let err = cluster.sync_with("x", &disk, &posing, &[]).unwrap_err();
+    assert!(err.contains("accepts only agent certificates"), "{err}");
+
+    // No client certificate at all.
+    runtime().block_on(async {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates({
+            let mut roots = rustls::RootCertStore::empty();
+            use rustls::pki_types::pem::PemObject;
+            for c in rustls::pki_types::CertificateDer::pem_file_iter(cluster.pki.join("ca.pem"))
+                .unwrap()
+            {
+                roots.add(c.unwrap()).unwrap();
+            }
+            roots
+        })
+        .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(&cluster.relay.addr)
+            .await
+            .unwrap();
+        let result = async {
+            let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(server_name(Role::ProcessServer).unwrap(), tcp)
+                .await?;
+            tls.write_all(b"hello").await?;
+            tls.flush().await?;
+            let mut buf = [0u8; 16];
+            tokio::io::AsyncReadExt::read(&mut tls, &mut buf).await
+        }
+        .await;
+        assert!(
+            result.is_err() || result.unwrap() == 0,
+            "a client without certificate got through"
+        );
+    });
+    cluster.relay.wait_for_log("peer sent no certificates");
+    still_serving(&cluster);
+}
+
+#[test]
+fn a_plaintext_client_is_refused() {
+    let cluster = Cluster::start();
+    let mut tcp = TcpStream::connect(&cluster.relay.addr).unwrap();
+    tcp.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = tcp.read_to_end(&mut answer);
+    assert!(!String::from_utf8_lossy(&answer).contains("200"));
+    cluster.relay.wait_for_log("handshake failed");
+    still_serving(&cluster);
+}
+
+#[test]
+fn a_disk_id_with_a_path_is_refused() {
+    let cluster = Cluster::start();
+    let message = runtime().block_on(async {
+        let mut agent = RawAgent::connect(&cluster).await;
+        agent
+            .send(&Message::Hello {
+                min_version: 1,
+                max_version: 1,
+                machine: "evil".into(),
+            })
+            .await;
+        agent.recv().await;
+        agent
+            .send(&Message::OpenDisk {
+                handle: 0,
+                id: "../../escape".into(),
+                size: 1 << 20,
+                block_size: 65536,
+            })
+            .await;
+        agent.error_text().await
+    });
+    assert!(
+        message.contains("disk id") && message.contains("'.'"),
+        "{message}"
+    );
+    assert!(!cluster.dir.path().join("escape-flat.vmdk").exists());
+    assert!(!cluster.datastore.join("escape-flat.vmdk").exists());
+    // The agent refuses such an id before connecting, too.
+    let err = cluster
+        .sync(
+            "evil",
+            &[format!("{}=../x", cluster.path("none.img").display())],
+        )
+        .unwrap_err();
+    assert!(err.contains("disk id"), "{err}");
+    still_serving(&cluster);
+}
+
+#[test]
+fn an_oversized_frame_is_refused_before_allocation() {
+    let cluster = Cluster::start();
+    let message = runtime().block_on(async {
+        let mut agent = RawAgent::connect(&cluster).await;
+        let mut header = BytesMut::new();
+        header.put_u32(u32::MAX);
+        header.put_u8(7);
+        agent.tx.write_all(&header).await.unwrap();
+        agent.tx.flush().await.unwrap();
+        agent.error_text().await
+    });
+    assert!(message.contains("exceeds the maximum"), "{message}");
+    still_serving(&cluster);
+}
+
+#[test]
+fn a_block_past_the_end_is_refused() {
+    let cluster = Cluster::start();
+    let message = runtime().block_on(async {
+        let mut agent = RawAgent::open_disk(&cluster, "past").await;
+        let data = vec![5u8; 65536];
+        agent
+            .send(&blocks(1_000_000, *blake3::hash(&data).as_bytes(), &data))
+            .await;
+        agent.send(&Message::Flush { handle: 0, seq: 1 }).await;
+        agent.error_text().await
+    });
+    assert!(message.contains("past the end"), "{message}");
+    still_serving(&cluster);
+}
+
+#[test]
+fn a_block_whose_hash_does_not_match_is_refused_and_not_written() {
+    let cluster = Cluster::start();
+    let message = runtime().block_on(async {
+        let mut agent = RawAgent::open_disk(&cluster, "liar").await;
+        let data = vec![5u8; 65536];
+        agent.send(&blocks(3, [1; 32], &data)).await;
+        agent.send(&Message::Flush { handle: 0, seq: 1 }).await;
+        agent.error_text().await
+    });
+    assert!(message.contains("does not match"), "{message}");
+    let extent = std::fs::read(cluster.extent("liar", "disk0")).unwrap();
+    assert!(extent.iter().all(|&b| b == 0), "the bad block was written");
+    still_serving(&cluster);
+}
+
+#[test]
+fn a_truncated_stream_is_reported_and_nothing_is_acknowledged() {
+    let cluster = Cluster::start();
+    runtime().block_on(async {
+        let mut agent = RawAgent::open_disk(&cluster, "cut").await;
+        let data = vec![9u8; 65536];
+        let frame = blocks(0, *blake3::hash(&data).as_bytes(), &data).to_frame();
+        let mut wire = BytesMut::new();
+        tokio_util::codec::Encoder::encode(&mut FrameCodec, frame, &mut wire).unwrap();
+        agent.tx.write_all(&wire[..wire.len() / 2]).await.unwrap();
+        agent.tx.shutdown().await.unwrap();
+        while agent.recv().await.is_some() {}
+    });
+    let log = cluster.target.wait_for_log("session failed");
+    assert!(log.contains("closed unexpectedly"), "{log}");
+    // No manifest claims anything durable for the cut session.
+    assert!(!Path::new(&cluster.datastore.join("cut/.deltaback/disk0.manifest")).exists());
+    still_serving(&cluster);
+}

@@ -1,0 +1,10 @@
+//! Integration tests: the real binaries on 127.0.0.1 port 0, in temporary folders.
+//!
+//! Run with `cargo nextest run --workspace` (or `cargo test --workspace`) so that every
+//! binary is built before the tests start them.
+
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+mod failback;
+mod hostile;
+mod util;

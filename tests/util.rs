@@ -1,0 +1,226 @@
+//! Helpers: locate the binaries, start services, run the agent, inspect replicas.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Path of a workspace binary, built next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target folder");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo nextest run --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// A running service; killed when dropped.
+pub struct Service {
+    child: Child,
+    pub addr: String,
+    pub log: PathBuf,
+}
+
+impl Service {
+    /// Starts `name` with `args`, waits for its `listening on ADDR` line.
+    pub fn start(name: &str, args: &[&str], log: PathBuf) -> Service {
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let mut child = Command::new(bin(name))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .env("RUST_LOG", "info")
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read stdout");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "{name} did not report its address: {line:?}; log: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
+            .to_owned();
+        Service { child, addr, log }
+    }
+
+    /// What the service logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` (services log asynchronously).
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        for _ in 0..100 {
+            let text = self.log_text();
+            if text.contains(needle) {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("log never contained {needle:?}:\n{}", self.log_text());
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A PKI, a master target and a process server in one temporary folder.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub pki: PathBuf,
+    pub datastore: PathBuf,
+    pub target: Service,
+    pub relay: Service,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pki = dir.path().join("pki");
+        make_pki(&pki);
+        let datastore = dir.path().join("datastore");
+        let target = Service::start(
+            "deltaback-master-target",
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--datastore",
+                datastore.to_str().unwrap(),
+                "--pki",
+                pki.to_str().unwrap(),
+            ],
+            dir.path().join("master-target.log"),
+        );
+        let relay = Service::start(
+            "deltaback-process-server",
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--master-target",
+                &target.addr,
+                "--pki",
+                pki.to_str().unwrap(),
+            ],
+            dir.path().join("process-server.log"),
+        );
+        Cluster {
+            dir,
+            pki,
+            datastore,
+            target,
+            relay,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs `deltaback-agent sync --json` for `machine` with `disks` (PATH=ID specs).
+    pub fn sync<S: AsRef<str>>(&self, machine: &str, disks: &[S]) -> Result<Value, String> {
+        self.sync_with(machine, disks, &self.pki, &[])
+    }
+
+    pub fn sync_with<S: AsRef<str>>(
+        &self,
+        machine: &str,
+        disks: &[S],
+        pki: &Path,
+        extra: &[&str],
+    ) -> Result<Value, String> {
+        let mut cmd = Command::new(bin("deltaback-agent"));
+        cmd.args([
+            "sync",
+            "--json",
+            "--server",
+            &self.relay.addr,
+            "--machine",
+            machine,
+        ])
+        .arg("--pki")
+        .arg(pki)
+        .args(extra)
+        .env("RUST_LOG", "warn");
+        for d in disks {
+            cmd.args(["--disk", d.as_ref()]);
+        }
+        let out = cmd.output().expect("run agent");
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(serde_json::from_slice(&out.stdout).expect("agent prints JSON"))
+    }
+
+    pub fn vmdk(&self, machine: &str, id: &str) -> PathBuf {
+        self.datastore.join(machine).join(format!("{id}.vmdk"))
+    }
+
+    pub fn extent(&self, machine: &str, id: &str) -> PathBuf {
+        self.datastore.join(machine).join(format!("{id}-flat.vmdk"))
+    }
+}
+
+pub fn make_pki(dir: &Path) {
+    let out = Command::new(bin("deltaback"))
+        .args(["pki", "init", "--dir"])
+        .arg(dir)
+        .output()
+        .expect("run deltaback pki init");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img compare` of a raw image against a VMDK: true when identical.
+pub fn qemu_img_same(raw: &Path, vmdk: &Path) -> bool {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "vmdk"])
+        .arg(raw)
+        .arg(vmdk)
+        .output()
+        .expect("qemu-img must be installed (apt install qemu-utils)");
+    if !out.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    out.status.success()
+}
+
+/// Bytes of `path` actually allocated on disk.
+pub fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+/// Number of non-zero bytes' blocks in a file, times the block size: the data a
+/// fully sparse copy must hold.
+pub fn nonzero_block_bytes(path: &Path, block: usize) -> u64 {
+    let data = std::fs::read(path).expect("read");
+    data.chunks(block)
+        .filter(|c| c.iter().any(|&b| b != 0))
+        .map(|c| c.len() as u64)
+        .sum()
+}
+
+/// The JSON report's first disk.
+pub fn disk0(report: &Value) -> &Value {
+    &report["disks"][0]
+}
