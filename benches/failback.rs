@@ -1,1 +1,332 @@
-fn main() {}
+//! End-to-end failback benchmark against rsync and b3sum, run side by side on one image.
+//!
+//! `cargo bench --bench failback` builds the release binaries, makes a mixed-content image
+//! (2 GiB by default; `DELTABACK_BENCH_SIZE=512MiB` for a quicker run), and measures:
+//! - full failback: `deltaback-agent sync` through a process server into a new VMDK, against
+//!   `rsync --whole-file` of the same image to a new file;
+//! - resync after changing 1% of the 64 KiB blocks at random: deltaback against
+//!   `rsync --inplace --no-whole-file -B65536` onto the old copy, and `b3sum --num-threads 2`
+//!   of both images (the floor for any tool that must read and hash both sides).
+//!
+//! Times are wall-clock on a shared machine: compare the ratios, measured in the same run.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytesize::ByteSize;
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        // `cargo bench -- --list` and `cargo test --benches` probe the harness; nothing to list.
+        return;
+    }
+    let size: ByteSize = std::env::var("DELTABACK_BENCH_SIZE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(ByteSize::gib(2));
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    build_release(&root);
+    let bins = root.join("target/release");
+    let work = tempfile::Builder::new()
+        .prefix("deltaback-bench")
+        .tempdir_in(std::env::var("DELTABACK_BENCH_DIR").unwrap_or_else(|_| "/tmp".into()))
+        .expect("work folder");
+    let dir = work.path();
+    let source = dir.join("source.img");
+    let old_copy = dir.join("onprem.img");
+    println!("image: {} mixed content in {}", size, dir.display());
+    engine::sample::write_mixed_image(&source, size.as_u64() / 512 * 512, 42).expect("image");
+
+    let pki = dir.join("pki");
+    run_ok(
+        Command::new(bins.join("deltaback"))
+            .args(["pki", "init", "--dir"])
+            .arg(&pki),
+    );
+    let datastore = dir.join("datastore");
+    let target = Service::start(
+        &bins.join("deltaback-master-target"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--datastore",
+            s(&datastore),
+            "--pki",
+            s(&pki),
+        ],
+    );
+    let relay = Service::start(
+        &bins.join("deltaback-process-server"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--master-target",
+            &target.addr,
+            "--pki",
+            s(&pki),
+        ],
+    );
+    let agent = |machine: &str, extra: &[&str]| {
+        let mut cmd = Command::new(bins.join("deltaback-agent"));
+        cmd.args([
+            "sync",
+            "--json",
+            "--machine",
+            machine,
+            "--server",
+            &relay.addr,
+        ])
+        .args(["--pki", s(&pki), "--disk"])
+        .arg(format!("{}=disk0", source.display()))
+        .args(extra);
+        measure(cmd)
+    };
+
+    // Full failback.
+    let full = agent("bench", &[]);
+    let full_raw = agent("bench-raw", &["--no-compress"]);
+    let full_report: serde_json::Value = serde_json::from_str(&full.stdout).expect("agent JSON");
+    let rsync_full = measure({
+        let mut c = Command::new("rsync");
+        c.args(["--whole-file", "--stats"])
+            .arg(&source)
+            .arg(dir.join("rsync-full.img"));
+        c
+    });
+    std::fs::remove_file(dir.join("rsync-full.img")).ok();
+
+    // The on-premises copy rsync will update: the image before the change.
+    run_ok(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&source)
+            .arg(&old_copy),
+    );
+    let changed = engine::sample::change_blocks(&source, 65536, 0.01, 7).expect("change");
+    println!(
+        "changed {} of {} blocks (1%)",
+        changed.len(),
+        size.as_u64() / 65536
+    );
+    sync_caches();
+
+    let delta = agent("bench", &[]);
+    let delta_raw = agent("bench-raw", &["--no-compress"]);
+    let delta_report: serde_json::Value = serde_json::from_str(&delta.stdout).expect("agent JSON");
+    let rsync_delta = measure({
+        let mut c = Command::new("rsync");
+        c.args([
+            "--inplace",
+            "--no-whole-file",
+            "--ignore-times",
+            "-B65536",
+            "--stats",
+        ])
+        .arg(&source)
+        .arg(&old_copy);
+        c
+    });
+    let b3 = measure({
+        let mut c = Command::new("b3sum");
+        c.args(["--num-threads", "2"]).arg(&source).arg(&old_copy);
+        c
+    });
+    // A resync with nothing changed: the cost of scanning alone.
+    let idle = agent("bench", &[]);
+    let same = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "vmdk"])
+        .arg(&source)
+        .arg(datastore.join("bench/disk0.vmdk"))
+        .status()
+        .map(|s| s.success());
+
+    let (target_rss, relay_rss) = (target.peak_rss(), relay.peak_rss());
+    let wire = |r: &serde_json::Value| r["wire_bytes"].as_u64().unwrap_or(0);
+    let sent = |r: &serde_json::Value| r["disks"][0]["blocks_sent"].as_u64().unwrap_or(0);
+    let rsync_sent = |m: &Measured| {
+        m.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("Total bytes sent: "))
+            .map(|n| n.replace(',', "").trim().parse::<u64>().unwrap_or(0))
+            .unwrap_or(0)
+    };
+    let secs = |d: Duration| d.as_secs_f64();
+    let gbps = |d: Duration| size.as_u64() as f64 / secs(d) / 1e9;
+
+    println!();
+    println!("full failback ({size} image):");
+    println!(
+        "  deltaback   {:>7.2} s  {:>5.2} GB/s of disk  wire {:>10}  agent peak RSS {}",
+        secs(full.wall),
+        gbps(full.wall),
+        ByteSize(wire(&full_report)),
+        ByteSize(full.peak_rss)
+    );
+    println!(
+        "  rsync -W    {:>7.2} s  {:>5.2} GB/s of disk  (local copy, no fsync)",
+        secs(rsync_full.wall),
+        gbps(rsync_full.wall)
+    );
+    println!(
+        "  deltaback --no-compress {:>7.2} s  {:>5.2} GB/s of disk  wire {:>10}",
+        secs(full_raw.wall),
+        gbps(full_raw.wall),
+        ByteSize(json(&full_raw)["wire_bytes"].as_u64().unwrap_or(0))
+    );
+    println!(
+        "  ratio deltaback/rsync: {:.2}",
+        secs(full.wall) / secs(rsync_full.wall)
+    );
+    println!();
+    println!("resync after 1% changed ({} blocks):", changed.len());
+    println!(
+        "  deltaback   {:>7.2} s  wire {:>10}  blocks sent {}  agent peak RSS {}",
+        secs(delta.wall),
+        ByteSize(wire(&delta_report)),
+        sent(&delta_report),
+        ByteSize(delta.peak_rss)
+    );
+    println!(
+        "  rsync       {:>7.2} s  sent {:>10}",
+        secs(rsync_delta.wall),
+        ByteSize(rsync_sent(&rsync_delta))
+    );
+    println!(
+        "  b3sum x2    {:>7.2} s  (hashing floor: both images)",
+        secs(b3.wall)
+    );
+    println!(
+        "  ratio deltaback/rsync: {:.3} (rsync takes {:.1}x as long); wire ratio {:.3}",
+        secs(delta.wall) / secs(rsync_delta.wall),
+        secs(rsync_delta.wall) / secs(delta.wall),
+        wire(&delta_report) as f64 / rsync_sent(&rsync_delta).max(1) as f64
+    );
+    println!(
+        "  deltaback --no-compress {:.2} s, wire {}; unchanged resync {:.2} s",
+        secs(delta_raw.wall),
+        ByteSize(json(&delta_raw)["wire_bytes"].as_u64().unwrap_or(0)),
+        secs(idle.wall),
+    );
+    println!();
+    println!(
+        "peak RSS: agent {} / process server {} / master target {}",
+        ByteSize(full.peak_rss.max(delta.peak_rss).max(idle.peak_rss)),
+        ByteSize(relay_rss),
+        ByteSize(target_rss)
+    );
+    println!("replica identical to the source (qemu-img compare): {same:?}");
+}
+
+fn json(m: &Measured) -> serde_json::Value {
+    serde_json::from_str(&m.stdout).expect("agent JSON")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+fn build_release(root: &Path) {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--workspace", "--bins"])
+        .current_dir(root)
+        .status()
+        .expect("cargo build");
+    assert!(status.success(), "release build failed");
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Flushes dirty pages so one run's writeback does not land in the next one's time.
+fn sync_caches() {
+    let _ = Command::new("sync").status();
+}
+
+struct Measured {
+    wall: Duration,
+    stdout: String,
+    peak_rss: u64,
+}
+
+/// Runs a command to completion, timing it and sampling its peak RSS from /proc.
+fn measure(mut cmd: Command) -> Measured {
+    sync_caches();
+    let start = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    let stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+    let mut peak = 0;
+    let status = loop {
+        peak = peak.max(vm_hwm(pid));
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let wall = start.elapsed();
+    assert!(status.success(), "{cmd:?} failed");
+    Measured {
+        wall,
+        stdout: reader.join().unwrap_or_default(),
+        peak_rss: peak,
+    }
+}
+
+/// Peak resident set size of a live process, in bytes (0 once it is gone).
+fn vm_hwm(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+struct Service {
+    child: Child,
+    addr: String,
+}
+
+impl Service {
+    fn start(bin: &Path, args: &[&str]) -> Service {
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start service");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("service address");
+        let addr = line.trim().trim_start_matches("listening on ").to_owned();
+        Service { child, addr }
+    }
+
+    fn peak_rss(&self) -> u64 {
+        vm_hwm(self.child.id())
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -184,3 +184,57 @@ fn the_demo_runs_and_verifies() {
         "{stdout}"
     );
 }
+
+/// Damages one block of the replica behind deltaback's back and puts the old mtime back.
+fn damage_replica_keeping_its_stamp(extent: &std::path::Path, block: u64) {
+    use std::os::unix::fs::FileExt;
+    let before = std::fs::metadata(extent).unwrap().modified().unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(extent)
+        .unwrap();
+    file.write_all_at(&[0x5a; 4096], block * u64::from(BLOCK))
+        .unwrap();
+    file.set_modified(before).unwrap();
+}
+
+#[test]
+fn a_replica_changed_behind_our_back_is_rehashed() {
+    let cluster = Cluster::start();
+    let image = cluster.path("disk0.img");
+    write_mixed_image(&image, 4 * MIB, 21).unwrap();
+    let disk = format!("{}=disk0", image.display());
+    cluster.sync("m", &[&disk]).unwrap();
+    // A change that moves the mtime: the manifest is no longer trusted.
+    let extent = cluster.extent("m", "disk0");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&extent)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[1; 10], 5 * u64::from(BLOCK)).unwrap();
+    drop(file);
+    let again = cluster.sync("m", &[&disk]).unwrap();
+    assert_eq!(disk0(&again)["blocks_sent"], 1);
+    assert!(qemu_img_same(&image, &cluster.vmdk("m", "disk0")));
+}
+
+#[test]
+fn verify_rehashes_even_a_replica_whose_stamp_is_unchanged() {
+    let cluster = Cluster::start_with(&["--verify"]);
+    let image = cluster.path("disk0.img");
+    write_mixed_image(&image, 4 * MIB, 22).unwrap();
+    let disk = format!("{}=disk0", image.display());
+    cluster.sync("v", &[&disk]).unwrap();
+    damage_replica_keeping_its_stamp(&cluster.extent("v", "disk0"), 7);
+    let again = cluster.sync("v", &[&disk]).unwrap();
+    assert_eq!(disk0(&again)["blocks_sent"], 1);
+    assert!(qemu_img_same(&image, &cluster.vmdk("v", "disk0")));
+}
+
+#[test]
+fn services_stop_cleanly_on_sigterm() {
+    let mut cluster = Cluster::start();
+    assert!(cluster.relay.terminate().success());
+    assert!(cluster.target.terminate().success());
+    assert!(cluster.target.log_text().contains("SIGTERM received"));
+}

@@ -74,6 +74,19 @@ impl Service {
     }
 }
 
+impl Service {
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        self.child.wait().expect("wait")
+    }
+}
+
 impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -92,20 +105,27 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start() -> Cluster {
+        Cluster::start_with(&[])
+    }
+
+    /// Starts a cluster whose master target gets `target_args` in addition.
+    pub fn start_with(target_args: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let pki = dir.path().join("pki");
         make_pki(&pki);
         let datastore = dir.path().join("datastore");
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--datastore",
+            datastore.to_str().unwrap(),
+            "--pki",
+            pki.to_str().unwrap(),
+        ];
+        args.extend_from_slice(target_args);
         let target = Service::start(
             "deltaback-master-target",
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--datastore",
-                datastore.to_str().unwrap(),
-                "--pki",
-                pki.to_str().unwrap(),
-            ],
+            &args,
             dir.path().join("master-target.log"),
         );
         let relay = Service::start(
