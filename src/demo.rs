@@ -63,6 +63,8 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
         datastore: datastore.clone(),
         verify: false,
         hash_threads: engine::scan::default_threads(),
+        retention: dir.join("retention"),
+        retention_window: std::time::Duration::from_secs(24 * 3600),
     };
     let target = tokio::spawn(async move {
         engine::target::serve(target_listener, &target_identity, target_config, async {
@@ -109,6 +111,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
         block_size,
         compress: true,
         threads: engine::scan::default_threads(),
+        point: Default::default(),
     };
     let tls = Identity::load(&pki, Role::Agent)?.client_config()?;
     let full = sync(tls.clone(), &options, Arc::new(Progress::default())).await?;

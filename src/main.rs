@@ -1,6 +1,7 @@
 //! deltaback: the operator's command line.
 
 mod demo;
+mod points;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +31,12 @@ enum Command {
     /// mixed-content disk image, then a delta failback after changing ~1% of its blocks,
     /// verified byte for byte.
     Demo(demo::DemoArgs),
+    /// Lists a machine's recovery points, newest first (read from the master target's
+    /// datastore and retention folders).
+    Points(points::Where),
+    /// Writes a machine's VMDKs as they were at a recovery point into an empty folder; the
+    /// replica is left untouched so replication goes on.
+    Recover(points::RecoverArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -52,6 +59,8 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Pki(PkiCommand::Init { dir, force }) => pki_init(&dir, force),
         Command::Demo(args) => demo::run(args),
+        Command::Points(args) => points::list(args),
+        Command::Recover(args) => points::recover_point(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

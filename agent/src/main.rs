@@ -9,13 +9,16 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
-use engine::agent::{sync, DiskSpec, Progress, SyncOptions, SyncReport};
+use engine::agent::{
+    replicate, sync, DiskSpec, PointRequest, Progress, ReplicateOptions, SyncOptions, SyncReport,
+};
 use engine::geometry::{BlockSize, SafeName};
+use engine::retention::points::PointKind;
 use engine::tls::{Identity, Role};
 
 /// The agent runs on the machine whose disks replicate (the cloud VM during failback).
 /// It finds which blocks differ from the replica and sends only those, zstd-compressed,
-/// over mutual TLS to a process server.
+/// over mutual TLS to a process server. Every sync or cycle ends with a recovery point.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -26,17 +29,26 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// One-shot resync: hash the disks, compare with the replicas, send what differs, and
-    /// return once the master target has made it durable.
+    /// return once the master target has made it durable and recorded a recovery point.
     ///
     /// Example:
     ///   deltaback-agent sync --server ps.example:9443 --pki /etc/deltaback \
     ///       --machine web01 --disk /dev/vda=vda --disk /dev/vdb=vdb
     #[command(verbatim_doc_comment)]
     Sync(SyncArgs),
+    /// Continuous replication: a sync every --interval, each ending with a crash-consistent
+    /// recovery point; app-consistent points every --app-consistent-every with hooks.
+    ///
+    /// Example (freeze /data for an app-consistent point every hour):
+    ///   deltaback-agent replicate --server ps.example:9443 --pki /etc/deltaback \
+    ///       --machine db01 --disk /dev/vdb=data --interval 5m \
+    ///       --app-consistent-every 1h --pre-hook 'fsfreeze -f /data' --post-hook 'fsfreeze -u /data'
+    #[command(verbatim_doc_comment)]
+    Replicate(ReplicateArgs),
 }
 
 #[derive(clap::Args, Debug)]
-struct SyncArgs {
+struct Connection {
     /// Process server, HOST:PORT.
     #[arg(long)]
     server: String,
@@ -59,7 +71,47 @@ struct SyncArgs {
     /// Threads for hashing and compressing [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
+}
+
+#[derive(clap::Args, Debug)]
+struct SyncArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The planned-failover last pass, run after the source machine's applications are
+    /// stopped: the point it makes is app-consistent and labelled "final".
+    #[arg(long)]
+    r#final: bool,
+    /// Label of the recovery point.
+    #[arg(long, default_value = "")]
+    label: String,
     /// Print one JSON object with the figures of the sync on stdout at the end.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct ReplicateArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// Time from the start of one cycle to the start of the next (e.g. 30s, 5m).
+    #[arg(long, default_value = "30s")]
+    interval: humantime::Duration,
+    /// Change source: `scan` hashes the disks each cycle and compares them with the replica.
+    #[arg(long, default_value = "scan", value_parser = ["scan"])]
+    source: String,
+    /// Make an app-consistent point this often (needs --pre-hook).
+    #[arg(long, requires = "pre_hook")]
+    app_consistent_every: Option<humantime::Duration>,
+    /// Shell command that freezes the application before an app-consistent cycle.
+    #[arg(long)]
+    pre_hook: Option<String>,
+    /// Shell command that thaws it afterwards.
+    #[arg(long)]
+    post_hook: Option<String>,
+    /// Stop after this many cycles [default: run until SIGINT/SIGTERM].
+    #[arg(long)]
+    cycles: Option<u64>,
+    /// Print one JSON object per cycle on stdout.
     #[arg(long)]
     json: bool,
 }
@@ -69,6 +121,7 @@ async fn main() -> ExitCode {
     engine::service::init_logging("info");
     let result = match Cli::parse().command {
         Command::Sync(args) => run_sync(args).await,
+        Command::Replicate(args) => run_replicate(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -98,29 +151,55 @@ fn parse_disk(spec: &str) -> anyhow::Result<DiskSpec> {
     })
 }
 
-async fn run_sync(args: SyncArgs) -> anyhow::Result<()> {
-    let disks = args
-        .disks
-        .iter()
-        .map(|d| parse_disk(d))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut ids: Vec<&str> = disks.iter().map(|d| d.id.as_str()).collect();
-    ids.sort_unstable();
-    if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
-        bail!("disk id {} is given twice; name disks with PATH=ID", w[0]);
+impl Connection {
+    fn options(&self, point: PointRequest) -> anyhow::Result<SyncOptions> {
+        let disks = self
+            .disks
+            .iter()
+            .map(|d| parse_disk(d))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut ids: Vec<&str> = disks.iter().map(|d| d.id.as_str()).collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            bail!("disk id {} is given twice; name disks with PATH=ID", w[0]);
+        }
+        Ok(SyncOptions {
+            server: self.server.clone(),
+            machine: SafeName::new("machine name", &self.machine)?,
+            disks,
+            block_size: BlockSize::new(self.block_size.as_u64())?,
+            compress: !self.no_compress,
+            threads: self
+                .threads
+                .unwrap_or_else(engine::scan::default_threads)
+                .max(1),
+            point,
+        })
     }
-    let options = SyncOptions {
-        server: args.server,
-        machine: SafeName::new("machine name", &args.machine)?,
-        disks,
-        block_size: BlockSize::new(args.block_size.as_u64())?,
-        compress: !args.no_compress,
-        threads: args
-            .threads
-            .unwrap_or_else(engine::scan::default_threads)
-            .max(1),
+
+    fn tls(&self) -> anyhow::Result<Arc<engine::tls::ClientConfig>> {
+        Ok(Identity::load(&self.pki, Role::Agent)?.client_config()?)
+    }
+}
+
+async fn run_sync(args: SyncArgs) -> anyhow::Result<()> {
+    let point = if args.r#final {
+        PointRequest {
+            kind: PointKind::AppConsistent,
+            label: if args.label.is_empty() {
+                "final".to_owned()
+            } else {
+                args.label.clone()
+            },
+        }
+    } else {
+        PointRequest {
+            kind: PointKind::CrashConsistent,
+            label: args.label.clone(),
+        }
     };
-    let tls = Identity::load(&args.pki, Role::Agent)?.client_config()?;
+    let options = args.connection.options(point)?;
+    let tls = args.connection.tls()?;
     let progress = Arc::new(Progress::default());
     let bar = progress_bar::spawn(progress.clone());
     let report = sync(tls, &options, progress).await;
@@ -130,6 +209,38 @@ async fn run_sync(args: SyncArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         print_summary(&report);
+    }
+    Ok(())
+}
+
+async fn run_replicate(args: ReplicateArgs) -> anyhow::Result<()> {
+    let options = ReplicateOptions {
+        sync: args.connection.options(PointRequest::default())?,
+        interval: args.interval.into(),
+        app_consistent_every: args.app_consistent_every.map(Into::into),
+        pre_hook: args.pre_hook.clone(),
+        post_hook: args.post_hook.clone(),
+        cycles: args.cycles,
+    };
+    tracing::info!(source = %args.source, interval = %args.interval, "replicating");
+    let tls = args.connection.tls()?;
+    let json = args.json;
+    let failed = replicate(
+        tls,
+        &options,
+        |outcome| match outcome {
+            Ok(report) if json => match serde_json::to_string(report) {
+                Ok(line) => println!("{line}"),
+                Err(e) => tracing::warn!(error = %e, "cannot print the cycle as JSON"),
+            },
+            Ok(report) => print_summary(report),
+            Err(e) => tracing::warn!(error = %e.chain(), "cycle failed; the next cycle retries"),
+        },
+        engine::service::shutdown_signal(),
+    )
+    .await;
+    if failed > 0 && options.cycles.is_some() {
+        bail!("{failed} of the cycles failed");
     }
     Ok(())
 }
@@ -150,7 +261,9 @@ fn print_summary(report: &SyncReport) {
         );
     }
     println!(
-        "done in {:.2} s, {} on the wire",
+        "recovery point {} ({}) in {:.2} s, {} on the wire",
+        report.point.seq,
+        report.point.kind.name(),
         report.seconds,
         ByteSize(report.wire_bytes)
     );

@@ -49,6 +49,11 @@ pub fn spawn(progress: Arc<Progress>) -> Bars {
                 _ => "",
             };
             sending.set_message(phase);
+            if progress.hash_total.load(Ordering::Relaxed) == 0
+                && matches!(progress.phase(), Phase::Sending | Phase::Flushing)
+            {
+                hashing.set_message("not needed: new replica, hashed while sending");
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
         hashing.finish_and_clear();

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+pub use rustls::ClientConfig;
+use rustls::{RootCertStore, ServerConfig};
 
 use crate::error::{Error, Result};
 

@@ -32,6 +32,13 @@ struct Args {
     /// Threads for hashing existing extents [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
+    /// Folder for recovery points and the undo journals behind them
+    /// [default: DATASTORE/.retention].
+    #[arg(long)]
+    retention: Option<PathBuf>,
+    /// How long recovery points are kept (e.g. 30m, 24h, 7d); the newest is always kept.
+    #[arg(long, default_value = "24h")]
+    retention_window: humantime::Duration,
 }
 
 #[tokio::main]
@@ -51,10 +58,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create datastore {}", args.datastore.display()))?;
     let identity = Identity::load(&args.pki, Role::MasterTarget)?;
     let listener = engine::service::bind(&args.listen, "master target").await?;
+    let retention = args
+        .retention
+        .unwrap_or_else(|| args.datastore.join(".retention"));
     let config = TargetConfig {
         datastore: args.datastore,
         verify: args.verify,
         hash_threads: args.threads.unwrap_or_else(engine::scan::default_threads),
+        retention,
+        retention_window: args.retention_window.into(),
     };
     serve(
         listener,

@@ -2,8 +2,10 @@
 
 pub mod compare;
 pub mod progress;
+pub mod replicate;
 pub mod send;
 pub mod sync;
 
 pub use progress::{Phase, Progress};
-pub use sync::{sync, DiskReport, DiskSpec, SyncOptions, SyncReport};
+pub use replicate::{replicate, ReplicateOptions};
+pub use sync::{sync, DiskReport, DiskSpec, PointRequest, SyncOptions, SyncReport};

@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::geometry::{BlockHash, BlockSize, Geometry, SafeName, ZeroHashes};
 use crate::manifest::Manifest;
 use crate::protocol::{DiskState, Message, PROTOCOL_VERSION};
+use crate::retention::points::PointKind;
 use crate::scan;
 use crate::tls::Role;
 use crate::transport::{self, ConnWriter};
@@ -49,6 +50,32 @@ pub struct SyncOptions {
     pub compress: bool,
     /// Threads for hashing and compressing.
     pub threads: usize,
+    /// The recovery point the sync ends with.
+    pub point: PointRequest,
+}
+
+/// The recovery point a sync asks for once every disk is durable.
+#[derive(Debug, Clone)]
+pub struct PointRequest {
+    pub kind: PointKind,
+    pub label: String,
+}
+
+impl Default for PointRequest {
+    fn default() -> Self {
+        Self {
+            kind: PointKind::CrashConsistent,
+            label: String::new(),
+        }
+    }
+}
+
+/// The recovery point a sync created.
+#[derive(Debug, Clone, Serialize)]
+pub struct PointReport {
+    pub seq: u64,
+    pub time_ms: u64,
+    pub kind: PointKind,
 }
 
 /// What a sync did, as printed by `--json`.
@@ -59,6 +86,8 @@ pub struct SyncReport {
     /// Bytes the agent wrote to its TCP socket, TLS included.
     pub wire_bytes: u64,
     pub disks: Vec<DiskReport>,
+    /// The recovery point covering every disk of this sync.
+    pub point: PointReport,
 }
 
 /// Per-disk figures of a sync.
@@ -168,13 +197,14 @@ pub async fn sync(
     let mut session = Session { tx, rx };
     let result = run(&mut session, options, &progress).await;
     reader_task.abort();
-    let disks = result?;
+    let (disks, point) = result?;
     progress.set_phase(Phase::Done);
     Ok(SyncReport {
         machine: options.machine.to_string(),
         seconds: started.elapsed().as_secs_f64(),
         wire_bytes: session.tx.bytes_written(),
         disks,
+        point,
     })
 }
 
@@ -182,7 +212,7 @@ async fn run(
     session: &mut Session,
     options: &SyncOptions,
     progress: &Arc<Progress>,
-) -> Result<Vec<DiskReport>> {
+) -> Result<(Vec<DiskReport>, PointReport)> {
     session
         .send(&Message::Hello {
             min_version: PROTOCOL_VERSION,
@@ -199,9 +229,28 @@ async fn run(
         let handle = u32::try_from(handle).map_err(|_| Error::Invalid("too many disks".into()))?;
         reports.push(sync_disk(session, handle, disk, options, progress).await?);
     }
+    session
+        .send(&Message::Checkpoint {
+            kind: options.point.kind as u8,
+            label: options.point.label.clone(),
+        })
+        .await?;
+    let point = match session.expect("PointCreated").await? {
+        Message::PointCreated { seq, time_ms } => PointReport {
+            seq,
+            time_ms,
+            kind: options.point.kind,
+        },
+        other => return Err(unexpected(&other, "PointCreated")),
+    };
+    tracing::info!(
+        point = point.seq,
+        kind = point.kind.name(),
+        "recovery point created"
+    );
     session.send(&Message::Bye).await?;
     let _ = session.tx.close().await;
-    Ok(reports)
+    Ok((reports, point))
 }
 
 async fn sync_disk(

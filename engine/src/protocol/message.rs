@@ -18,6 +18,8 @@
 //!    9  Ack          handle u32, seq u64
 //!   10  Error        code u16, message str
 //!   11  Bye          (empty)
+//!   12  Checkpoint   kind u8 (1 crash-consistent, 2 app-consistent), label str
+//!   13  PointCreated seq u64, time_ms u64
 //! ```
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -112,6 +114,16 @@ pub enum Message {
         message: String,
     },
     Bye,
+    /// Every disk opened in this session is flushed: record a recovery point covering them.
+    Checkpoint {
+        kind: u8,
+        label: String,
+    },
+    /// The recovery point is durable.
+    PointCreated {
+        seq: u64,
+        time_ms: u64,
+    },
 }
 
 /// Appends one record header and payload to a `Blocks` records buffer; the payload is
@@ -187,6 +199,8 @@ impl Message {
             Message::Ack { .. } => 9,
             Message::Error { .. } => 10,
             Message::Bye => 11,
+            Message::Checkpoint { .. } => 12,
+            Message::PointCreated { .. } => 13,
         }
     }
 
@@ -204,6 +218,8 @@ impl Message {
             Message::Ack { .. } => "Ack",
             Message::Error { .. } => "Error",
             Message::Bye => "Bye",
+            Message::Checkpoint { .. } => "Checkpoint",
+            Message::PointCreated { .. } => "PointCreated",
         }
     }
 
@@ -295,6 +311,14 @@ impl Message {
                 put_str(&mut b, message);
             }
             Message::Bye => {}
+            Message::Checkpoint { kind, label } => {
+                b.put_u8(*kind);
+                put_str(&mut b, label);
+            }
+            Message::PointCreated { seq, time_ms } => {
+                b.put_u64(*seq);
+                b.put_u64(*time_ms);
+            }
         }
         Frame {
             kind: self.kind(),
@@ -388,6 +412,14 @@ impl Message {
                 message: r.string("error message")?,
             },
             11 => Message::Bye,
+            12 => Message::Checkpoint {
+                kind: r.u8("point kind")?,
+                label: r.string("point label")?,
+            },
+            13 => Message::PointCreated {
+                seq: r.u64("point sequence")?,
+                time_ms: r.u64("point time")?,
+            },
             other => return Err(Error::Protocol(format!("unknown message kind {other}"))),
         };
         if !r.0.is_empty() {
@@ -525,6 +557,9 @@ mod tests {
                 message
             }),
             Just(Message::Bye),
+            (any::<u8>(), ".{0,30}").prop_map(|(kind, label)| Message::Checkpoint { kind, label }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(seq, time_ms)| Message::PointCreated { seq, time_ms }),
         ]
     }
 

@@ -17,6 +17,9 @@
 //!   | Blocks(handle, seq + 1, ...) ----------------------------> |  (pipelined, no waiting)
 //!   | Flush(handle, seq) --------------------------------------> |  fdatasync, save manifest
 //!   | <--------------------------------------- Ack(handle, seq) |  all up to seq is durable
+//!   |   (OpenDisk ... Ack again for every other disk of the machine)
+//!   | Checkpoint(kind, label) ---------------------------------> |  append to the point log
+//!   | <-------------------------- PointCreated(seq, time) ----- |  the point is durable
 //!   | Bye ------------------------------------------------------> |
 //! ```
 //! Any side may send `Error(code, message)` instead of an answer and close the connection.

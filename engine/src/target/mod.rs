@@ -12,6 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::net::TcpListener;
@@ -22,6 +23,10 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::geometry::{BlockHash, BlockSize, Geometry, SafeName};
 use crate::protocol::message::records;
 use crate::protocol::{DiskState, Message, PROTOCOL_VERSION};
+use crate::retention::{
+    self,
+    points::{PointDisk, PointKind, PointLog, RecoveryPoint},
+};
 use crate::tls::{Identity, Role};
 use crate::transport::{self, Conn};
 pub use replica::{Replica, ReplicaPaths};
@@ -38,6 +43,18 @@ pub struct TargetConfig {
     pub verify: bool,
     /// Threads used to hash an existing extent.
     pub hash_threads: usize,
+    /// Folder of recovery points and undo journals.
+    pub retention: PathBuf,
+    /// How long recovery points are kept.
+    pub retention_window: Duration,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// Disks being written right now, as `machine/id`: one session per disk at a time.
@@ -96,11 +113,21 @@ async fn session(mut conn: Conn, config: Arc<TargetConfig>, locks: DiskLocks) ->
     tracing::info!(%machine, "session started");
     let (failures_tx, mut failures) = mpsc::channel(1);
     let (commands, command_rx) = mpsc::channel(WRITE_QUEUE);
+    let points = match PointLog::load(
+        &retention::machine_dir(&config.retention, &machine).join("points.log"),
+    ) {
+        Ok(points) => points,
+        Err(err) => {
+            conn.fail(&err).await;
+            return Err(err);
+        }
+    };
     let writer = Writer {
         config,
         locks,
         machine: machine.clone(),
         replicas: HashMap::new(),
+        points,
         held: Vec::new(),
     };
     std::thread::Builder::new()
@@ -242,6 +269,15 @@ async fn handle(msg: Message, commands: &mpsc::Sender<Command>) -> Result<Option
             answer.await.map_err(|_| gone())??;
             Ok(Some(Message::Ack { handle, seq }))
         }
+        Message::Checkpoint { kind, label } => {
+            let (reply, answer) = oneshot::channel();
+            commands
+                .send(Command::Checkpoint { kind, label, reply })
+                .await
+                .map_err(|_| gone())?;
+            let (seq, time_ms) = answer.await.map_err(|_| gone())??;
+            Ok(Some(Message::PointCreated { seq, time_ms }))
+        }
         other => Err(Error::Protocol(format!(
             "unexpected {} message from the agent",
             other.name()
@@ -273,12 +309,19 @@ enum Command {
         seq: u64,
         reply: oneshot::Sender<Result<()>>,
     },
+    Checkpoint {
+        kind: u8,
+        label: String,
+        reply: oneshot::Sender<Result<(u64, u64)>>,
+    },
 }
 
 struct OpenDisk {
     replica: Replica,
     /// Highest sequence number received for this disk.
     last_seq: u64,
+    /// True when everything received for this disk is durable.
+    flushed: bool,
 }
 
 /// Owns a session's replicas on a thread of its own.
@@ -287,6 +330,8 @@ struct Writer {
     locks: DiskLocks,
     machine: SafeName,
     replicas: HashMap<u32, OpenDisk>,
+    /// The machine's recovery points.
+    points: PointLog,
     /// Lock keys this session holds, released when the writer ends.
     held: Vec<String>,
 }
@@ -335,6 +380,9 @@ impl Writer {
             Command::Flush { handle, seq, reply } => {
                 let _ = reply.send(self.flush(handle, seq));
             }
+            Command::Checkpoint { kind, label, reply } => {
+                let _ = reply.send(self.checkpoint(kind, label));
+            }
             Command::Blocks { .. } => {}
         }
     }
@@ -365,7 +413,7 @@ impl Writer {
             });
         }
         self.held.push(key);
-        let replica = Replica::open(
+        let mut replica = Replica::open(
             &self.config.datastore,
             &self.machine,
             id,
@@ -373,6 +421,12 @@ impl Writer {
             self.config.verify,
             self.config.hash_threads,
         )?;
+        // Once a point exists, every overwrite must be undoable back to it.
+        if !self.points.points().is_empty() {
+            let next = self.points.next_seq();
+            let path = retention::journal_path(&self.config.retention, &self.machine, id, next);
+            replica.journal_into(path, next);
+        }
         let state = replica.state(handle);
         tracing::info!(machine = %self.machine, disk = %id, fresh = state.fresh, "disk opened");
         self.replicas.insert(
@@ -380,6 +434,7 @@ impl Writer {
             OpenDisk {
                 replica,
                 last_seq: state.durable_seq,
+                flushed: true,
             },
         );
         Ok(state)
@@ -394,10 +449,8 @@ impl Writer {
             )));
         }
         disk.last_seq = seq;
-        for record in records(count, batch) {
-            disk.replica.write(&record?)?;
-        }
-        Ok(())
+        disk.flushed = false;
+        disk.replica.write_batch(records(count, batch))
     }
 
     fn flush(&mut self, handle: u32, seq: u64) -> Result<()> {
@@ -408,7 +461,85 @@ impl Writer {
                 disk.last_seq
             )));
         }
-        disk.replica.flush(seq)
+        disk.replica.flush(seq)?;
+        disk.flushed = true;
+        Ok(())
+    }
+
+    /// Records a recovery point over every disk of the session, all flushed, then prunes
+    /// what fell out of the retention window and starts the next cycle's journals.
+    fn checkpoint(&mut self, kind: u8, label: String) -> Result<(u64, u64)> {
+        let kind = PointKind::from_u8(kind)
+            .ok_or_else(|| Error::Protocol(format!("unknown recovery point kind {kind}")))?;
+        if self.replicas.is_empty() {
+            return Err(Error::Protocol(
+                "Checkpoint before any disk was opened".into(),
+            ));
+        }
+        let mut handles: Vec<u32> = self.replicas.keys().copied().collect();
+        handles.sort_unstable();
+        let mut disks = Vec::new();
+        for handle in &handles {
+            let disk = &self.replicas[handle];
+            if !disk.flushed {
+                return Err(Error::Protocol(format!(
+                    "Checkpoint before disk {} was flushed",
+                    disk.replica.id()
+                )));
+            }
+            disks.push(PointDisk {
+                id: disk.replica.id().to_string(),
+                size: disk.replica.manifest().geometry().size,
+            });
+        }
+        let time_ms = now_ms();
+        let seq = self.points.next_seq();
+        self.points.append(RecoveryPoint {
+            seq,
+            time_ms,
+            kind,
+            label,
+            group: None,
+            disks,
+        })?;
+        tracing::info!(machine = %self.machine, point = seq, kind = kind.name(), "recovery point durable");
+        let window_ms = u64::try_from(self.config.retention_window.as_millis()).unwrap_or(u64::MAX);
+        if let Some(oldest) = self.points.prune(time_ms.saturating_sub(window_ms))? {
+            self.drop_journals_up_to(oldest);
+        }
+        let next = self.points.next_seq();
+        for disk in self.replicas.values_mut() {
+            let path = retention::journal_path(
+                &self.config.retention,
+                &self.machine,
+                disk.replica.id(),
+                next,
+            );
+            disk.replica.journal_into(path, next);
+        }
+        Ok((seq, time_ms))
+    }
+
+    /// Deletes the journals no kept point needs: those leading to `oldest` or earlier.
+    fn drop_journals_up_to(&self, oldest: u64) {
+        let dir = retention::machine_dir(&self.config.retention, &self.machine);
+        let disks = std::fs::read_dir(&dir).into_iter().flatten().flatten();
+        for disk in disks.filter(|d| d.path().is_dir()) {
+            let Some(id) = disk
+                .file_name()
+                .to_str()
+                .and_then(|n| SafeName::new("disk id", n).ok())
+            else {
+                continue;
+            };
+            for (point, path) in retention::journals(&self.config.retention, &self.machine, &id) {
+                if point <= oldest {
+                    if let Err(e) = std::fs::remove_file(&path) {
+                        tracing::warn!(journal = %path.display(), error = %e, "cannot prune journal");
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -22,7 +22,9 @@ use crate::error::{Error, Result};
 use crate::geometry::{hash_block, BlockHash, Geometry, SafeName, ZeroHashes};
 use crate::manifest::{FileStamp, Manifest};
 use crate::protocol::{BlockRecord, DiskState};
+use crate::retention::journal::JournalWriter;
 use crate::scan;
+use crate::sparse::punch_hole;
 use crate::vmdk;
 
 /// Where the files of one replica live.
@@ -60,7 +62,15 @@ pub struct Replica {
     /// True once the manifest file was removed for this session's writes.
     dirty: bool,
     decoder: BlockDecoder,
-    scratch: Vec<u8>,
+    /// Where the old content of overwritten blocks goes in this cycle, if anywhere.
+    undo: Option<UndoTarget>,
+}
+
+/// The undo journal of the current cycle: opened on the first overwrite.
+struct UndoTarget {
+    path: PathBuf,
+    point: u64,
+    journal: Option<JournalWriter>,
 }
 
 impl Replica {
@@ -117,7 +127,7 @@ impl Replica {
             fresh,
             dirty: false,
             decoder: BlockDecoder::new()?,
-            scratch: Vec::new(),
+            undo: None,
         })
     }
 
@@ -213,72 +223,129 @@ impl Replica {
         &self.paths
     }
 
-    /// Decodes, verifies and writes one block.
-    pub fn write(&mut self, record: &BlockRecord) -> Result<()> {
+    /// The disk id.
+    pub fn id(&self) -> &SafeName {
+        &self.id
+    }
+
+    /// From now on, save the old content of each block overwritten in the journal at `path`
+    /// (the cycle that ends with point `point`) before overwriting it.
+    pub fn journal_into(&mut self, path: PathBuf, point: u64) {
+        self.undo = Some(UndoTarget {
+            path,
+            point,
+            journal: None,
+        });
+    }
+
+    /// Decodes and verifies a batch of blocks, journals the old content of the blocks it
+    /// changes (durably, first), then writes them.
+    pub fn write_batch(
+        &mut self,
+        records: impl Iterator<Item = Result<BlockRecord>>,
+    ) -> Result<()> {
         let geometry = self.manifest.geometry();
-        let len = geometry.block_len(record.index).ok_or_else(|| {
-            Error::Invalid(format!(
-                "block {} is past the end of disk {} ({} blocks)",
-                record.index,
-                self.id,
-                geometry.blocks()
-            ))
-        })?;
-        let zero_hash = self.zero.of(record.index);
-        let actual = if record.encoding == Encoding::Zero {
-            if !record.payload.is_empty() {
-                return Err(Error::Protocol("zero block carries a payload".into()));
+        // (index, new hash, new data; None for a zero block)
+        let mut changes: Vec<(u64, BlockHash, Option<Vec<u8>>)> = Vec::new();
+        for record in records {
+            let record = record?;
+            let len = geometry.block_len(record.index).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "block {} is past the end of disk {} ({} blocks)",
+                    record.index,
+                    self.id,
+                    geometry.blocks()
+                ))
+            })?;
+            let zero_hash = self.zero.of(record.index);
+            let (hash, data) = if record.encoding == Encoding::Zero {
+                if !record.payload.is_empty() {
+                    return Err(Error::Protocol("zero block carries a payload".into()));
+                }
+                (zero_hash, None)
+            } else {
+                let mut data = Vec::new();
+                self.decoder
+                    .decode(record.encoding, &record.payload, len, &mut data)?;
+                let hash = hash_block(&data);
+                (hash, (hash != zero_hash).then_some(data))
+            };
+            if hash != record.hash {
+                return Err(Error::HashMismatch {
+                    disk: self.id.to_string(),
+                    index: record.index,
+                });
             }
-            zero_hash
-        } else {
-            self.decoder
-                .decode(record.encoding, &record.payload, len, &mut self.scratch)?;
-            hash_block(&self.scratch)
-        };
-        if actual != record.hash {
-            return Err(Error::HashMismatch {
-                disk: self.id.to_string(),
-                index: record.index,
-            });
+            if self.leaf(record.index) != Some(hash) {
+                changes.push((record.index, hash, data));
+            }
         }
-        if self
-            .manifest
-            .leaves()
-            .get(usize::try_from(record.index).unwrap_or(usize::MAX))
-            == Some(&actual)
-        {
+        if changes.is_empty() {
             return Ok(());
         }
+        self.save_old_content(&changes)?;
         if !self.dirty {
             durable::remove(&self.paths.manifest)?;
             self.dirty = true;
         }
-        let offset = geometry.offset(record.index);
-        if actual == zero_hash {
-            self.punch_hole(offset, len)?;
-        } else {
-            self.file
-                .write_all_at(&self.scratch, offset)
-                .map_err(Error::file("write", &self.paths.extent))?;
-        }
-        self.manifest.set_leaf(record.index, actual)
-    }
-
-    fn punch_hole(&self, offset: u64, len: usize) -> Result<()> {
-        use rustix::fs::{fallocate, FallocateFlags};
-        let punched = fallocate(
-            &self.file,
-            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-            offset,
-            len as u64,
-        );
-        if punched.is_err() {
-            // Filesystems without hole punching get explicit zeros.
-            self.file
-                .write_all_at(&vec![0; len], offset)
-                .map_err(Error::file("write", &self.paths.extent))?;
+        for (index, hash, data) in changes {
+            let offset = geometry.offset(index);
+            match data {
+                Some(data) => self
+                    .file
+                    .write_all_at(&data, offset)
+                    .map_err(Error::file("write", &self.paths.extent))?,
+                None => {
+                    let len = geometry.block_len(index).unwrap_or(0);
+                    punch_hole(&self.file, &self.paths.extent, offset, len)?;
+                }
+            }
+            self.manifest.set_leaf(index, hash)?;
         }
         Ok(())
+    }
+
+    fn leaf(&self, index: u64) -> Option<BlockHash> {
+        let i = usize::try_from(index).ok()?;
+        self.manifest.leaves().get(i).copied()
+    }
+
+    /// Journals the current content of the blocks about to change, and syncs the journal.
+    fn save_old_content(&mut self, changes: &[(u64, BlockHash, Option<Vec<u8>>)]) -> Result<()> {
+        let Some(undo) = &mut self.undo else {
+            return Ok(());
+        };
+        if undo.journal.is_none() {
+            undo.journal = Some(JournalWriter::open(
+                &undo.path,
+                self.manifest.geometry().block_size,
+                undo.point,
+            )?);
+        }
+        let Some(journal) = undo.journal.as_mut() else {
+            return Ok(());
+        };
+        let geometry = self.manifest.geometry();
+        let mut old = vec![0u8; geometry.block_size.bytes()];
+        for &(index, _, _) in changes {
+            if journal.has(index) {
+                continue;
+            }
+            let len = geometry.block_len(index).unwrap_or(0);
+            let current = usize::try_from(index)
+                .ok()
+                .and_then(|i| self.manifest.leaves().get(i));
+            let was_zero = current == Some(&self.zero.of(index));
+            if was_zero {
+                old[..len].fill(0);
+            } else {
+                self.file
+                    .read_exact_at(&mut old[..len], geometry.offset(index))
+                    .map_err(Error::file("read", &self.paths.extent))?;
+            }
+            journal.append(index, &old[..len])?;
+        }
+        journal.sync()
     }
 
     /// Makes every write durable, records `seq` as durable and saves the manifest.

@@ -1,0 +1,122 @@
+//! `deltaback points` and `deltaback recover`: recovery points of a machine, read straight
+//! from a master target's datastore and retention folders.
+
+use std::path::PathBuf;
+use std::time::{Duration, UNIX_EPOCH};
+
+use engine::geometry::SafeName;
+use engine::retention::points::RecoveryPoint;
+use engine::retention::recover::{point_log, recover, PointSelector};
+
+#[derive(clap::Args, Debug)]
+pub struct Where {
+    /// The master target's datastore folder.
+    #[arg(long)]
+    datastore: PathBuf,
+    /// The master target's retention folder [default: DATASTORE/.retention].
+    #[arg(long)]
+    retention: Option<PathBuf>,
+    /// The machine.
+    #[arg(long)]
+    machine: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Where {
+    fn retention(&self) -> PathBuf {
+        self.retention
+            .clone()
+            .unwrap_or_else(|| self.datastore.join(".retention"))
+    }
+
+    fn machine(&self) -> anyhow::Result<SafeName> {
+        Ok(SafeName::new("machine name", &self.machine)?)
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RecoverArgs {
+    #[command(flatten)]
+    at: Where,
+    /// Which point: latest, latest-app, a sequence number from `deltaback points`, or a
+    /// time (the newest point at or before it, e.g. 2026-11-25T09:30:00Z).
+    #[arg(long, default_value = "latest")]
+    point: String,
+    /// Empty folder that receives the machine's VMDKs as they were at that point.
+    #[arg(long)]
+    output: PathBuf,
+}
+
+fn time_text(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+pub fn list(args: Where) -> anyhow::Result<()> {
+    let log = point_log(&args.retention(), &args.machine()?)?;
+    let mut points: Vec<&RecoveryPoint> = log.points().iter().collect();
+    points.reverse();
+    if args.json {
+        println!("{}", serde_json::to_string(&points)?);
+        return Ok(());
+    }
+    if points.is_empty() {
+        println!("machine {} has no recovery points", args.machine);
+        return Ok(());
+    }
+    println!(
+        "{:>6}  {:<20}  {:<16}  {:<10}  {:<20}  DISKS",
+        "SEQ", "TIME (UTC)", "KIND", "GROUP", "LABEL"
+    );
+    for p in points {
+        let disks: Vec<&str> = p.disks.iter().map(|d| d.id.as_str()).collect();
+        println!(
+            "{:>6}  {:<20}  {:<16}  {:<10}  {:<20}  {}",
+            p.seq,
+            time_text(p.time_ms),
+            p.kind.name(),
+            p.group.as_deref().unwrap_or("-"),
+            p.label,
+            disks.join(",")
+        );
+    }
+    Ok(())
+}
+
+pub fn recover_point(args: RecoverArgs) -> anyhow::Result<()> {
+    let selector: PointSelector = args.point.parse()?;
+    let machine = args.at.machine()?;
+    let (point, disks) = recover(
+        &args.at.datastore,
+        &args.at.retention(),
+        &machine,
+        &selector,
+        &args.output,
+    )?;
+    if args.at.json {
+        println!("{}", serde_json::json!({ "point": point, "disks": disks }));
+        return Ok(());
+    }
+    println!(
+        "recovered {} at point {} ({}, {}){}",
+        machine,
+        point.seq,
+        point.kind.name(),
+        time_text(point.time_ms),
+        if point.label.is_empty() {
+            String::new()
+        } else {
+            format!(" \"{}\"", point.label)
+        }
+    );
+    for d in disks {
+        println!(
+            "  {}: {} ({} blocks rolled back)",
+            d.vmdk.display(),
+            bytesize::ByteSize(d.size),
+            d.blocks_restored
+        );
+    }
+    Ok(())
+}
