@@ -7,4 +7,5 @@
 
 mod failback;
 mod hostile;
+mod recovery;
 mod util;

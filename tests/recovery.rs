@@ -1,0 +1,303 @@
+//! Continuous replication, recovery points, retention, and recovering a point in time.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use engine::sample::{change_blocks, write_mixed_image};
+use serde_json::Value;
+
+use crate::util::{bin, qemu_img_same, Cluster};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u32 = 64 << 10;
+
+fn deltaback(cluster: &Cluster, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(bin("deltaback"))
+        .args(args)
+        .arg("--datastore")
+        .arg(&cluster.datastore)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn points(cluster: &Cluster, machine: &str) -> Vec<Value> {
+    let text = deltaback(cluster, &["points", "--json", "--machine", machine]).unwrap();
+    serde_json::from_str::<Value>(&text)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Recovers `point` of `machine` into a fresh folder; returns the folder.
+fn recover(cluster: &Cluster, machine: &str, point: &str) -> Result<PathBuf, String> {
+    let out = cluster.path(&format!("recovered-{machine}-{point}"));
+    deltaback(
+        cluster,
+        &[
+            "recover",
+            "--machine",
+            machine,
+            "--point",
+            point,
+            "--output",
+            out.to_str().unwrap(),
+        ],
+    )?;
+    Ok(out)
+}
+
+fn snapshot(image: &Path, name: &Path) {
+    std::fs::copy(image, name).unwrap();
+}
+
+#[test]
+fn every_point_recovers_to_the_source_as_it_was() {
+    let cluster = Cluster::start();
+    let image = cluster.path("disk0.img");
+    write_mixed_image(&image, 8 * MIB, 31).unwrap();
+    let disk = format!("{}=disk0", image.display());
+    let mut copies = Vec::new();
+    for cycle in 0..4u64 {
+        if cycle > 0 {
+            change_blocks(&image, BLOCK, 0.05, cycle).unwrap();
+        }
+        if cycle == 3 {
+            // Some blocks become zero again: they must come back as data when rolled back.
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&image)
+                .unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&file, &vec![0; 3 * BLOCK as usize], 0)
+                .unwrap();
+        }
+        let report = cluster.sync("app", &[&disk]).unwrap();
+        assert_eq!(report["point"]["seq"], cycle + 1);
+        let copy = cluster.path(&format!("copy-{}", cycle + 1));
+        snapshot(&image, &copy);
+        copies.push(copy);
+    }
+    let listed = points(&cluster, "app");
+    let seqs: Vec<u64> = listed.iter().map(|p| p["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, vec![4, 3, 2, 1], "newest first");
+    assert!(listed.iter().all(|p| p["kind"] == "crash-consistent"));
+    for (i, copy) in copies.iter().enumerate() {
+        let dir = recover(&cluster, "app", &(i + 1).to_string()).unwrap();
+        assert!(
+            qemu_img_same(copy, &dir.join("disk0.vmdk")),
+            "point {} differs",
+            i + 1
+        );
+    }
+    let latest = recover(&cluster, "app", "latest").unwrap();
+    assert!(qemu_img_same(&image, &latest.join("disk0.vmdk")));
+    // The replica itself is untouched and replication goes on.
+    assert!(qemu_img_same(&image, &cluster.vmdk("app", "disk0")));
+    let err = recover(&cluster, "app", "99").unwrap_err();
+    assert!(err.contains("no such point"), "{err}");
+}
+
+#[test]
+fn a_machine_with_two_disks_recovers_both_at_each_point() {
+    let cluster = Cluster::start();
+    let (a, b) = (cluster.path("a.img"), cluster.path("b.img"));
+    write_mixed_image(&a, 4 * MIB, 41).unwrap();
+    write_mixed_image(&b, 2 * MIB, 42).unwrap();
+    let disks = [
+        format!("{}=sda", a.display()),
+        format!("{}=sdb", b.display()),
+    ];
+    cluster.sync("two", &disks).unwrap();
+    snapshot(&a, &cluster.path("a1"));
+    snapshot(&b, &cluster.path("b1"));
+    change_blocks(&a, BLOCK, 0.1, 1).unwrap();
+    change_blocks(&b, BLOCK, 0.1, 2).unwrap();
+    cluster.sync("two", &disks).unwrap();
+    let listed = points(&cluster, "two");
+    assert_eq!(listed[0]["disks"].as_array().unwrap().len(), 2);
+    let first = recover(&cluster, "two", "1").unwrap();
+    assert!(qemu_img_same(&cluster.path("a1"), &first.join("sda.vmdk")));
+    assert!(qemu_img_same(&cluster.path("b1"), &first.join("sdb.vmdk")));
+    let second = recover(&cluster, "two", "2").unwrap();
+    assert!(qemu_img_same(&a, &second.join("sda.vmdk")));
+    assert!(qemu_img_same(&b, &second.join("sdb.vmdk")));
+}
+
+#[test]
+fn replicate_runs_cycles_with_hooks_in_order_and_labels_points_honestly() {
+    let cluster = Cluster::start();
+    let image = cluster.path("disk0.img");
+    write_mixed_image(&image, 2 * MIB, 51).unwrap();
+    let hooks = cluster.path("hooks.log");
+    let run = |pre: &str| {
+        Command::new(bin("deltaback-agent"))
+            .args(["replicate", "--json", "--interval", "1s", "--cycles", "2"])
+            .args(["--server", &cluster.relay.addr, "--machine", "db"])
+            .arg("--pki")
+            .arg(&cluster.pki)
+            .arg("--disk")
+            .arg(format!("{}=data", image.display()))
+            .args(["--app-consistent-every", "1h", "--pre-hook", pre])
+            .arg("--post-hook")
+            .arg(format!("echo post >> {}", hooks.display()))
+            .output()
+            .unwrap()
+    };
+    let out = run(&format!("echo pre >> {}", hooks.display()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cycles: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(cycles.len(), 2);
+    assert_eq!(cycles[0]["point"]["kind"], "app-consistent");
+    assert_eq!(cycles[1]["point"]["kind"], "crash-consistent");
+    assert_eq!(std::fs::read_to_string(&hooks).unwrap(), "pre\npost\n");
+
+    // A failing pre-hook: the point is crash-consistent, the log says why, no thaw runs.
+    let out = run("echo cannot freeze >&2; exit 3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("pre-hook failed") && stderr.contains("cannot freeze"),
+        "{stderr}"
+    );
+    let first: Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!(first["point"]["kind"], "crash-consistent");
+    assert_eq!(std::fs::read_to_string(&hooks).unwrap(), "pre\npost\n");
+
+    let listed = points(&cluster, "db");
+    assert_eq!(listed.len(), 4);
+    let app: Vec<u64> = listed
+        .iter()
+        .filter(|p| p["kind"] == "app-consistent")
+        .map(|p| p["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(app, vec![1]);
+    let dir = recover(&cluster, "db", "latest-app").unwrap();
+    assert!(qemu_img_same(&image, &dir.join("data.vmdk")));
+}
+
+#[test]
+fn sync_final_makes_an_app_consistent_point() {
+    let cluster = Cluster::start();
+    let image = cluster.path("disk0.img");
+    write_mixed_image(&image, MIB, 61).unwrap();
+    let report = cluster
+        .sync_with(
+            "fin",
+            &[format!("{}=d", image.display())],
+            &cluster.pki,
+            &["--final"],
+        )
+        .unwrap();
+    assert_eq!(report["point"]["kind"], "app-consistent");
+    assert_eq!(points(&cluster, "fin")[0]["label"], "final");
+}
+
+#[test]
+fn retention_keeps_exactly_the_window() {
+    let cluster = Cluster::start_with(&["--retention-window", "2s"]);
+    let image = cluster.path("disk0.img");
+    write_mixed_image(&image, 2 * MIB, 71).unwrap();
+    let disk = format!("{}=disk0", image.display());
+    cluster.sync("ret", &[&disk]).unwrap();
+    change_blocks(&image, BLOCK, 0.1, 1).unwrap();
+    cluster.sync("ret", &[&disk]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    change_blocks(&image, BLOCK, 0.1, 2).unwrap();
+    snapshot(&image, &cluster.path("at3"));
+    cluster.sync("ret", &[&disk]).unwrap();
+    change_blocks(&image, BLOCK, 0.1, 3).unwrap();
+    cluster.sync("ret", &[&disk]).unwrap();
+    // Points 1 and 2 are older than the window; 3 and 4 are inside it.
+    let seqs: Vec<u64> = points(&cluster, "ret")
+        .iter()
+        .map(|p| p["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![4, 3]);
+    let journals: Vec<String> = std::fs::read_dir(cluster.datastore.join(".retention/ret/disk0"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        journals,
+        vec![format!("{:020}.journal", 4)],
+        "only what point 3 needs is kept"
+    );
+    let dir = recover(&cluster, "ret", "3").unwrap();
+    assert!(qemu_img_same(&cluster.path("at3"), &dir.join("disk0.vmdk")));
+    assert!(recover(&cluster, "ret", "2")
+        .unwrap_err()
+        .contains("no such point"));
+}
+
+#[test]
+fn a_damaged_journal_is_reported_not_trusted() {
+    let cluster = Cluster::start();
+    let image = cluster.path("disk0.img");
+    write_mixed_image(&image, 2 * MIB, 81).unwrap();
+    let disk = format!("{}=disk0", image.display());
+    cluster.sync("dmg", &[&disk]).unwrap();
+    change_blocks(&image, BLOCK, 0.2, 1).unwrap();
+    cluster.sync("dmg", &[&disk]).unwrap();
+    let journal = cluster
+        .datastore
+        .join(format!(".retention/dmg/disk0/{:020}.journal", 2));
+    let mut bytes = std::fs::read(&journal).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&journal, &bytes).unwrap();
+    let err = recover(&cluster, "dmg", "1").unwrap_err();
+    assert!(err.contains("damaged") && err.contains("checksum"), "{err}");
+    // The newest point needs no journal and still recovers.
+    let dir = recover(&cluster, "dmg", "latest").unwrap();
+    assert!(qemu_img_same(&image, &dir.join("disk0.vmdk")));
+}
+
+#[test]
+fn continuous_replication_points_follow_the_changing_source() {
+    use std::io::BufRead;
+    let cluster = Cluster::start();
+    let image = cluster.path("disk0.img");
+    write_mixed_image(&image, 4 * MIB, 91).unwrap();
+    snapshot(&image, &cluster.path("cycle-1"));
+    let mut agent = Command::new(bin("deltaback-agent"))
+        .args(["replicate", "--json", "--interval", "1s", "--cycles", "3"])
+        .args(["--server", &cluster.relay.addr, "--machine", "live"])
+        .arg("--pki")
+        .arg(&cluster.pki)
+        .arg("--disk")
+        .arg(format!("{}=disk0", image.display()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(agent.stdout.take().unwrap());
+    let mut seqs = Vec::new();
+    for (i, line) in stdout.lines().enumerate() {
+        let report: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        seqs.push(report["point"]["seq"].as_u64().unwrap());
+        // Between cycles (the next starts a second after this one did), the guest writes.
+        if i < 2 {
+            change_blocks(&image, BLOCK, 0.05, 100 + i as u64).unwrap();
+            snapshot(&image, &cluster.path(&format!("cycle-{}", i + 2)));
+        }
+    }
+    assert!(agent.wait().unwrap().success());
+    assert_eq!(seqs, vec![1, 2, 3]);
+    for seq in seqs {
+        let dir = recover(&cluster, "live", &seq.to_string()).unwrap();
+        let copy = cluster.path(&format!("cycle-{seq}"));
+        assert!(qemu_img_same(&copy, &dir.join("disk0.vmdk")), "point {seq}");
+    }
+}
