@@ -90,6 +90,9 @@ pub enum Error {
     /// The peer's certificate does not stand for a role this service accepts.
     #[error("{0}")]
     Forbidden(String),
+    /// QEMU refused a command or broke its QMP protocol.
+    #[error("QEMU: {0}")]
+    Qemu(String),
     /// Certificate generation or loading failed.
     #[error("PKI: {0}")]
     Pki(String),

@@ -4,6 +4,7 @@ pub mod compare;
 pub mod progress;
 pub mod replicate;
 pub mod send;
+pub mod session;
 pub mod sync;
 
 pub use progress::{Phase, Progress};

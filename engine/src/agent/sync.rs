@@ -8,22 +8,19 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
-use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
-use crate::geometry::{BlockHash, BlockSize, Geometry, SafeName, ZeroHashes};
+use crate::geometry::{BlockSize, Geometry, SafeName, ZeroHashes};
 use crate::manifest::Manifest;
-use crate::protocol::{DiskState, Message, PROTOCOL_VERSION};
 use crate::retention::points::PointKind;
 use crate::scan;
-use crate::tls::Role;
-use crate::transport::{self, ConnWriter};
 
-use super::compare::{differing_blocks, RemoteTree};
+use super::compare::differing_blocks;
 use super::send::{Selection, SendJob};
+use super::session::Session;
 use super::{Phase, Progress};
 
 /// One disk to replicate.
@@ -111,70 +108,8 @@ pub struct DiskReport {
     pub durable_seq: u64,
 }
 
-/// The agent's side of one session: messages arrive through a reader task, so an error the
-/// far side sends while we are still streaming is seen at once.
-struct Session {
-    tx: ConnWriter,
-    rx: mpsc::Receiver<Result<Message>>,
-}
-
-impl Session {
-    async fn send(&mut self, msg: &Message) -> Result<()> {
-        match self.tx.send(msg).await {
-            Ok(()) => Ok(()),
-            // A write that fails because the far side hung up: prefer the reason it gave.
-            Err(err) => match tokio::time::timeout(Duration::from_secs(2), self.rx.recv()).await {
-                Ok(Some(Err(remote @ Error::Remote { .. }))) => Err(remote),
-                _ => Err(err),
-            },
-        }
-    }
-
-    async fn recv(&mut self) -> Result<Message> {
-        self.rx
-            .recv()
-            .await
-            .unwrap_or(Err(Error::Truncated("before the conversation ended")))
-    }
-
-    async fn expect(&mut self, what: &str) -> Result<Message> {
-        let msg = self.recv().await?;
-        tracing::trace!(got = msg.name(), want = what, "received");
-        Ok(msg)
-    }
-}
-
-struct Tree<'a> {
-    session: &'a mut Session,
-    handle: u32,
-}
-
-impl RemoteTree for Tree<'_> {
-    async fn hashes(&mut self, level: u8, ranges: Vec<(u64, u32)>) -> Result<Vec<BlockHash>> {
-        self.session
-            .send(&Message::HashQuery {
-                handle: self.handle,
-                level,
-                ranges,
-            })
-            .await?;
-        match self.session.expect("HashAnswer").await? {
-            Message::HashAnswer {
-                handle,
-                level: l,
-                hashes,
-            } if handle == self.handle && l == level => Ok(hashes),
-            other => Err(unexpected(&other, "HashAnswer")),
-        }
-    }
-}
-
-fn unexpected(msg: &Message, wanted: &str) -> Error {
-    Error::Protocol(format!("expected {wanted}, received {}", msg.name()))
-}
-
 /// Replicates every disk of `options` through the process server and waits until the
-/// master target has made them durable.
+/// master target has made them durable and recorded the recovery point.
 pub async fn sync(
     tls: Arc<rustls::ClientConfig>,
     options: &SyncOptions,
@@ -182,75 +117,22 @@ pub async fn sync(
 ) -> Result<SyncReport> {
     let started = Instant::now();
     progress.set_phase(Phase::Starting);
-    let conn = transport::connect(&options.server, tls, Role::ProcessServer).await?;
-    let (mut reader, tx) = conn.split();
-    let (msg_tx, rx) = mpsc::channel(4);
-    let reader_task = tokio::spawn(async move {
-        loop {
-            let msg = reader.recv().await;
-            let end = msg.is_err();
-            if msg_tx.send(msg).await.is_err() || end {
-                return;
-            }
-        }
-    });
-    let mut session = Session { tx, rx };
-    let result = run(&mut session, options, &progress).await;
-    reader_task.abort();
-    let (disks, point) = result?;
+    let mut session = Session::start(&options.server, tls, &options.machine).await?;
+    let mut disks = Vec::new();
+    for (handle, disk) in options.disks.iter().enumerate() {
+        let handle = u32::try_from(handle).map_err(|_| Error::Invalid("too many disks".into()))?;
+        disks.push(sync_disk(&mut session, handle, disk, options, &progress).await?);
+    }
+    let point = session.checkpoint(&options.point).await?;
+    let wire_bytes = session.finish().await?;
     progress.set_phase(Phase::Done);
     Ok(SyncReport {
         machine: options.machine.to_string(),
         seconds: started.elapsed().as_secs_f64(),
-        wire_bytes: session.tx.bytes_written(),
+        wire_bytes,
         disks,
         point,
     })
-}
-
-async fn run(
-    session: &mut Session,
-    options: &SyncOptions,
-    progress: &Arc<Progress>,
-) -> Result<(Vec<DiskReport>, PointReport)> {
-    session
-        .send(&Message::Hello {
-            min_version: PROTOCOL_VERSION,
-            max_version: PROTOCOL_VERSION,
-            machine: options.machine.to_string(),
-        })
-        .await?;
-    match session.expect("Welcome").await? {
-        Message::Welcome { version } if version == PROTOCOL_VERSION => {}
-        other => return Err(unexpected(&other, "Welcome")),
-    }
-    let mut reports = Vec::new();
-    for (handle, disk) in options.disks.iter().enumerate() {
-        let handle = u32::try_from(handle).map_err(|_| Error::Invalid("too many disks".into()))?;
-        reports.push(sync_disk(session, handle, disk, options, progress).await?);
-    }
-    session
-        .send(&Message::Checkpoint {
-            kind: options.point.kind as u8,
-            label: options.point.label.clone(),
-        })
-        .await?;
-    let point = match session.expect("PointCreated").await? {
-        Message::PointCreated { seq, time_ms } => PointReport {
-            seq,
-            time_ms,
-            kind: options.point.kind,
-        },
-        other => return Err(unexpected(&other, "PointCreated")),
-    };
-    tracing::info!(
-        point = point.seq,
-        kind = point.kind.name(),
-        "recovery point created"
-    );
-    session.send(&Message::Bye).await?;
-    let _ = session.tx.close().await;
-    Ok((reports, point))
 }
 
 async fn sync_disk(
@@ -267,19 +149,7 @@ async fn sync_disk(
     let geometry = Geometry::new(size, options.block_size)
         .map_err(|e| Error::Invalid(format!("{}: {e}", disk.path.display())))?;
     let file = Arc::new(file);
-    session
-        .send(&Message::OpenDisk {
-            handle,
-            id: disk.id.to_string(),
-            size,
-            block_size: geometry.block_size.get(),
-        })
-        .await?;
-    let state = match session.expect("DiskState").await? {
-        Message::DiskState(state) if state.handle == handle => state,
-        other => return Err(unexpected(&other, "DiskState")),
-    };
-    check_state(&state, geometry)?;
+    let state = session.open_disk(handle, &disk.id, geometry).await?;
 
     let mut report = DiskReport {
         id: disk.id.to_string(),
@@ -321,8 +191,8 @@ async fn sync_disk(
             )));
         }
         progress.set_phase(Phase::Comparing);
-        let mut tree = Tree { session, handle };
-        let (blocks, fetched) = differing_blocks(&manifest, state.root, &mut tree).await?;
+        let (blocks, fetched) =
+            differing_blocks(&manifest, state.root, &mut session.tree(handle)).await?;
         report.hashes_fetched = fetched;
         let to_send: u64 = blocks
             .iter()
@@ -346,62 +216,19 @@ async fn sync_disk(
     let fresh = state.fresh;
     let mut batches = job.start();
     let mut seq = state.durable_seq;
-    loop {
-        let batch = tokio::select! {
-            batch = batches.recv() => match batch {
-                Some(batch) => batch?,
-                None => break,
-            },
-            msg = session.rx.recv() => {
-                return Err(match msg {
-                    Some(Err(err)) => err,
-                    Some(Ok(other)) => unexpected(&other, "nothing while sending"),
-                    None => Error::Truncated("while sending blocks"),
-                });
-            }
-        };
+    while let Some(batch) = session.next_batch(&mut batches).await? {
         if fresh {
             report.zero_blocks += batch.zero_blocks;
         }
-        if batch.count == 0 {
-            continue;
-        }
-        seq += 1;
         report.blocks_sent += u64::from(batch.count);
-        report.payload_bytes += batch.records.len() as u64
-            - u64::from(batch.count) * crate::protocol::message::RECORD_HEADER_LEN as u64;
-        session
-            .send(&Message::Blocks {
-                handle,
-                seq,
-                count: batch.count,
-                records: batch.records.into(),
-            })
-            .await?;
+        report.payload_bytes += batch.payload_bytes();
+        session.send_batch(handle, &mut seq, batch).await?;
     }
-
     progress.set_phase(Phase::Flushing);
-    session.send(&Message::Flush { handle, seq }).await?;
-    match session.expect("Ack").await? {
-        Message::Ack { handle: h, seq: s } if h == handle && s == seq => {}
-        other => return Err(unexpected(&other, "Ack")),
-    }
+    session.flush(handle, seq).await?;
     report.durable_seq = seq;
     tracing::info!(disk = %disk.id, sent = report.blocks_sent, seq, "disk durable on the master target");
     Ok(report)
-}
-
-fn check_state(state: &DiskState, geometry: Geometry) -> Result<()> {
-    if state.size != geometry.size || state.block_size != geometry.block_size.get() {
-        return Err(Error::Protocol(format!(
-            "master target describes the disk as {} bytes in blocks of {}, we have {} in {}",
-            state.size,
-            state.block_size,
-            geometry.size,
-            geometry.block_size.get()
-        )));
-    }
-    Ok(())
 }
 
 async fn hash_disk(
