@@ -7,5 +7,6 @@
 
 mod failback;
 mod hostile;
+mod qemu;
 mod recovery;
 mod util;

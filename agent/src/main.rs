@@ -10,7 +10,8 @@ use anyhow::{bail, Context};
 use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
 use engine::agent::{
-    replicate, sync, DiskSpec, PointRequest, Progress, ReplicateOptions, SyncOptions, SyncReport,
+    replicate, sync, ChangeSource, DiskSpec, PointRequest, Progress, QemuSource, ReplicateOptions,
+    SyncOptions, SyncReport,
 };
 use engine::geometry::{BlockSize, SafeName};
 use engine::retention::points::PointKind;
@@ -96,9 +97,23 @@ struct ReplicateArgs {
     /// Time from the start of one cycle to the start of the next (e.g. 30s, 5m).
     #[arg(long, default_value = "30s")]
     interval: humantime::Duration,
-    /// Change source: `scan` hashes the disks each cycle and compares them with the replica.
-    #[arg(long, default_value = "scan", value_parser = ["scan"])]
+    /// Change source: `scan` hashes the disks each cycle and compares them with the replica;
+    /// `qemu` reads only the blocks a QEMU persistent dirty bitmap marks, through a
+    /// point-in-time fleecing snapshot (needs --qmp and --nbd; each --disk names a QEMU
+    /// block node, e.g. --disk drive0=vda).
+    #[arg(long, default_value = "scan", value_parser = ["scan", "qemu"])]
     source: String,
+    /// QMP socket of the VM or qemu-storage-daemon (with --source qemu).
+    #[arg(long, required_if_eq("source", "qemu"))]
+    qmp: Option<PathBuf>,
+    /// Unix socket of QEMU's NBD server (with --source qemu).
+    #[arg(long, required_if_eq("source", "qemu"))]
+    nbd: Option<PathBuf>,
+    /// Folder for the fleecing scratch images (with --source qemu) [default: the system's
+    /// temporary folder]. They hold the old content of blocks the guest overwrites while a
+    /// cycle reads, and are deleted after each cycle.
+    #[arg(long)]
+    scratch_dir: Option<PathBuf>,
     /// Make an app-consistent point this often (needs --pre-hook).
     #[arg(long, requires = "pre_hook")]
     app_consistent_every: Option<humantime::Duration>,
@@ -221,6 +236,15 @@ async fn run_replicate(args: ReplicateArgs) -> anyhow::Result<()> {
         pre_hook: args.pre_hook.clone(),
         post_hook: args.post_hook.clone(),
         cycles: args.cycles,
+        source: match (args.source.as_str(), &args.qmp, &args.nbd) {
+            ("qemu", Some(qmp), Some(nbd)) => ChangeSource::Qemu(QemuSource {
+                qmp: qmp.clone(),
+                nbd: nbd.clone(),
+                scratch_dir: args.scratch_dir.clone().unwrap_or_else(std::env::temp_dir),
+            }),
+            ("qemu", _, _) => bail!("--source qemu needs --qmp and --nbd"),
+            _ => ChangeSource::Scan,
+        },
     };
     tracing::info!(source = %args.source, interval = %args.interval, "replicating");
     let tls = args.connection.tls()?;

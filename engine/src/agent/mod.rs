@@ -2,11 +2,13 @@
 
 pub mod compare;
 pub mod progress;
+pub mod qemu;
 pub mod replicate;
 pub mod send;
 pub mod session;
 pub mod sync;
 
 pub use progress::{Phase, Progress};
-pub use replicate::{replicate, ReplicateOptions};
+pub use qemu::QemuSource;
+pub use replicate::{replicate, ChangeSource, ReplicateOptions};
 pub use sync::{sync, DiskReport, DiskSpec, PointRequest, SyncOptions, SyncReport};

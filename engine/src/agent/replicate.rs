@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::process::Command;
 
+use super::qemu::{qemu_cycle, QemuSource};
 use super::sync::{sync, PointRequest, SyncOptions, SyncReport};
 use super::Progress;
 use crate::error::{Error, Result};
@@ -34,6 +35,17 @@ pub struct ReplicateOptions {
     pub post_hook: Option<String>,
     /// Stop after this many cycles (default: until shutdown).
     pub cycles: Option<u64>,
+    /// Where the changed blocks come from.
+    pub source: ChangeSource,
+}
+
+/// How a cycle finds the blocks that changed.
+#[derive(Debug, Clone)]
+pub enum ChangeSource {
+    /// Hash every block and compare with the replica's hash tree.
+    Scan,
+    /// QEMU persistent dirty bitmaps, read through a fleecing snapshot.
+    Qemu(QemuSource),
 }
 
 /// Runs cycles until `shutdown` completes or the cycle count is reached; `on_cycle` sees
@@ -102,7 +114,10 @@ async fn run_cycle(
         },
         label: format!("cycle {cycle}"),
     };
-    let outcome = sync(tls.clone(), &sync_options, Arc::new(Progress::default())).await;
+    let outcome = match &options.source {
+        ChangeSource::Scan => sync(tls.clone(), &sync_options, Arc::new(Progress::default())).await,
+        ChangeSource::Qemu(qemu) => qemu_cycle(tls.clone(), &sync_options, qemu).await,
+    };
     if frozen {
         if let Some(post) = &options.post_hook {
             if let Err(e) = run_hook("post-hook", post).await {

@@ -106,6 +106,8 @@ pub struct DiskReport {
     pub hashes_fetched: u64,
     /// Sequence number the master target acknowledged as durable.
     pub durable_seq: u64,
+    /// How the blocks to send were found: `scan`, `qemu-bitmap` or `qemu-full-compare`.
+    pub change_source: &'static str,
 }
 
 /// Replicates every disk of `options` through the process server and waits until the
@@ -162,6 +164,7 @@ async fn sync_disk(
         fresh: state.fresh,
         hashes_fetched: 0,
         durable_seq: state.durable_seq,
+        change_source: "scan",
     };
     let selection = if state.fresh {
         // A new replica is all zeros: send every non-zero block, hashing as we go.

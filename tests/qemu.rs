@@ -1,0 +1,345 @@
+//! The `qemu` change source against a real qemu-storage-daemon with persistent dirty
+//! bitmaps, the guest side writing through NBD with qemu-io.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::util::{bin, qemu_img_same, Cluster};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 64 << 10;
+
+/// A qemu-storage-daemon standing in for the VM.
+struct Daemon {
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn create(dir: &Path, size: u64) -> Daemon {
+        let image = dir.join("guest.qcow2");
+        let ok = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&image)
+            .arg(size.to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let mut daemon = Daemon {
+            dir: dir.to_owned(),
+            child: None,
+        };
+        daemon.start();
+        daemon
+    }
+
+    fn sock(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn start(&mut self) {
+        let _ = std::fs::remove_file(self.sock("nbd.sock"));
+        let _ = std::fs::remove_file(self.sock("qmp.sock"));
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=file0,filename={}",
+                self.dir.join("guest.qcow2").display()
+            ))
+            .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
+            .arg("--nbd-server")
+            .arg(format!(
+                "addr.type=unix,addr.path={}",
+                self.sock("nbd.sock").display()
+            ))
+            .args([
+                "--export",
+                "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
+            ])
+            .arg("--chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=qmp0",
+                self.sock("qmp.sock").display()
+            ))
+            .args(["--monitor", "chardev=qmp0"])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon (apt install qemu-utils)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if self.sock("qmp.sock").exists() && self.sock("nbd.sock").exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("qemu-storage-daemon did not start");
+    }
+
+    fn stop(&mut self, signal: &str) {
+        if let Some(mut child) = self.child.take() {
+            Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    fn uri(&self) -> String {
+        format!(
+            "nbd+unix:///guest?socket={}",
+            self.sock("nbd.sock").display()
+        )
+    }
+
+    /// The guest writes: each (offset, length, pattern) through the writable export.
+    fn write(&self, writes: &[(u64, u64, u8)]) {
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "raw", &self.uri()]);
+        for (offset, len, pattern) in writes {
+            cmd.arg("-c")
+                .arg(format!("write -P {pattern} {offset} {len}"));
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The guest disk as it is now, as a raw file.
+    fn snapshot(&self, to: &Path) {
+        let out = Command::new("qemu-img")
+            .args(["convert", "-U", "-f", "raw", "-O", "raw", &self.uri()])
+            .arg(to)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop("-KILL");
+    }
+}
+
+/// One `replicate --source qemu` cycle; returns the cycle's JSON and the agent's log.
+fn cycle(cluster: &Cluster, daemon: &Daemon) -> (Value, String) {
+    let out = Command::new(bin("deltaback-agent"))
+        .args(["replicate", "--json", "--cycles", "1", "--source", "qemu"])
+        .args([
+            "--server",
+            &cluster.relay.addr,
+            "--machine",
+            "vm",
+            "--disk",
+            "disk0=vda",
+        ])
+        .arg("--pki")
+        .arg(&cluster.pki)
+        .arg("--qmp")
+        .arg(daemon.sock("qmp.sock"))
+        .arg("--nbd")
+        .arg(daemon.sock("nbd.sock"))
+        .arg("--scratch-dir")
+        .arg(&daemon.dir)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{log}");
+    let line = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(str::to_owned);
+    (
+        serde_json::from_str(&line.unwrap_or_else(|| panic!("no cycle output: {log}"))).unwrap(),
+        log,
+    )
+}
+
+fn recover(cluster: &Cluster, point: u64) -> PathBuf {
+    let out_dir = cluster.path(&format!("point-{point}"));
+    let out = Command::new(bin("deltaback"))
+        .args(["recover", "--machine", "vm", "--point", &point.to_string()])
+        .arg("--datastore")
+        .arg(&cluster.datastore)
+        .arg("--output")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out_dir.join("vda.vmdk")
+}
+
+fn disk(report: &Value) -> &Value {
+    &report["disks"][0]
+}
+
+#[test]
+fn dirty_bitmaps_send_only_what_the_guest_wrote_and_every_point_recovers() {
+    let cluster = Cluster::start();
+    let daemon = Daemon::create(&cluster.path(""), 16 * MIB);
+    daemon.write(&[(MIB, BLOCK, 0x11), (5 * MIB, 2 * BLOCK, 0x22)]);
+
+    // No bitmap yet: the first cycle reads everything once.
+    let (first, log) = cycle(&cluster, &daemon);
+    assert_eq!(disk(&first)["change_source"], "qemu-full-compare");
+    assert!(log.contains("no usable dirty bitmap"), "{log}");
+    assert_eq!(disk(&first)["blocks_sent"], 3);
+    daemon.snapshot(&cluster.path("at-1"));
+
+    // Scattered writes, one of them two writes in one block, one across a block boundary.
+    daemon.write(&[
+        (2 * MIB, 4096, 0x33),
+        (2 * MIB + 8192, 4096, 0x34),
+        (9 * MIB - 512, 1024, 0x35),
+        (15 * MIB, BLOCK, 0x36),
+    ]);
+    let (second, _) = cycle(&cluster, &daemon);
+    assert_eq!(disk(&second)["change_source"], "qemu-bitmap");
+    assert_eq!(disk(&second)["blocks_sent"], 4, "{second}");
+    daemon.snapshot(&cluster.path("at-2"));
+
+    let (third, _) = cycle(&cluster, &daemon);
+    assert_eq!(
+        disk(&third)["blocks_sent"],
+        0,
+        "nothing written, nothing sent"
+    );
+
+    for (point, copy) in [(1, "at-1"), (2, "at-2"), (3, "at-2")] {
+        assert!(
+            qemu_img_same(&cluster.path(copy), &recover(&cluster, point)),
+            "point {point}"
+        );
+    }
+}
+
+#[test]
+fn a_cycle_reads_one_instant_while_the_guest_keeps_writing() {
+    let cluster = Cluster::start();
+    let daemon = Daemon::create(&cluster.path(""), 16 * MIB);
+    cycle(&cluster, &daemon);
+    // The guest writes blocks 100..160 at once, then overwrites them again twice, one write
+    // every 5 ms, while a cycle runs. Pattern of write j: j + 1.
+    let (first, blocks, count) = (100u64, 60u64, 180u64);
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", &daemon.uri()]);
+    for j in 0..count {
+        cmd.arg("-c").arg(format!(
+            "write -P {} {} {}",
+            j + 1,
+            (first + j % blocks) * BLOCK,
+            BLOCK
+        ));
+        if j >= blocks {
+            cmd.arg("-c").arg("sleep 5");
+        }
+    }
+    let mut writer = cmd.stdout(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(250));
+    let (during, _) = cycle(&cluster, &daemon);
+    assert!(writer.wait().unwrap().success());
+    let (after, _) = cycle(&cluster, &daemon);
+
+    // The point taken during the writes equals the guest after exactly m writes, for one m:
+    // one instant, even though blocks were overwritten while the cycle read them.
+    let vmdk = recover(&cluster, during["point"]["seq"].as_u64().unwrap());
+    let raw = cluster.path("during.raw");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "vmdk", "-O", "raw"])
+        .arg(&vmdk)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let data = std::fs::read(&raw).unwrap();
+    let seen: Vec<u8> = (0..blocks)
+        .map(|b| data[((first + b) * BLOCK) as usize])
+        .collect();
+    let after_writes = |m: u64| -> Vec<u8> {
+        (0..blocks)
+            .map(|b| {
+                (0..m)
+                    .filter(|j| j % blocks == b)
+                    .next_back()
+                    .map_or(0, |j| (j + 1) as u8)
+            })
+            .collect()
+    };
+    let instant = (0..=count).find(|&m| after_writes(m) == seen);
+    eprintln!(
+        "the point taken during the writes shows the guest after {instant:?} of {count} writes"
+    );
+    let m = instant.unwrap_or_else(|| panic!("not one instant: {seen:?}"));
+    assert!(
+        m > blocks && m < count,
+        "the cycle did not overlap the overwrites (m = {m})"
+    );
+    // Nothing was lost: the next cycle brought the rest, and the replica equals the guest.
+    assert_eq!(
+        disk(&during)["blocks_sent"].as_u64().unwrap(),
+        m.min(blocks)
+    );
+    assert!(disk(&after)["blocks_sent"].as_u64().unwrap() >= (count - m).min(blocks));
+    daemon.snapshot(&cluster.path("guest.raw"));
+    assert!(qemu_img_same(
+        &cluster.path("guest.raw"),
+        &cluster.vmdk("vm", "vda")
+    ));
+}
+
+#[test]
+fn bitmaps_survive_a_clean_restart_and_a_crash_falls_back_to_a_full_compare() {
+    let cluster = Cluster::start();
+    let mut daemon = Daemon::create(&cluster.path(""), 8 * MIB);
+    daemon.write(&[(0, BLOCK, 0x41)]);
+    cycle(&cluster, &daemon);
+
+    // Clean stop: the persistent bitmap is written to the image and still tracks.
+    daemon.write(&[(3 * MIB, BLOCK, 0x42)]);
+    daemon.stop("-TERM");
+    daemon.start();
+    daemon.write(&[(4 * MIB, BLOCK, 0x43)]);
+    let (after_restart, _) = cycle(&cluster, &daemon);
+    assert_eq!(disk(&after_restart)["change_source"], "qemu-bitmap");
+    assert_eq!(disk(&after_restart)["blocks_sent"], 2);
+
+    // A crash leaves the bitmap inconsistent: the agent says so and compares everything.
+    daemon.stop("-TERM");
+    daemon.start();
+    daemon.write(&[(6 * MIB, BLOCK, 0x44)]);
+    daemon.stop("-KILL");
+    daemon.start();
+    daemon.write(&[(7 * MIB, BLOCK, 0x45)]);
+    let (after_crash, log) = cycle(&cluster, &daemon);
+    assert!(
+        log.contains("inconsistent") && log.contains("full hash compare"),
+        "{log}"
+    );
+    assert_eq!(disk(&after_crash)["change_source"], "qemu-full-compare");
+    assert_eq!(disk(&after_crash)["blocks_sent"], 2);
+    daemon.snapshot(&cluster.path("guest.raw"));
+    assert!(qemu_img_same(
+        &cluster.path("guest.raw"),
+        &cluster.vmdk("vm", "vda")
+    ));
+    // And the cycle after it is incremental again.
+    daemon.write(&[(BLOCK, BLOCK, 0x46)]);
+    let (next, _) = cycle(&cluster, &daemon);
+    assert_eq!(disk(&next)["change_source"], "qemu-bitmap");
+    assert_eq!(disk(&next)["blocks_sent"], 1);
+}
