@@ -274,8 +274,7 @@ fn a_cycle_reads_one_instant_while_the_guest_keeps_writing() {
         (0..blocks)
             .map(|b| {
                 (0..m)
-                    .filter(|j| j % blocks == b)
-                    .next_back()
+                    .rfind(|j| j % blocks == b)
                     .map_or(0, |j| (j + 1) as u8)
             })
             .collect()
