@@ -82,6 +82,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
             &relay_identity,
             RelayConfig {
                 master_target: target_addr.to_string(),
+                groups: Vec::new(),
             },
             async {
                 let _ = relay_stopped.await;

@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
 
+use anyhow::Context;
 use engine::geometry::SafeName;
+use engine::retention::groups::group_points;
 use engine::retention::points::RecoveryPoint;
 use engine::retention::recover::{point_log, recover, PointSelector};
 
@@ -17,8 +19,11 @@ pub struct Where {
     #[arg(long)]
     retention: Option<PathBuf>,
     /// The machine.
-    #[arg(long)]
-    machine: String,
+    #[arg(long, required_unless_present = "group")]
+    machine: Option<String>,
+    /// A consistency group (with `points`: list the group's points).
+    #[arg(long, conflicts_with = "machine")]
+    group: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -32,7 +37,11 @@ impl Where {
     }
 
     fn machine(&self) -> anyhow::Result<SafeName> {
-        Ok(SafeName::new("machine name", &self.machine)?)
+        let name = self
+            .machine
+            .as_deref()
+            .context("name the machine with --machine")?;
+        Ok(SafeName::new("machine name", name)?)
     }
 }
 
@@ -54,7 +63,11 @@ fn time_text(ms: u64) -> String {
 }
 
 pub fn list(args: Where) -> anyhow::Result<()> {
-    let log = point_log(&args.retention(), &args.machine()?)?;
+    if let Some(group) = &args.group {
+        return list_group(&args, &SafeName::new("group name", group)?);
+    }
+    let machine = args.machine()?;
+    let log = point_log(&args.retention(), &machine)?;
     let mut points: Vec<&RecoveryPoint> = log.points().iter().collect();
     points.reverse();
     if args.json {
@@ -62,7 +75,7 @@ pub fn list(args: Where) -> anyhow::Result<()> {
         return Ok(());
     }
     if points.is_empty() {
-        println!("machine {} has no recovery points", args.machine);
+        println!("machine {machine} has no recovery points");
         return Ok(());
     }
     println!(
@@ -79,6 +92,34 @@ pub fn list(args: Where) -> anyhow::Result<()> {
             p.group.as_deref().unwrap_or("-"),
             p.label,
             disks.join(",")
+        );
+    }
+    Ok(())
+}
+
+fn list_group(args: &Where, group: &SafeName) -> anyhow::Result<()> {
+    let mut points = group_points(&args.retention(), group)?;
+    points.reverse();
+    if args.json {
+        println!("{}", serde_json::to_string(&points)?);
+        return Ok(());
+    }
+    if points.is_empty() {
+        println!("group {group} has no points yet: not every member has made one durable");
+        return Ok(());
+    }
+    println!(
+        "{:>6}  {:<20}  {:<16}  MEMBERS (machine:point)",
+        "SEQ", "TIME (UTC)", "KIND"
+    );
+    for p in points {
+        let members: Vec<String> = p.members.iter().map(|(m, s)| format!("{m}:{s}")).collect();
+        println!(
+            "{:>6}  {:<20}  {:<16}  {}",
+            p.seq,
+            time_text(p.time_ms),
+            p.kind.name(),
+            members.join(" ")
         );
     }
     Ok(())

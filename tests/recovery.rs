@@ -301,3 +301,52 @@ fn continuous_replication_points_follow_the_changing_source() {
         assert!(qemu_img_same(&copy, &dir.join("disk0.vmdk")), "point {seq}");
     }
 }
+
+#[test]
+fn a_group_point_exists_only_once_every_member_made_its_point_durable() {
+    let cluster = Cluster::start_full(&[], &["--group", "erp=app1,db1"]);
+    let images: Vec<String> = ["app1", "db1", "lone"]
+        .iter()
+        .map(|m| {
+            let path = cluster.path(&format!("{m}.img"));
+            write_mixed_image(&path, MIB, 5).unwrap();
+            format!("{}=disk0", path.display())
+        })
+        .collect();
+    let group_points = || -> Vec<Value> {
+        let text = deltaback(&cluster, &["points", "--json", "--group", "erp"]).unwrap();
+        serde_json::from_str::<Value>(&text)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+
+    let app = cluster.sync("app1", &[&images[0]]).unwrap();
+    assert!(app["point"]["group_seq"].is_null());
+    assert!(group_points().is_empty(), "only one member is durable");
+    assert_eq!(points(&cluster, "app1")[0]["group"], "erp");
+
+    let db = cluster.sync("db1", &[&images[1]]).unwrap();
+    assert_eq!(db["point"]["group_seq"], 1);
+    let listed = group_points();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        listed[0]["members"],
+        serde_json::json!([["app1", 1], ["db1", 1]])
+    );
+
+    // One member moves on: still one group point until the other follows.
+    cluster.sync("app1", &[&images[0]]).unwrap();
+    assert_eq!(group_points().len(), 1);
+    let db = cluster.sync("db1", &[&images[1]]).unwrap();
+    assert_eq!(db["point"]["group_seq"], 2);
+    assert_eq!(
+        group_points()[0]["members"],
+        serde_json::json!([["app1", 2], ["db1", 2]])
+    );
+
+    // A machine outside the group makes plain points.
+    cluster.sync("lone", &[&images[2]]).unwrap();
+    assert!(points(&cluster, "lone")[0]["group"].is_null());
+}

@@ -110,6 +110,11 @@ impl Cluster {
 
     /// Starts a cluster whose master target gets `target_args` in addition.
     pub fn start_with(target_args: &[&str]) -> Cluster {
+        Cluster::start_full(target_args, &[])
+    }
+
+    /// Starts a cluster with extra arguments for the master target and the process server.
+    pub fn start_full(target_args: &[&str], relay_args: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let pki = dir.path().join("pki");
         make_pki(&pki);
@@ -128,16 +133,18 @@ impl Cluster {
             &args,
             dir.path().join("master-target.log"),
         );
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--master-target",
+            &target.addr,
+            "--pki",
+            pki.to_str().unwrap(),
+        ];
+        args.extend_from_slice(relay_args);
         let relay = Service::start(
             "deltaback-process-server",
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--master-target",
-                &target.addr,
-                "--pki",
-                pki.to_str().unwrap(),
-            ],
+            &args,
             dir.path().join("process-server.log"),
         );
         Cluster {

@@ -14,16 +14,56 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::error::{Error, Result};
-use crate::protocol::Message;
+use crate::geometry::SafeName;
+use crate::protocol::{Frame, Message};
 use crate::tls::{Identity, Role};
 use crate::transport::{self, Conn, ConnReader, ConnWriter};
 
 /// Where the relay forwards to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RelayConfig {
     /// The master target's address, `HOST:PORT`.
     pub master_target: String,
+    /// Consistency groups: group name -> member machines.
+    pub groups: Vec<(SafeName, Vec<SafeName>)>,
 }
+
+impl RelayConfig {
+    /// The group `machine` belongs to, if any.
+    fn group_of(&self, machine: &str) -> Option<&(SafeName, Vec<SafeName>)> {
+        self.groups
+            .iter()
+            .find(|(_, members)| members.iter().any(|m| m.as_str() == machine))
+    }
+
+    /// Stamps a member machine's `Checkpoint` with its group, so the master target makes a
+    /// group point once every member's point is durable. Other frames pass untouched.
+    fn stamp(&self, machine: &str, frame: Frame) -> Result<Frame> {
+        if frame.kind != CHECKPOINT_KIND {
+            return Ok(frame);
+        }
+        let Message::Checkpoint { kind, label, .. } = Message::from_frame(frame)? else {
+            return Err(Error::Protocol("malformed Checkpoint".into()));
+        };
+        let (group, members) = match self.group_of(machine) {
+            Some((group, members)) => (
+                group.to_string(),
+                members.iter().map(ToString::to_string).collect(),
+            ),
+            None => (String::new(), Vec::new()),
+        };
+        Ok(Message::Checkpoint {
+            kind,
+            label,
+            group,
+            members,
+        }
+        .to_frame())
+    }
+}
+
+/// Frame kind of `Checkpoint`.
+const CHECKPOINT_KIND: u8 = 12;
 
 /// Serves agents on `listener` until `shutdown` completes.
 pub async fn serve(
@@ -82,7 +122,15 @@ async fn relay(
     tracing::info!(%machine, "relaying");
     let (agent_rx, mut agent_tx) = agent.split();
     let (upstream_rx, mut upstream_tx) = upstream.split();
-    let outcome = pump_both(agent_rx, &mut agent_tx, upstream_rx, &mut upstream_tx).await;
+    let stamp = |frame| config.stamp(&machine, frame);
+    let outcome = pump_both(
+        agent_rx,
+        &mut agent_tx,
+        upstream_rx,
+        &mut upstream_tx,
+        stamp,
+    )
+    .await;
     match outcome {
         Ok(()) => Ok(machine),
         Err(Failure::Agent(err)) => {
@@ -136,9 +184,11 @@ async fn pump_both(
     agent_tx: &mut ConnWriter,
     mut upstream_rx: ConnReader,
     upstream_tx: &mut ConnWriter,
+    stamp: impl Fn(Frame) -> Result<Frame>,
 ) -> Result<(), Failure> {
     let up = async {
         while let Some(frame) = agent_rx.recv_frame().await.map_err(Failure::Agent)? {
+            let frame = stamp(frame).map_err(Failure::Agent)?;
             upstream_tx
                 .send_frame(frame)
                 .await

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
+use engine::geometry::SafeName;
 use engine::relay::{serve, RelayConfig};
 use engine::tls::{Identity, Role};
 
@@ -23,6 +25,24 @@ struct Args {
     /// PKI folder from `deltaback pki init` (uses ca.pem, process-server.pem, process-server-key.pem).
     #[arg(long)]
     pki: PathBuf,
+    /// A consistency group: NAME=MACHINE,MACHINE,... A group point is recorded only once
+    /// every member has made its point durable. Repeat for more groups.
+    #[arg(long = "group", value_name = "NAME=MACHINES")]
+    groups: Vec<String>,
+}
+
+fn parse_group(spec: &str) -> anyhow::Result<(SafeName, Vec<SafeName>)> {
+    let (name, members) = spec
+        .split_once('=')
+        .with_context(|| format!("--group {spec}: write NAME=MACHINE,MACHINE"))?;
+    let members = members
+        .split(',')
+        .map(|m| SafeName::new("group member", m.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    if members.len() < 2 {
+        anyhow::bail!("--group {spec}: a consistency group needs at least two machines");
+    }
+    Ok((SafeName::new("group name", name)?, members))
 }
 
 #[tokio::main]
@@ -40,8 +60,20 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     let identity = Identity::load(&args.pki, Role::ProcessServer)?;
     let listener = engine::service::bind(&args.listen, "process server").await?;
+    let groups = args
+        .groups
+        .iter()
+        .map(|g| parse_group(g))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut seen = std::collections::HashSet::new();
+    for member in groups.iter().flat_map(|(_, m)| m) {
+        if !seen.insert(member.as_str()) {
+            anyhow::bail!("machine {member} is in more than one consistency group");
+        }
+    }
     let config = RelayConfig {
         master_target: args.master_target,
+        groups,
     };
     serve(
         listener,

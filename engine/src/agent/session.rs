@@ -178,10 +178,16 @@ impl Session {
         self.send(&Message::Checkpoint {
             kind: point.kind as u8,
             label: point.label.clone(),
+            group: String::new(),
+            members: Vec::new(),
         })
         .await?;
         match self.recv().await? {
-            Message::PointCreated { seq, time_ms } => {
+            Message::PointCreated {
+                seq,
+                time_ms,
+                group_seq,
+            } => {
                 tracing::info!(
                     point = seq,
                     kind = point.kind.name(),
@@ -191,6 +197,7 @@ impl Session {
                     seq,
                     time_ms,
                     kind: point.kind,
+                    group_seq: (group_seq != 0).then_some(group_seq),
                 })
             }
             other => Err(unexpected(&other, "PointCreated")),

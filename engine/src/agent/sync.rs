@@ -73,6 +73,8 @@ pub struct PointReport {
     pub seq: u64,
     pub time_ms: u64,
     pub kind: PointKind,
+    /// The consistency-group point this point completed, if it completed one.
+    pub group_seq: Option<u64>,
 }
 
 /// What a sync did, as printed by `--json`.

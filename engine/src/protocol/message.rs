@@ -18,8 +18,9 @@
 //!    9  Ack          handle u32, seq u64
 //!   10  Error        code u16, message str
 //!   11  Bye          (empty)
-//!   12  Checkpoint   kind u8 (1 crash-consistent, 2 app-consistent), label str
-//!   13  PointCreated seq u64, time_ms u64
+//!   12  Checkpoint   kind u8 (1 crash-consistent, 2 app-consistent), label str,
+//!                    group str (empty: none), members u16, members x machine str
+//!   13  PointCreated seq u64, time_ms u64, group_seq u64 (0: no group point completed)
 //! ```
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -115,14 +116,20 @@ pub enum Message {
     },
     Bye,
     /// Every disk opened in this session is flushed: record a recovery point covering them.
+    /// `group` and `members` are set by the process server for machines in a consistency
+    /// group; agents send them empty.
     Checkpoint {
         kind: u8,
         label: String,
+        group: String,
+        members: Vec<String>,
     },
     /// The recovery point is durable.
     PointCreated {
         seq: u64,
         time_ms: u64,
+        /// The consistency-group point this point completed, or 0.
+        group_seq: u64,
     },
 }
 
@@ -311,13 +318,28 @@ impl Message {
                 put_str(&mut b, message);
             }
             Message::Bye => {}
-            Message::Checkpoint { kind, label } => {
+            Message::Checkpoint {
+                kind,
+                label,
+                group,
+                members,
+            } => {
                 b.put_u8(*kind);
                 put_str(&mut b, label);
+                put_str(&mut b, group);
+                b.put_u16(u16::try_from(members.len()).unwrap_or(u16::MAX));
+                for m in members.iter().take(usize::from(u16::MAX)) {
+                    put_str(&mut b, m);
+                }
             }
-            Message::PointCreated { seq, time_ms } => {
+            Message::PointCreated {
+                seq,
+                time_ms,
+                group_seq,
+            } => {
                 b.put_u64(*seq);
                 b.put_u64(*time_ms);
+                b.put_u64(*group_seq);
             }
         }
         Frame {
@@ -412,13 +434,27 @@ impl Message {
                 message: r.string("error message")?,
             },
             11 => Message::Bye,
-            12 => Message::Checkpoint {
-                kind: r.u8("point kind")?,
-                label: r.string("point label")?,
-            },
+            12 => {
+                let kind = r.u8("point kind")?;
+                let label = r.string("point label")?;
+                let group = r.string("group")?;
+                let n = r.u16("group members")?;
+                let mut members = Vec::new();
+                for _ in 0..n {
+                    // Each member costs at least its two length bytes, so this is bounded.
+                    members.push(r.string("group member")?);
+                }
+                Message::Checkpoint {
+                    kind,
+                    label,
+                    group,
+                    members,
+                }
+            }
             13 => Message::PointCreated {
                 seq: r.u64("point sequence")?,
                 time_ms: r.u64("point time")?,
+                group_seq: r.u64("group point sequence")?,
             },
             other => return Err(Error::Protocol(format!("unknown message kind {other}"))),
         };
@@ -557,9 +593,25 @@ mod tests {
                 message
             }),
             Just(Message::Bye),
-            (any::<u8>(), ".{0,30}").prop_map(|(kind, label)| Message::Checkpoint { kind, label }),
-            (any::<u64>(), any::<u64>())
-                .prop_map(|(seq, time_ms)| Message::PointCreated { seq, time_ms }),
+            (
+                any::<u8>(),
+                ".{0,30}",
+                "[a-z]{0,8}",
+                proptest::collection::vec("[a-z0-9]{1,8}", 0..4)
+            )
+                .prop_map(|(kind, label, group, members)| Message::Checkpoint {
+                    kind,
+                    label,
+                    group,
+                    members
+                }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(seq, time_ms, group_seq)| {
+                Message::PointCreated {
+                    seq,
+                    time_ms,
+                    group_seq,
+                }
+            }),
         ]
     }
 

@@ -11,6 +11,7 @@
 //! back (recover.rs). A journal record is made durable before the block it saves is
 //! overwritten, so the journals always cover everything written since Q.
 
+pub mod groups;
 pub mod journal;
 pub mod points;
 pub mod recover;

@@ -24,7 +24,7 @@ use crate::geometry::{BlockHash, BlockSize, Geometry, SafeName};
 use crate::protocol::message::records;
 use crate::protocol::{DiskState, Message, PROTOCOL_VERSION};
 use crate::retention::{
-    self,
+    self, groups,
     points::{PointDisk, PointKind, PointLog, RecoveryPoint},
 };
 use crate::tls::{Identity, Role};
@@ -70,6 +70,7 @@ pub async fn serve(
     let acceptor = TlsAcceptor::from(identity.server_config()?);
     let config = Arc::new(config);
     let locks = DiskLocks::default();
+    let group_commits = Arc::new(Mutex::new(()));
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -85,6 +86,7 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let config = config.clone();
         let locks = locks.clone();
+        let group_commits = group_commits.clone();
         tokio::spawn(async move {
             let conn = match transport::accept(tcp, &acceptor, Role::ProcessServer).await {
                 Ok(conn) => conn,
@@ -93,7 +95,7 @@ pub async fn serve(
                     return;
                 }
             };
-            match session(conn, config, locks).await {
+            match session(conn, config, locks, group_commits).await {
                 Ok(machine) => tracing::info!(%peer, %machine, "session ended"),
                 Err(e) => tracing::warn!(%peer, error = %e.chain(), "session failed"),
             }
@@ -102,7 +104,12 @@ pub async fn serve(
 }
 
 /// One agent's conversation; returns the machine name.
-async fn session(mut conn: Conn, config: Arc<TargetConfig>, locks: DiskLocks) -> Result<String> {
+async fn session(
+    mut conn: Conn,
+    config: Arc<TargetConfig>,
+    locks: DiskLocks,
+    group_commits: Arc<Mutex<()>>,
+) -> Result<String> {
     let machine = match handshake(&mut conn).await {
         Ok(machine) => machine,
         Err(err) => {
@@ -128,6 +135,7 @@ async fn session(mut conn: Conn, config: Arc<TargetConfig>, locks: DiskLocks) ->
         machine: machine.clone(),
         replicas: HashMap::new(),
         points,
+        group_commits,
         held: Vec::new(),
     };
     std::thread::Builder::new()
@@ -269,14 +277,37 @@ async fn handle(msg: Message, commands: &mpsc::Sender<Command>) -> Result<Option
             answer.await.map_err(|_| gone())??;
             Ok(Some(Message::Ack { handle, seq }))
         }
-        Message::Checkpoint { kind, label } => {
+        Message::Checkpoint {
+            kind,
+            label,
+            group,
+            members,
+        } => {
+            let group = if group.is_empty() {
+                None
+            } else {
+                let members = members
+                    .iter()
+                    .map(|m| SafeName::new("group member", m))
+                    .collect::<Result<Vec<_>>>()?;
+                Some((SafeName::new("group name", &group)?, members))
+            };
             let (reply, answer) = oneshot::channel();
             commands
-                .send(Command::Checkpoint { kind, label, reply })
+                .send(Command::Checkpoint {
+                    kind,
+                    label,
+                    group,
+                    reply,
+                })
                 .await
                 .map_err(|_| gone())?;
-            let (seq, time_ms) = answer.await.map_err(|_| gone())??;
-            Ok(Some(Message::PointCreated { seq, time_ms }))
+            let (seq, time_ms, group_seq) = answer.await.map_err(|_| gone())??;
+            Ok(Some(Message::PointCreated {
+                seq,
+                time_ms,
+                group_seq,
+            }))
         }
         other => Err(Error::Protocol(format!(
             "unexpected {} message from the agent",
@@ -312,7 +343,10 @@ enum Command {
     Checkpoint {
         kind: u8,
         label: String,
-        reply: oneshot::Sender<Result<(u64, u64)>>,
+        /// The consistency group and its members, when the machine is in one.
+        group: Option<(SafeName, Vec<SafeName>)>,
+        /// (point, time, group point or 0)
+        reply: oneshot::Sender<Result<(u64, u64, u64)>>,
     },
 }
 
@@ -332,6 +366,8 @@ struct Writer {
     replicas: HashMap<u32, OpenDisk>,
     /// The machine's recovery points.
     points: PointLog,
+    /// Serialises consistency-group commits across sessions.
+    group_commits: Arc<Mutex<()>>,
     /// Lock keys this session holds, released when the writer ends.
     held: Vec<String>,
 }
@@ -380,8 +416,13 @@ impl Writer {
             Command::Flush { handle, seq, reply } => {
                 let _ = reply.send(self.flush(handle, seq));
             }
-            Command::Checkpoint { kind, label, reply } => {
-                let _ = reply.send(self.checkpoint(kind, label));
+            Command::Checkpoint {
+                kind,
+                label,
+                group,
+                reply,
+            } => {
+                let _ = reply.send(self.checkpoint(kind, label, group));
             }
             Command::Blocks { .. } => {}
         }
@@ -468,7 +509,20 @@ impl Writer {
 
     /// Records a recovery point over every disk of the session, all flushed, then prunes
     /// what fell out of the retention window and starts the next cycle's journals.
-    fn checkpoint(&mut self, kind: u8, label: String) -> Result<(u64, u64)> {
+    fn checkpoint(
+        &mut self,
+        kind: u8,
+        label: String,
+        group: Option<(SafeName, Vec<SafeName>)>,
+    ) -> Result<(u64, u64, u64)> {
+        if let Some((name, members)) = &group {
+            if !members.contains(&self.machine) {
+                return Err(Error::Protocol(format!(
+                    "machine {} is not a member of group {name}",
+                    self.machine
+                )));
+            }
+        }
         let kind = PointKind::from_u8(kind)
             .ok_or_else(|| Error::Protocol(format!("unknown recovery point kind {kind}")))?;
         if self.replicas.is_empty() {
@@ -499,7 +553,7 @@ impl Writer {
             time_ms,
             kind,
             label,
-            group: None,
+            group: group.as_ref().map(|(name, _)| name.to_string()),
             disks,
         })?;
         tracing::info!(machine = %self.machine, point = seq, kind = kind.name(), "recovery point durable");
@@ -517,7 +571,21 @@ impl Writer {
             );
             disk.replica.journal_into(path, next);
         }
-        Ok((seq, time_ms))
+        let group_seq = match &group {
+            Some((name, members)) => {
+                // One group commit at a time across all sessions.
+                let _serial = self
+                    .group_commits
+                    .lock()
+                    .map_err(|_| Error::Invalid("group lock poisoned".into()))?;
+                let made = groups::try_commit(&self.config.retention, name, members, time_ms)?;
+                PointLog::load(&groups::group_log_path(&self.config.retention, name))?
+                    .prune(time_ms.saturating_sub(window_ms))?;
+                made.unwrap_or(0)
+            }
+            None => 0,
+        };
+        Ok((seq, time_ms, group_seq))
     }
 
     /// Deletes the journals no kept point needs: those leading to `oldest` or earlier.
