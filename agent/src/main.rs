@@ -10,8 +10,8 @@ use anyhow::{bail, Context};
 use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
 use engine::agent::{
-    replicate, sync, ChangeSource, DiskSpec, PointRequest, Progress, QemuSource, ReplicateOptions,
-    SyncOptions, SyncReport,
+    replicate, sync_with_retry, ChangeSource, DiskSpec, PointRequest, Progress, QemuSource,
+    ReplicateOptions, SyncOptions, SyncReport,
 };
 use engine::geometry::{BlockSize, SafeName};
 use engine::retention::points::PointKind;
@@ -85,6 +85,11 @@ struct SyncArgs {
     /// Label of the recovery point.
     #[arg(long, default_value = "")]
     label: String,
+    /// Keep retrying after transient failures (cut connection, process server or master
+    /// target restarting, full disk on the far side) for this long, with back-off; each
+    /// retry resumes where the last attempt stopped. 0s fails at the first error.
+    #[arg(long, default_value = "10m")]
+    retry_for: humantime::Duration,
     /// Print one JSON object with the figures of the sync on stdout at the end.
     #[arg(long)]
     json: bool,
@@ -217,7 +222,7 @@ async fn run_sync(args: SyncArgs) -> anyhow::Result<()> {
     let tls = args.connection.tls()?;
     let progress = Arc::new(Progress::default());
     let bar = progress_bar::spawn(progress.clone());
-    let report = sync(tls, &options, progress).await;
+    let report = sync_with_retry(tls, &options, progress, args.retry_for.into()).await;
     bar.finish();
     let report = report?;
     if args.json {

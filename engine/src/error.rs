@@ -29,6 +29,8 @@ pub enum ErrorCode {
     Storage = 7,
     /// The protocol versions of the two sides do not overlap.
     Version = 8,
+    /// A service on the path is unreachable for now; try again later.
+    Unavailable = 9,
 }
 
 impl ErrorCode {
@@ -42,6 +44,7 @@ impl ErrorCode {
             6 => Self::Forbidden,
             7 => Self::Storage,
             8 => Self::Version,
+            9 => Self::Unavailable,
             _ => Self::Internal,
         }
     }
@@ -90,6 +93,9 @@ pub enum Error {
     /// The peer's certificate does not stand for a role this service accepts.
     #[error("{0}")]
     Forbidden(String),
+    /// A service on the path is unreachable for now.
+    #[error("{0}")]
+    Unavailable(String),
     /// QEMU refused a command or broke its QMP protocol.
     #[error("QEMU: {0}")]
     Qemu(String),
@@ -108,8 +114,13 @@ pub enum Error {
 /// Codecs need a conversion from bare I/O errors: those come from the network stream.
 impl From<std::io::Error> for Error {
     fn from(source: std::io::Error) -> Self {
-        if source.kind() == std::io::ErrorKind::UnexpectedEof {
-            return Error::Truncated("(cut without TLS close_notify)");
+        match source.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                return Error::Truncated("(cut without TLS close_notify)")
+            }
+            // rustls reports a refused peer or a TLS alert as InvalidData: not transient.
+            std::io::ErrorKind::InvalidData => return Error::Tls(source.to_string()),
+            _ => {}
         }
         Error::Net {
             op: "network I/O",
@@ -144,7 +155,21 @@ impl Error {
             Error::HashMismatch { .. } => ErrorCode::HashMismatch,
             Error::Remote { code, .. } => *code,
             Error::Forbidden(_) => ErrorCode::Forbidden,
+            Error::Unavailable(_) => ErrorCode::Unavailable,
             _ => ErrorCode::Internal,
+        }
+    }
+
+    /// True for failures that may go away by themselves (a cut connection, a service that
+    /// is restarting, a busy disk, a full disk being cleaned up): worth retrying.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Net { .. } | Error::Truncated(_) | Error::Unavailable(_) => true,
+            Error::Remote { code, .. } => matches!(
+                code,
+                ErrorCode::Busy | ErrorCode::Storage | ErrorCode::Unavailable | ErrorCode::Internal
+            ),
+            _ => false,
         }
     }
 

@@ -140,7 +140,8 @@ async fn relay(
             Err(err)
         }
         Err(Failure::Upstream(err)) => {
-            let err = Error::Invalid(format!("master target connection failed: {}", err.chain()));
+            let err =
+                Error::Unavailable(format!("master target connection failed: {}", err.chain()));
             let _ = agent_tx.send(&Message::error(&err)).await;
             let _ = agent_tx.close().await;
             Err(err)
@@ -163,7 +164,7 @@ async fn open_upstream(
     let mut upstream = transport::connect(&config.master_target, upstream_tls, Role::MasterTarget)
         .await
         .map_err(|e| {
-            Error::Invalid(format!(
+            Error::Unavailable(format!(
                 "master target at {} is unreachable: {}",
                 config.master_target,
                 e.chain()

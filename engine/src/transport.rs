@@ -202,8 +202,19 @@ pub async fn connect(addr: &str, config: Arc<rustls::ClientConfig>, role: Role) 
         connector.connect(server_name(role)?, counting),
     )
     .await
-    .map_err(|_| Error::Tls(format!("handshake with {addr} timed out")))?
-    .map_err(|e| Error::Tls(format!("handshake with {} at {addr}: {e}", role.name())))?;
+    .map_err(|_| Error::Unavailable(format!("TLS handshake with {addr} timed out")))?
+    .map_err(|e| {
+        // InvalidData is rustls refusing the peer (certificate, protocol): permanent.
+        // Anything else is the connection going away during the handshake: transient.
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            Error::Tls(format!("handshake with {} at {addr}: {e}", role.name()))
+        } else {
+            Error::Net {
+                op: "TLS handshake",
+                source: e,
+            }
+        }
+    })?;
     Ok(Conn::new(TlsStream::Client(stream), written, role.name()))
 }
 

@@ -11,4 +11,6 @@ pub mod sync;
 pub use progress::{Phase, Progress};
 pub use qemu::QemuSource;
 pub use replicate::{replicate, ChangeSource, ReplicateOptions};
-pub use sync::{sync, DiskReport, DiskSpec, PointRequest, SyncOptions, SyncReport};
+pub use sync::{
+    sync, sync_with_retry, DiskReport, DiskSpec, PointRequest, SyncOptions, SyncReport,
+};

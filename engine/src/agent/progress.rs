@@ -40,6 +40,14 @@ impl Progress {
         self.phase.store(phase as u8, Ordering::Relaxed);
     }
 
+    /// Starts over (a retried attempt counts afresh).
+    pub fn reset(&self) {
+        self.set_phase(Phase::Starting);
+        for counter in [&self.hashed, &self.hash_total, &self.sent, &self.send_total] {
+            counter.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// The current phase.
     pub fn phase(&self) -> Phase {
         match self.phase.load(Ordering::Relaxed) {

@@ -25,6 +25,8 @@ pub struct Session {
     tx: ConnWriter,
     rx: mpsc::Receiver<Result<Message>>,
     reader: tokio::task::JoinHandle<()>,
+    /// Highest sequence acknowledged so far, per disk handle.
+    acked: std::collections::HashMap<u32, u64>,
 }
 
 impl Drop for Session {
@@ -63,7 +65,12 @@ impl Session {
                 }
             }
         });
-        let mut session = Self { tx, rx, reader };
+        let mut session = Self {
+            tx,
+            rx,
+            reader,
+            acked: Default::default(),
+        };
         session
             .send(&Message::Hello {
                 min_version: PROTOCOL_VERSION,
@@ -133,20 +140,36 @@ impl Session {
         }
     }
 
-    /// The next batch from a send pipeline, watching for an error from the far side
-    /// meanwhile; `None` when the pipeline is done.
+    /// The next batch from a send pipeline; meanwhile takes in acknowledgements of earlier
+    /// flushes and watches for an error from the far side. `None` when the pipeline is done.
     pub async fn next_batch(
         &mut self,
         batches: &mut mpsc::Receiver<Result<Batch>>,
     ) -> Result<Option<Batch>> {
-        tokio::select! {
-            batch = batches.recv() => batch.transpose(),
-            msg = self.rx.recv() => Err(match msg {
-                Some(Err(err)) => err,
-                Some(Ok(other)) => unexpected(&other, "nothing while sending"),
-                None => Error::Truncated("while sending blocks"),
-            }),
+        loop {
+            tokio::select! {
+                batch = batches.recv() => return batch.transpose(),
+                msg = self.rx.recv() => match msg {
+                    Some(Ok(Message::Ack { handle, seq })) => self.note_ack(handle, seq),
+                    Some(Err(err)) => return Err(err),
+                    Some(Ok(other)) => return Err(unexpected(&other, "Ack or nothing while sending")),
+                    None => return Err(Error::Truncated("while sending blocks")),
+                },
+            }
         }
+    }
+
+    fn note_ack(&mut self, handle: u32, seq: u64) {
+        let acked = self.acked.entry(handle).or_default();
+        *acked = (*acked).max(seq);
+        tracing::debug!(handle, seq, "durable on the master target");
+    }
+
+    /// Asks for everything of `handle` up to `seq` to be made durable without waiting: the
+    /// acknowledgement is taken in while sending goes on. Long resyncs do this regularly,
+    /// so an interrupted one resumes from a recent durable state.
+    pub async fn flush_in_background(&mut self, handle: u32, seq: u64) -> Result<()> {
+        self.send(&Message::Flush { handle, seq }).await
     }
 
     /// Sends a batch as the next `Blocks` message of `handle` (empty batches are skipped).
@@ -167,9 +190,16 @@ impl Session {
     /// Asks the master target to make everything of `handle` up to `seq` durable, and waits.
     pub async fn flush(&mut self, handle: u32, seq: u64) -> Result<()> {
         self.send(&Message::Flush { handle, seq }).await?;
-        match self.recv().await? {
-            Message::Ack { handle: h, seq: s } if h == handle && s == seq => Ok(()),
-            other => Err(unexpected(&other, "Ack")),
+        loop {
+            match self.recv().await? {
+                Message::Ack { handle: h, seq: s } if h == handle && s == seq => {
+                    self.note_ack(h, s);
+                    return Ok(());
+                }
+                // An earlier background flush.
+                Message::Ack { handle: h, seq: s } if h == handle && s < seq => self.note_ack(h, s),
+                other => return Err(unexpected(&other, "Ack")),
+            }
         }
     }
 

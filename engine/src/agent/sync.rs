@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -22,6 +22,10 @@ use super::compare::differing_blocks;
 use super::send::{Selection, SendJob};
 use super::session::Session;
 use super::{Phase, Progress};
+
+/// Bytes sent between background flushes: an interrupted resync loses at most this much
+/// of its progress.
+pub const FLUSH_EVERY: u64 = 256 << 20;
 
 /// One disk to replicate.
 #[derive(Debug, Clone)]
@@ -111,6 +115,44 @@ pub struct DiskReport {
     /// How the blocks to send were found: `scan`, `qemu-bitmap` or `qemu-full-compare`.
     pub change_source: &'static str,
 }
+
+/// Like [`sync`], but retries transient failures (a cut connection, a restarting service,
+/// a busy or full disk on the far side) with exponential back-off, for up to `retry_for`
+/// after the first failure. Each attempt resumes from what the master target already holds:
+/// the hash compare skips every block that arrived before the cut.
+pub async fn sync_with_retry(
+    tls: Arc<rustls::ClientConfig>,
+    options: &SyncOptions,
+    progress: Arc<Progress>,
+    retry_for: Duration,
+) -> Result<SyncReport> {
+    let mut first_failure: Option<Instant> = None;
+    let mut delay = Duration::from_secs(1);
+    loop {
+        progress.reset();
+        match sync(tls.clone(), options, progress.clone()).await {
+            Ok(report) => return Ok(report),
+            Err(err) if err.is_transient() => {
+                let since = *first_failure.get_or_insert_with(Instant::now);
+                if since.elapsed() + delay > retry_for {
+                    return Err(err);
+                }
+                tracing::warn!(
+                    error = %err.chain(),
+                    retry_in = ?delay,
+                    gives_up_in = ?retry_for.saturating_sub(since.elapsed()),
+                    "waiting for the process server and master target to be reachable and ready"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_RETRY_DELAY);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Longest pause between two attempts.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// Replicates every disk of `options` through the process server and waits until the
 /// master target has made them durable and recorded the recovery point.
@@ -221,13 +263,19 @@ async fn sync_disk(
     let fresh = state.fresh;
     let mut batches = job.start();
     let mut seq = state.durable_seq;
+    let mut since_flush = 0u64;
     while let Some(batch) = session.next_batch(&mut batches).await? {
         if fresh {
             report.zero_blocks += batch.zero_blocks;
         }
         report.blocks_sent += u64::from(batch.count);
         report.payload_bytes += batch.payload_bytes();
+        since_flush += batch.records.len() as u64;
         session.send_batch(handle, &mut seq, batch).await?;
+        if since_flush >= FLUSH_EVERY {
+            session.flush_in_background(handle, seq).await?;
+            since_flush = 0;
+        }
     }
     progress.set_phase(Phase::Flushing);
     session.flush(handle, seq).await?;

@@ -1,0 +1,119 @@
+//! Helpers shared by the benchmarks: release build, services, timing, peak memory.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn json(m: &Measured) -> serde_json::Value {
+    serde_json::from_str(&m.stdout).expect("agent JSON")
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+pub fn build_release(root: &Path) {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--workspace", "--bins"])
+        .current_dir(root)
+        .status()
+        .expect("cargo build");
+    assert!(status.success(), "release build failed");
+}
+
+pub fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Flushes dirty pages so one run's writeback does not land in the next one's time.
+pub fn sync_caches() {
+    let _ = Command::new("sync").status();
+}
+
+pub struct Measured {
+    pub wall: Duration,
+    pub stdout: String,
+    pub peak_rss: u64,
+}
+
+/// Runs a command to completion, timing it and sampling its peak RSS from /proc.
+pub fn measure(mut cmd: Command) -> Measured {
+    sync_caches();
+    let start = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    let stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+    let mut peak = 0;
+    let status = loop {
+        peak = peak.max(vm_hwm(pid));
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let wall = start.elapsed();
+    assert!(status.success(), "{cmd:?} failed");
+    Measured {
+        wall,
+        stdout: reader.join().unwrap_or_default(),
+        peak_rss: peak,
+    }
+}
+
+/// Peak resident set size of a live process, in bytes (0 once it is gone).
+pub fn vm_hwm(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+pub struct Service {
+    child: Child,
+    pub addr: String,
+}
+
+impl Service {
+    pub fn start(bin: &Path, args: &[&str]) -> Service {
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start service");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("service address");
+        let addr = line.trim().trim_start_matches("listening on ").to_owned();
+        Service { child, addr }
+    }
+
+    pub fn peak_rss(&self) -> u64 {
+        vm_hwm(self.child.id())
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,292 @@
+//! Continuous replication benchmark: the `qemu` change source against the `scan` source on
+//! the same disk with 1% of its 64 KiB blocks changed per cycle, and the cost of recovering
+//! points at different depths.
+//!
+//! `cargo bench --bench cycles` (needs qemu-utils). `DELTABACK_BENCH_SIZE=512MiB` for a
+//! quicker run. Times are wall-clock on a shared machine: compare the ratios.
+
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytesize::ByteSize;
+use common::{build_release, json, measure, run_ok, s, Service};
+use rand::rngs::SmallRng;
+use rand::seq::index::sample;
+use rand::{RngCore, SeedableRng};
+
+const BLOCK: u64 = 64 << 10;
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let size: ByteSize = std::env::var("DELTABACK_BENCH_SIZE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(ByteSize::gib(2));
+    let size = size.as_u64() / BLOCK * BLOCK;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    build_release(&root);
+    let bins = root.join("target/release");
+    let work = tempfile::Builder::new()
+        .prefix("deltaback-cycles")
+        .tempdir_in(std::env::var("DELTABACK_BENCH_DIR").unwrap_or_else(|_| "/tmp".into()))
+        .expect("work folder");
+    let dir = work.path();
+    let raw = dir.join("source.img");
+    engine::sample::write_mixed_image(&raw, size, 42).expect("image");
+    let qcow = dir.join("guest.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&qcow),
+    );
+    let mut noise = vec![0u8; BLOCK as usize];
+    SmallRng::seed_from_u64(1).fill_bytes(&mut noise);
+    let noise_file = dir.join("noise");
+    std::fs::write(&noise_file, &noise).expect("noise");
+    println!(
+        "disk: {} mixed content; 1% of its 64 KiB blocks change per cycle",
+        ByteSize(size)
+    );
+
+    let pki = dir.join("pki");
+    run_ok(
+        Command::new(bins.join("deltaback"))
+            .args(["pki", "init", "--dir"])
+            .arg(&pki),
+    );
+    let datastore = dir.join("datastore");
+    let target = Service::start(
+        &bins.join("deltaback-master-target"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--datastore",
+            s(&datastore),
+            "--pki",
+            s(&pki),
+        ],
+    );
+    let relay = Service::start(
+        &bins.join("deltaback-process-server"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--master-target",
+            &target.addr,
+            "--pki",
+            s(&pki),
+        ],
+    );
+    let daemon = Daemon::start(dir, &qcow);
+
+    let qemu_cycle = || {
+        let mut cmd = Command::new(bins.join("deltaback-agent"));
+        cmd.args(["replicate", "--json", "--cycles", "1", "--source", "qemu"])
+            .args([
+                "--server",
+                &relay.addr,
+                "--machine",
+                "vm",
+                "--disk",
+                "disk0=vda",
+            ])
+            .args(["--pki", s(&pki), "--qmp", s(&dir.join("qmp.sock"))])
+            .args(["--nbd", s(&dir.join("nbd.sock")), "--scratch-dir", s(dir)]);
+        measure(cmd)
+    };
+    let scan_cycle = || {
+        let mut cmd = Command::new(bins.join("deltaback-agent"));
+        cmd.args([
+            "sync",
+            "--json",
+            "--server",
+            &relay.addr,
+            "--machine",
+            "scan",
+        ])
+        .args(["--pki", s(&pki), "--disk"])
+        .arg(format!("{}=vda", raw.display()));
+        measure(cmd)
+    };
+
+    let first = qemu_cycle();
+    println!(
+        "qemu source, first cycle (no bitmap yet: reads everything): {:.2} s",
+        first.wall.as_secs_f64()
+    );
+    scan_cycle();
+    let blocks = size / BLOCK;
+    let per_cycle = (blocks / 100).max(1);
+    let mut qemu_times = Vec::new();
+    let mut scan_times = Vec::new();
+    for round in 0..3u64 {
+        let chosen = pick(blocks, per_cycle, 100 + round);
+        daemon.write(&chosen, &noise_file);
+        write_raw(&raw, &chosen, &noise);
+        let q = qemu_cycle();
+        let sent = json(&q)["disks"][0]["blocks_sent"].as_u64().unwrap_or(0);
+        let sc = scan_cycle();
+        let scan_sent = json(&sc)["disks"][0]["blocks_sent"].as_u64().unwrap_or(0);
+        println!(
+            "cycle {}: qemu {:.3} s ({} blocks sent) | scan {:.3} s ({} blocks sent) | qemu/scan {:.1}%",
+            round + 2,
+            q.wall.as_secs_f64(),
+            sent,
+            sc.wall.as_secs_f64(),
+            scan_sent,
+            100.0 * q.wall.as_secs_f64() / sc.wall.as_secs_f64()
+        );
+        qemu_times.push(q.wall);
+        scan_times.push(sc.wall);
+    }
+    let mean = |v: &[Duration]| v.iter().map(Duration::as_secs_f64).sum::<f64>() / v.len() as f64;
+    println!(
+        "mean cycle: qemu {:.3} s, scan {:.3} s: a qemu cycle costs {:.1}% of a scan cycle (goal < 5%)",
+        mean(&qemu_times),
+        mean(&scan_times),
+        100.0 * mean(&qemu_times) / mean(&scan_times)
+    );
+
+    // Recovering points at increasing depth: the copy of the replica, plus the blocks
+    // changed since the point.
+    println!();
+    for (point, label) in [
+        ("4", "latest"),
+        ("3", "1 cycle back"),
+        ("2", "2 cycles back"),
+        ("1", "3 cycles back"),
+    ] {
+        let out = dir.join(format!("recovered-{point}"));
+        let started = Instant::now();
+        let result = Command::new(bins.join("deltaback"))
+            .args(["recover", "--json", "--machine", "vm", "--point", point])
+            .args(["--datastore", s(&datastore), "--output", s(&out)])
+            .output()
+            .expect("recover");
+        let wall = started.elapsed();
+        assert!(
+            result.status.success(),
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&result.stdout).expect("JSON");
+        println!(
+            "recover point {point} ({label}): {:.3} s, {} blocks rolled back",
+            wall.as_secs_f64(),
+            report["disks"][0]["blocks_restored"]
+        );
+        std::fs::remove_dir_all(&out).ok();
+    }
+    let copy = Instant::now();
+    run_ok(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(datastore.join("vm/vda-flat.vmdk"))
+            .arg(dir.join("plain-copy")),
+    );
+    println!(
+        "baseline: cp --sparse=always of the replica: {:.3} s",
+        copy.elapsed().as_secs_f64()
+    );
+    println!(
+        "peak RSS: process server {} / master target {}",
+        ByteSize(relay.peak_rss()),
+        ByteSize(target.peak_rss())
+    );
+}
+
+fn pick(blocks: u64, count: u64, seed: u64) -> Vec<u64> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut chosen: Vec<u64> = sample(&mut rng, blocks as usize, count as usize)
+        .into_iter()
+        .map(|i| i as u64)
+        .collect();
+    chosen.sort_unstable();
+    chosen
+}
+
+fn write_raw(path: &Path, blocks: &[u64], data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
+    for &b in blocks {
+        file.write_all_at(data, b * BLOCK).expect("write");
+    }
+}
+
+struct Daemon {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path, image: &Path) -> Daemon {
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=file0,filename={}",
+                image.display()
+            ))
+            .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
+            .arg("--nbd-server")
+            .arg(format!(
+                "addr.type=unix,addr.path={}",
+                dir.join("nbd.sock").display()
+            ))
+            .args([
+                "--export",
+                "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
+            ])
+            .arg("--chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=qmp0",
+                dir.join("qmp.sock").display()
+            ))
+            .args(["--monitor", "chardev=qmp0"])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon");
+        while !dir.join("nbd.sock").exists() || !dir.join("qmp.sock").exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon {
+            child,
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn write(&self, blocks: &[u64], noise: &Path) {
+        let uri = format!(
+            "nbd+unix:///guest?socket={}",
+            self.dir.join("nbd.sock").display()
+        );
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "raw", &uri]);
+        for &b in blocks {
+            cmd.arg("-c").arg(format!(
+                "write -s {} {} {}",
+                noise.display(),
+                b * BLOCK,
+                BLOCK
+            ));
+        }
+        run_ok(&mut cmd);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
