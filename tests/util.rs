@@ -25,35 +25,75 @@ pub struct Service {
     child: Child,
     pub addr: String,
     pub log: PathBuf,
+    name: String,
+    args: Vec<String>,
+}
+
+/// Spawns a service and reads its `listening on ADDR` line.
+fn spawn(name: &str, args: &[String], log: &Path) -> Result<(Child, String), String> {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    let mut child = Command::new(bin(name))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .env("RUST_LOG", "info")
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {name}: {e}"));
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read stdout");
+    match line.trim().strip_prefix("listening on ") {
+        Some(addr) => Ok((child, addr.to_owned())),
+        None => {
+            let _ = child.wait();
+            Err(format!(
+                "{name} did not report its address: {line:?}; log: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            ))
+        }
+    }
 }
 
 impl Service {
     /// Starts `name` with `args`, waits for its `listening on ADDR` line.
     pub fn start(name: &str, args: &[&str], log: PathBuf) -> Service {
-        let log_file = std::fs::File::create(&log).expect("log file");
-        let mut child = Command::new(bin(name))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .env("RUST_LOG", "info")
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {name}: {e}"));
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read stdout");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| {
-                panic!(
-                    "{name} did not report its address: {line:?}; log: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-            })
-            .to_owned();
-        Service { child, addr, log }
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (child, addr) = spawn(name, &args, &log).unwrap_or_else(|e| panic!("{e}"));
+        Service {
+            child,
+            addr,
+            log,
+            name: name.to_owned(),
+            args,
+        }
+    }
+
+    /// kill -9, then start again on the same address.
+    pub fn crash_and_restart(&mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("wait");
+        let mut args = self.args.clone();
+        if let Some(i) = args.iter().position(|a| a == "--listen") {
+            args[i + 1] = self.addr.clone();
+        }
+        let mut last = String::new();
+        for _ in 0..50 {
+            match spawn(&self.name, &args, &self.log) {
+                Ok((child, _)) => {
+                    self.child = child;
+                    return;
+                }
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{} did not restart on {}: {last}", self.name, self.addr);
     }
 
     /// What the service logged so far.
@@ -193,6 +233,27 @@ impl Cluster {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
         Ok(serde_json::from_slice(&out.stdout).expect("agent prints JSON"))
+    }
+
+    /// The `deltaback-agent sync --json` command line, not started.
+    pub fn agent<S: AsRef<str>>(
+        &self,
+        server: &str,
+        machine: &str,
+        disks: &[S],
+        pki: &Path,
+        extra: &[&str],
+    ) -> Command {
+        let mut cmd = Command::new(bin("deltaback-agent"));
+        cmd.args(["sync", "--json", "--server", server, "--machine", machine])
+            .arg("--pki")
+            .arg(pki)
+            .args(extra)
+            .env("RUST_LOG", "warn");
+        for d in disks {
+            cmd.args(["--disk", d.as_ref()]);
+        }
+        cmd
     }
 
     pub fn vmdk(&self, machine: &str, id: &str) -> PathBuf {

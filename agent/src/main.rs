@@ -90,6 +90,9 @@ struct SyncArgs {
     /// retry resumes where the last attempt stopped. 0s fails at the first error.
     #[arg(long, default_value = "10m")]
     retry_for: humantime::Duration,
+    /// First pause before a retry; it doubles after each failure, up to 30s.
+    #[arg(long, default_value = "1s")]
+    retry_delay: humantime::Duration,
     /// Print one JSON object with the figures of the sync on stdout at the end.
     #[arg(long)]
     json: bool,
@@ -222,7 +225,11 @@ async fn run_sync(args: SyncArgs) -> anyhow::Result<()> {
     let tls = args.connection.tls()?;
     let progress = Arc::new(Progress::default());
     let bar = progress_bar::spawn(progress.clone());
-    let report = sync_with_retry(tls, &options, progress, args.retry_for.into()).await;
+    let retry = engine::agent::Retry {
+        give_up_after: args.retry_for.into(),
+        first_delay: args.retry_delay.into(),
+    };
+    let report = sync_with_retry(tls, &options, progress, retry).await;
     bar.finish();
     let report = report?;
     if args.json {

@@ -12,5 +12,5 @@ pub use progress::{Phase, Progress};
 pub use qemu::QemuSource;
 pub use replicate::{replicate, ChangeSource, ReplicateOptions};
 pub use sync::{
-    sync, sync_with_retry, DiskReport, DiskSpec, PointRequest, SyncOptions, SyncReport,
+    sync, sync_with_retry, DiskReport, DiskSpec, PointRequest, Retry, SyncOptions, SyncReport,
 };

@@ -124,10 +124,11 @@ pub async fn sync_with_retry(
     tls: Arc<rustls::ClientConfig>,
     options: &SyncOptions,
     progress: Arc<Progress>,
-    retry_for: Duration,
+    retry: Retry,
 ) -> Result<SyncReport> {
+    let retry_for = retry.give_up_after;
     let mut first_failure: Option<Instant> = None;
-    let mut delay = Duration::from_secs(1);
+    let mut delay = retry.first_delay.max(Duration::from_millis(10));
     loop {
         progress.reset();
         match sync(tls.clone(), options, progress.clone()).await {
@@ -149,6 +150,15 @@ pub async fn sync_with_retry(
             Err(err) => return Err(err),
         }
     }
+}
+
+/// How long and how often to retry.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    /// Give up once this long has passed since the first failure.
+    pub give_up_after: Duration,
+    /// First pause; it doubles after each failure up to [`MAX_RETRY_DELAY`].
+    pub first_delay: Duration,
 }
 
 /// Longest pause between two attempts.

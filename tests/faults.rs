@@ -1,0 +1,260 @@
+//! Faults: cut connections and processes killed with SIGKILL at seeded random moments.
+//! Nothing acknowledged is lost, every listed point recovers, and little is sent again.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use engine::sample::{change_blocks, write_mixed_image};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+use crate::util::{bin, qemu_img_same, Cluster};
+
+const MIB: u64 = 1 << 20;
+const FAST_RETRY: &[&str] = &["--retry-delay", "50ms", "--retry-for", "60s"];
+
+/// A TCP proxy of our own on loopback that can cut the first connection after a given
+/// number of bytes from the client, and counts what it forwarded in that direction.
+struct Proxy {
+    addr: String,
+    forwarded: Arc<AtomicU64>,
+    cuts: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    fn start(upstream: String, cut_first_after: u64) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let cuts = Arc::new(AtomicU64::new(0));
+        let armed = Arc::new(AtomicBool::new(true));
+        let (fwd, cut_count) = (forwarded.clone(), cuts.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let cut = armed
+                    .swap(false, Ordering::SeqCst)
+                    .then_some(cut_first_after);
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (fwd, cut_count) = (fwd.clone(), cut_count.clone());
+                std::thread::spawn(move || pump(client, server, cut, &fwd, &cut_count));
+                std::thread::spawn(move || {
+                    pump(s2, c2, None, &AtomicU64::new(0), &AtomicU64::new(0))
+                });
+            }
+        });
+        Proxy {
+            addr,
+            forwarded,
+            cuts,
+        }
+    }
+}
+
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    cut: Option<u64>,
+    counted: &AtomicU64,
+    cuts: &AtomicU64,
+) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut passed = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let allowed = cut.map_or(n as u64, |c| (c - passed).min(n as u64)) as usize;
+        if to.write_all(&buf[..allowed]).is_err() {
+            break;
+        }
+        passed += allowed as u64;
+        counted.fetch_add(allowed as u64, Ordering::Relaxed);
+        if allowed < n || cut == Some(passed) {
+            cuts.fetch_add(1, Ordering::Relaxed);
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+fn run_ok(cmd: &mut Command) -> Value {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_cut_connection_is_retried_and_resumes_where_it_stopped() {
+    let cluster = Cluster::start();
+    let image = cluster.path("disk0.img");
+    write_mixed_image(&image, 64 * MIB, 11).unwrap();
+    let disk = format!("{}=disk0", image.display());
+
+    // The same image through an uncut path, for the bytes a clean failback takes.
+    let clean = cluster.sync("clean", &[&disk]).unwrap();
+    let clean_bytes = clean["wire_bytes"].as_u64().unwrap();
+
+    let proxy = Proxy::start(cluster.relay.addr.clone(), 20 * MIB);
+    let report = run_ok(&mut cluster.agent(&proxy.addr, "cut", &[&disk], &cluster.pki, FAST_RETRY));
+    assert_eq!(
+        proxy.cuts.load(Ordering::Relaxed),
+        1,
+        "the proxy cut the first connection"
+    );
+    assert!(qemu_img_same(&image, &cluster.vmdk("cut", "disk0")));
+    // The retry found the replica, compared hashes and sent only what had not arrived.
+    let d = &report["disks"][0];
+    assert_eq!(d["fresh"], false);
+    assert!(
+        d["blocks_sent"].as_u64().unwrap() < clean["disks"][0]["blocks_sent"].as_u64().unwrap()
+    );
+    let resent = proxy
+        .forwarded
+        .load(Ordering::Relaxed)
+        .saturating_sub(clean_bytes);
+    eprintln!("cut at 20 MiB: {resent} bytes sent again (clean failback {clean_bytes} bytes)");
+    // At most what was in flight: the master target's write queue and the buffers on the way.
+    assert!(resent < 24 * MIB, "{resent} bytes sent again");
+}
+
+/// Which process the harness kills.
+#[derive(Clone, Copy, Debug)]
+enum Victim {
+    Agent,
+    ProcessServer,
+    MasterTarget,
+}
+
+fn kill_harness(victim: Victim, seed: u64) {
+    let mut cluster = Cluster::start();
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let size = 16 * MIB;
+    let mut kills = 0;
+    for round in 0..10 {
+        let machine = format!("m{round}");
+        let image = cluster.path(&format!("{machine}.img"));
+        write_mixed_image(&image, size, seed * 100 + round).unwrap();
+        let disk = format!("{}=disk0", image.display());
+        let before = cluster.path(&format!("{machine}-before"));
+        std::fs::copy(&image, &before).unwrap();
+        // A full failback, then a resync after 5% of the blocks changed: each killed once.
+        for phase in 0..2 {
+            if phase == 1 {
+                change_blocks(&image, 65536, 0.05, round).unwrap();
+            }
+            let delay = Duration::from_millis(rng.gen_range(0..120));
+            let mut agent = cluster
+                .agent(
+                    &cluster.relay.addr,
+                    &machine,
+                    &[&disk],
+                    &cluster.pki,
+                    FAST_RETRY,
+                )
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(delay);
+            match victim {
+                Victim::Agent => {
+                    let _ = agent.kill();
+                    let _ = agent.wait();
+                    agent = cluster
+                        .agent(
+                            &cluster.relay.addr,
+                            &machine,
+                            &[&disk],
+                            &cluster.pki,
+                            FAST_RETRY,
+                        )
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .unwrap();
+                }
+                Victim::ProcessServer => cluster.relay.crash_and_restart(),
+                Victim::MasterTarget => cluster.target.crash_and_restart(),
+            }
+            kills += 1;
+            let started = Instant::now();
+            let status = agent.wait().unwrap();
+            assert!(
+                status.success(),
+                "{victim:?} killed after {delay:?}: agent failed"
+            );
+            assert!(started.elapsed() < Duration::from_secs(60));
+            assert!(
+                qemu_img_same(&image, &cluster.vmdk(&machine, "disk0")),
+                "{victim:?} killed after {delay:?} in round {round} phase {phase}"
+            );
+        }
+        // Every listed point recovers to the source as it was: before or after the change.
+        check_points(&cluster, &machine, &before, &image);
+    }
+    eprintln!("{victim:?}: survived {kills} kills");
+}
+
+fn check_points(cluster: &Cluster, machine: &str, before: &Path, after: &Path) {
+    let out = Command::new(bin("deltaback"))
+        .args(["points", "--json", "--machine", machine])
+        .arg("--datastore")
+        .arg(&cluster.datastore)
+        .output()
+        .unwrap();
+    let points: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let points = points.as_array().unwrap();
+    assert!(!points.is_empty());
+    for point in points {
+        let seq = point["seq"].as_u64().unwrap();
+        let dir = cluster.path(&format!("{machine}-point-{seq}"));
+        let out = Command::new(bin("deltaback"))
+            .args(["recover", "--machine", machine, "--point", &seq.to_string()])
+            .arg("--datastore")
+            .arg(&cluster.datastore)
+            .arg("--output")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let vmdk = dir.join("disk0.vmdk");
+        assert!(
+            qemu_img_same(before, &vmdk) || qemu_img_same(after, &vmdk),
+            "point {seq} of {machine} matches neither state of the source"
+        );
+    }
+}
+
+#[test]
+fn the_master_target_killed_at_20_moments() {
+    kill_harness(Victim::MasterTarget, 1);
+}
+
+#[test]
+fn the_process_server_killed_at_20_moments() {
+    kill_harness(Victim::ProcessServer, 2);
+}
+
+#[test]
+fn the_agent_killed_at_20_moments() {
+    kill_harness(Victim::Agent, 3);
+}
