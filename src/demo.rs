@@ -83,6 +83,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
             RelayConfig {
                 master_target: target_addr.to_string(),
                 groups: Vec::new(),
+                throttle: None,
             },
             async {
                 let _ = relay_stopped.await;
@@ -113,6 +114,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
         compress: true,
         threads: engine::scan::default_threads(),
         point: Default::default(),
+        throttle: None,
     };
     let tls = Identity::load(&pki, Role::Agent)?.client_config()?;
     let full = sync(tls.clone(), &options, Arc::new(Progress::default())).await?;

@@ -258,3 +258,51 @@ fn the_process_server_killed_at_20_moments() {
 fn the_agent_killed_at_20_moments() {
     kill_harness(Victim::Agent, 3);
 }
+
+/// Writes `size` bytes of incompressible data.
+fn random_image(path: &Path, size: usize, seed: u64) {
+    use rand::RngCore;
+    let mut data = vec![0u8; size];
+    SmallRng::seed_from_u64(seed).fill_bytes(&mut data);
+    std::fs::write(path, data).unwrap();
+}
+
+fn assert_rate(report: &Value, limit: f64) {
+    let rate = report["wire_bytes"].as_f64().unwrap() / report["seconds"].as_f64().unwrap();
+    eprintln!(
+        "{:.2} MiB/s against a limit of {:.2} MiB/s",
+        rate / MIB as f64,
+        limit / MIB as f64
+    );
+    assert!(
+        (0.9 * limit..=1.1 * limit).contains(&rate),
+        "{rate} bytes/s against a limit of {limit}"
+    );
+}
+
+#[test]
+fn the_agent_holds_its_rate_limit() {
+    let cluster = Cluster::start();
+    let image = cluster.path("disk0.img");
+    random_image(&image, 12 * MIB as usize, 1);
+    let report = cluster
+        .sync_with(
+            "slow",
+            &[format!("{}=disk0", image.display())],
+            &cluster.pki,
+            &["--max-rate", "4MiB"],
+        )
+        .unwrap();
+    assert_rate(&report, 4.0 * MIB as f64);
+}
+
+#[test]
+fn the_process_server_holds_its_rate_limit() {
+    let cluster = Cluster::start_full(&[], &["--max-rate", "4MiB"]);
+    let image = cluster.path("disk0.img");
+    random_image(&image, 12 * MIB as usize, 2);
+    let report = cluster
+        .sync("slow", &[format!("{}=disk0", image.display())])
+        .unwrap();
+    assert_rate(&report, 4.0 * MIB as f64);
+}

@@ -15,6 +15,7 @@ use engine::agent::{
 };
 use engine::geometry::{BlockSize, SafeName};
 use engine::retention::points::PointKind;
+use engine::throttle::{RateSchedule, Throttle};
 use engine::tls::{Identity, Role};
 
 /// The agent runs on the machine whose disks replicate (the cloud VM during failback).
@@ -72,6 +73,14 @@ struct Connection {
     /// Threads for hashing and compressing [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
+    /// Most bytes per second to send (e.g. 20MiB), so replication leaves room on the link
+    /// [default: unlimited].
+    #[arg(long)]
+    max_rate: Option<String>,
+    /// Other limits by hour of day, UTC: HH-HH=RATE,... (e.g. 08-18=5MiB,22-06=unlimited);
+    /// --max-rate applies outside these windows.
+    #[arg(long)]
+    rate_schedule: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -197,12 +206,21 @@ impl Connection {
                 .unwrap_or_else(engine::scan::default_threads)
                 .max(1),
             point,
+            throttle: throttle(self.max_rate.as_deref(), self.rate_schedule.as_deref())?,
         })
     }
 
     fn tls(&self) -> anyhow::Result<Arc<engine::tls::ClientConfig>> {
         Ok(Identity::load(&self.pki, Role::Agent)?.client_config()?)
     }
+}
+
+fn throttle(
+    max_rate: Option<&str>,
+    schedule: Option<&str>,
+) -> anyhow::Result<Option<Arc<Throttle>>> {
+    let schedule = RateSchedule::new(max_rate, schedule)?;
+    Ok((!schedule.is_unlimited()).then(|| Arc::new(Throttle::new(schedule))))
 }
 
 async fn run_sync(args: SyncArgs) -> anyhow::Result<()> {

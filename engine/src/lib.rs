@@ -20,6 +20,7 @@ pub mod scan;
 pub mod service;
 pub mod sparse;
 pub mod target;
+pub mod throttle;
 pub mod tls;
 pub mod transport;
 pub mod vmdk;

@@ -16,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::error::{Error, Result};
 use crate::geometry::SafeName;
 use crate::protocol::{Frame, Message};
+use crate::throttle::Throttle;
 use crate::tls::{Identity, Role};
 use crate::transport::{self, Conn, ConnReader, ConnWriter};
 
@@ -26,6 +27,8 @@ pub struct RelayConfig {
     pub master_target: String,
     /// Consistency groups: group name -> member machines.
     pub groups: Vec<(SafeName, Vec<SafeName>)>,
+    /// Bandwidth limit towards the master target, shared by every agent's stream.
+    pub throttle: Option<Arc<Throttle>>,
 }
 
 impl RelayConfig {
@@ -122,6 +125,7 @@ async fn relay(
     tracing::info!(%machine, "relaying");
     let (agent_rx, mut agent_tx) = agent.split();
     let (upstream_rx, mut upstream_tx) = upstream.split();
+    upstream_tx.set_throttle(config.throttle.clone());
     let stamp = |frame| config.stamp(&machine, frame);
     let outcome = pump_both(
         agent_rx,

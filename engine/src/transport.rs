@@ -18,6 +18,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::error::{Error, Result};
 use crate::protocol::{Frame, FrameCodec, Message};
+use crate::throttle::Throttle;
 use crate::tls::{check_peer_role, server_name, Role};
 
 /// How long a TLS handshake may take before the connection is dropped.
@@ -79,6 +80,7 @@ pub struct ConnReader {
 pub struct ConnWriter {
     frames: FramedWrite<WriteHalf<Stream>, FrameCodec>,
     written: Arc<AtomicU64>,
+    throttle: Option<Arc<Throttle>>,
 }
 
 impl Conn {
@@ -92,6 +94,7 @@ impl Conn {
             writer: ConnWriter {
                 frames: FramedWrite::new(write, FrameCodec),
                 written,
+                throttle: None,
             },
         }
     }
@@ -162,12 +165,20 @@ impl ConnReader {
 impl ConnWriter {
     /// Sends one message and flushes it.
     pub async fn send(&mut self, msg: &Message) -> Result<()> {
-        self.frames.send(msg.to_frame()).await
+        self.send_frame(msg.to_frame()).await
     }
 
-    /// Sends one raw frame and flushes it.
+    /// Sends one raw frame and flushes it, at the pace the throttle allows.
     pub async fn send_frame(&mut self, frame: Frame) -> Result<()> {
+        if let Some(throttle) = &self.throttle {
+            throttle.acquire(frame.body.len() as u64 + 5).await;
+        }
         self.frames.send(frame).await
+    }
+
+    /// Limits what this writer sends (shared with other writers under the same limit).
+    pub fn set_throttle(&mut self, throttle: Option<Arc<Throttle>>) {
+        self.throttle = throttle;
     }
 
     /// Bytes written to the TCP socket so far (TLS records included).

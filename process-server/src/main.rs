@@ -5,8 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use std::sync::Arc;
+
 use engine::geometry::SafeName;
 use engine::relay::{serve, RelayConfig};
+use engine::throttle::{RateSchedule, Throttle};
 use engine::tls::{Identity, Role};
 
 /// The middle tier of deltaback: terminates the agents' TLS connections (agent certificates
@@ -29,6 +32,14 @@ struct Args {
     /// every member has made its point durable. Repeat for more groups.
     #[arg(long = "group", value_name = "NAME=MACHINES")]
     groups: Vec<String>,
+    /// Most bytes per second to forward to the master target, all agents together
+    /// (e.g. 100MiB) [default: unlimited].
+    #[arg(long)]
+    max_rate: Option<String>,
+    /// Other limits by hour of day, UTC: HH-HH=RATE,... (e.g. 08-18=20MiB); --max-rate
+    /// applies outside these windows.
+    #[arg(long)]
+    rate_schedule: Option<String>,
 }
 
 fn parse_group(spec: &str) -> anyhow::Result<(SafeName, Vec<SafeName>)> {
@@ -71,9 +82,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             anyhow::bail!("machine {member} is in more than one consistency group");
         }
     }
+    let schedule = RateSchedule::new(args.max_rate.as_deref(), args.rate_schedule.as_deref())?;
     let config = RelayConfig {
         master_target: args.master_target,
         groups,
+        throttle: (!schedule.is_unlimited()).then(|| Arc::new(Throttle::new(schedule))),
     };
     serve(
         listener,

@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::geometry::{BlockHash, Geometry, SafeName};
 use crate::protocol::message::RECORD_HEADER_LEN;
 use crate::protocol::{DiskState, Message, PROTOCOL_VERSION};
+use crate::throttle::Throttle;
 use crate::tls::Role;
 use crate::transport::{self, ConnWriter};
 
@@ -52,9 +53,11 @@ impl Session {
         server: &str,
         tls: Arc<rustls::ClientConfig>,
         machine: &SafeName,
+        throttle: Option<Arc<Throttle>>,
     ) -> Result<Self> {
         let conn = transport::connect(server, tls, Role::ProcessServer).await?;
-        let (mut reader, tx) = conn.split();
+        let (mut reader, mut tx) = conn.split();
+        tx.set_throttle(throttle);
         let (msg_tx, rx) = mpsc::channel(4);
         let reader = tokio::spawn(async move {
             loop {

@@ -17,6 +17,7 @@ use crate::geometry::{BlockSize, Geometry, SafeName, ZeroHashes};
 use crate::manifest::Manifest;
 use crate::retention::points::PointKind;
 use crate::scan;
+use crate::throttle::Throttle;
 
 use super::compare::differing_blocks;
 use super::send::{Selection, SendJob};
@@ -53,6 +54,8 @@ pub struct SyncOptions {
     pub threads: usize,
     /// The recovery point the sync ends with.
     pub point: PointRequest,
+    /// Bandwidth limit for what the agent sends, if any.
+    pub throttle: Option<Arc<Throttle>>,
 }
 
 /// The recovery point a sync asks for once every disk is durable.
@@ -173,7 +176,13 @@ pub async fn sync(
 ) -> Result<SyncReport> {
     let started = Instant::now();
     progress.set_phase(Phase::Starting);
-    let mut session = Session::start(&options.server, tls, &options.machine).await?;
+    let mut session = Session::start(
+        &options.server,
+        tls,
+        &options.machine,
+        options.throttle.clone(),
+    )
+    .await?;
     let mut disks = Vec::new();
     for (handle, disk) in options.disks.iter().enumerate() {
         let handle = u32::try_from(handle).map_err(|_| Error::Invalid("too many disks".into()))?;
