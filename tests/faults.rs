@@ -306,3 +306,64 @@ fn the_process_server_holds_its_rate_limit() {
         .unwrap();
     assert_rate(&report, 4.0 * MIB as f64);
 }
+
+/// A small tmpfs mounted for one test, unmounted when dropped (the tests run as root).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: &Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount tmpfs (needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk(path.to_owned())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_on_the_master_target_is_reported_and_replication_completes_once_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let datastore = dir.path().join("small");
+    let _disk = SmallDisk::mount(&datastore, "12m");
+    let filler = datastore.join("filler");
+    std::fs::write(&filler, vec![1u8; 8 << 20]).unwrap();
+    let cluster = Cluster::start_with(&["--datastore", datastore.to_str().unwrap()]);
+    let image = cluster.path("disk0.img");
+    random_image(&image, 8 * MIB as usize, 3);
+    let agent = cluster
+        .agent(
+            &cluster.relay.addr,
+            "full",
+            &[format!("{}=disk0", image.display())],
+            &cluster.pki,
+            FAST_RETRY,
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = cluster.target.wait_for_log("No space left on device");
+    assert!(log.contains("session failed"), "{log}");
+    std::fs::remove_file(&filler).unwrap();
+    let out = agent.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("No space left on device") && stderr.contains("retry"),
+        "{stderr}"
+    );
+    assert!(qemu_img_same(&image, &datastore.join("full/disk0.vmdk")));
+}

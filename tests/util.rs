@@ -158,7 +158,11 @@ impl Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let pki = dir.path().join("pki");
         make_pki(&pki);
-        let datastore = dir.path().join("datastore");
+        // A `--datastore` among `target_args` replaces the default one.
+        let datastore = match target_args.iter().position(|a| *a == "--datastore") {
+            Some(i) => PathBuf::from(target_args[i + 1]),
+            None => dir.path().join("datastore"),
+        };
         let mut args = vec![
             "--listen",
             "127.0.0.1:0",
@@ -167,7 +171,14 @@ impl Cluster {
             "--pki",
             pki.to_str().unwrap(),
         ];
-        args.extend_from_slice(target_args);
+        let mut extra = target_args.iter();
+        while let Some(arg) = extra.next() {
+            if *arg == "--datastore" {
+                extra.next();
+            } else {
+                args.push(arg);
+            }
+        }
         let target = Service::start(
             "deltaback-master-target",
             &args,
