@@ -52,12 +52,56 @@ enum PkiCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Issues another certificate from the CA in DIR (one per agent machine, say) into OUT,
+    /// with ca.pem and crl.pem beside it: a PKI folder ready for that machine.
+    Issue {
+        /// The PKI folder holding ca.pem and ca-key.pem.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The role the certificate stands for.
+        #[arg(long, value_parser = ["agent", "process-server", "master-target"])]
+        role: String,
+        /// A name for the holder, recorded in the certificate and in issued.txt.
+        #[arg(long)]
+        name: String,
+        /// Folder that receives the certificate and key (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Days of validity.
+        #[arg(long, default_value_t = engine::pki::CERT_VALIDITY_DAYS)]
+        days: i64,
+    },
+    /// Revokes a certificate by its serial (see DIR/issued.txt) and rewrites DIR/crl.pem.
+    /// Copy crl.pem into every service's PKI folder and restart the services.
+    Revoke {
+        /// The PKI folder holding the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Serial number in hexadecimal, as issued.txt lists it.
+        #[arg(long)]
+        serial: String,
+    },
 }
 
 fn main() -> ExitCode {
     engine::service::init_logging("warn");
     let result = match Cli::parse().command {
         Command::Pki(PkiCommand::Init { dir, force }) => pki_init(&dir, force),
+        Command::Pki(PkiCommand::Issue {
+            dir,
+            role,
+            name,
+            out,
+            days,
+        }) => pki_issue(&dir, &role, &name, &out, days),
+        Command::Pki(PkiCommand::Revoke { dir, serial }) => engine::pki::revoke(&dir, &serial)
+            .map_err(Into::into)
+            .map(|()| {
+                println!(
+                    "revoked {serial}; copy {} to every service's PKI folder",
+                    dir.join("crl.pem").display()
+                );
+            }),
         Command::Demo(args) => demo::run(args),
         Command::Points(args) => points::list(args),
         Command::Recover(args) => points::recover_point(args),
@@ -76,6 +120,26 @@ fn pki_init(dir: &std::path::Path, force: bool) -> anyhow::Result<()> {
     println!(
         "wrote a CA and certificates for agent, process-server and master-target to {}",
         dir.display()
+    );
+    Ok(())
+}
+
+fn pki_issue(
+    dir: &std::path::Path,
+    role: &str,
+    name: &str,
+    out: &std::path::Path,
+    days: i64,
+) -> anyhow::Result<()> {
+    let role = engine::tls::Role::ALL
+        .into_iter()
+        .find(|r| r.name() == role)
+        .ok_or_else(|| anyhow::anyhow!("unknown role {role}"))?;
+    let serial = engine::pki::issue(dir, role, name, days, out)?;
+    println!(
+        "issued {} certificate {serial:016x} for {name} into {}",
+        role.name(),
+        out.display()
     );
     Ok(())
 }

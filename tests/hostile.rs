@@ -311,3 +311,75 @@ fn a_truncated_stream_is_reported_and_nothing_is_acknowledged() {
     assert!(!Path::new(&cluster.datastore.join("cut/.deltaback/disk0.manifest")).exists());
     still_serving(&cluster);
 }
+
+fn deltaback_pki(args: &[&str]) -> String {
+    let out = std::process::Command::new(crate::util::bin("deltaback"))
+        .arg("pki")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn revoked_and_expired_certificates_are_refused() {
+    let mut cluster = Cluster::start();
+    let image = cluster.path("x.img");
+    write_mixed_image(&image, 1 << 20, 4).unwrap();
+    let disk = [format!("{}=disk0", image.display())];
+    let pki = cluster.pki.to_str().unwrap().to_owned();
+
+    // A per-machine agent certificate works...
+    let web01 = cluster.path("web01-pki");
+    let issued = deltaback_pki(&[
+        "issue",
+        "--dir",
+        &pki,
+        "--role",
+        "agent",
+        "--name",
+        "web01",
+        "--out",
+        web01.to_str().unwrap(),
+    ]);
+    let serial = issued.split_whitespace().nth(3).unwrap().to_owned();
+    cluster.sync_with("web01", &disk, &web01, &[]).unwrap();
+
+    // ...until it is revoked and the process server reads the new list.
+    deltaback_pki(&["revoke", "--dir", &pki, "--serial", &serial]);
+    cluster.relay.crash_and_restart();
+    let err = cluster
+        .sync_with("web01", &disk, &web01, &["--retry-for", "0s"])
+        .unwrap_err();
+    assert!(err.contains("Revoked"), "{err}");
+    cluster.relay.wait_for_log("Revoked");
+
+    // An expired certificate is refused too.
+    let old = cluster.path("old-pki");
+    deltaback_pki(&[
+        "issue",
+        "--dir",
+        &pki,
+        "--role",
+        "agent",
+        "--name",
+        "old",
+        "--out",
+        old.to_str().unwrap(),
+        "--days",
+        "0",
+    ]);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let err = cluster
+        .sync_with("old", &disk, &old, &["--retry-for", "0s"])
+        .unwrap_err();
+    assert!(err.contains("Expired"), "{err}");
+
+    // Other agents carry on.
+    still_serving(&cluster);
+}

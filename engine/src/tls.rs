@@ -9,8 +9,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 pub use rustls::ClientConfig;
 use rustls::{RootCertStore, ServerConfig};
@@ -65,6 +66,8 @@ pub struct Identity {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
+    /// Revocation lists from `crl.pem`, if the folder has one.
+    crls: Vec<CertificateRevocationListDer<'static>>,
 }
 
 impl Identity {
@@ -94,11 +97,20 @@ impl Identity {
         let chain = read_certs(&cert_path)?;
         let key = PrivateKeyDer::from_pem_file(&key_path)
             .map_err(|e| Error::Pki(format!("{}: {e}", key_path.display())))?;
+        let crl_path = dir.join("crl.pem");
+        let crls = if crl_path.exists() {
+            CertificateRevocationListDer::pem_file_iter(&crl_path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| Error::Pki(format!("{}: {e}", crl_path.display())))?
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             role,
             chain,
             key,
             roots: Arc::new(roots),
+            crls,
         })
     }
 
@@ -110,6 +122,7 @@ impl Identity {
     /// Server configuration: requires a client certificate from the same CA.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>> {
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .with_crls(self.crls.clone())
             .build()
             .map_err(|e| Error::Tls(e.to_string()))?;
         let config = ServerConfig::builder_with_provider(provider())
@@ -123,10 +136,14 @@ impl Identity {
 
     /// Client configuration: presents this identity and trusts only the CA.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>> {
+        let verifier = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
+            .with_crls(self.crls.clone())
+            .build()
+            .map_err(|e| Error::Tls(e.to_string()))?;
         let config = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls_err)?
-            .with_root_certificates(self.roots.clone())
+            .with_webpki_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(tls_err)?;
         Ok(Arc::new(config))
