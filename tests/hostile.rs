@@ -383,3 +383,52 @@ fn revoked_and_expired_certificates_are_refused() {
     // Other agents carry on.
     still_serving(&cluster);
 }
+
+#[test]
+fn each_service_accepts_only_the_role_that_should_talk_to_it() {
+    let cluster = Cluster::start();
+    let image = cluster.path("x.img");
+    write_mixed_image(&image, 1 << 20, 5).unwrap();
+    let disk = [format!("{}=disk0", image.display())];
+
+    // An agent certificate straight to the master target, skipping the process server.
+    let out = cluster
+        .agent(&cluster.target.addr, "direct", &disk, &cluster.pki, &["--retry-for", "0s"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    // The agent expects a process server and the master target's certificate says otherwise.
+    assert!(err.contains("invalid peer certificate"), "{err}");
+
+    // A process server certificate posing as an agent.
+    let posing = cluster.path("ps-as-agent");
+    std::fs::create_dir_all(&posing).unwrap();
+    for (from, to) in [("ca.pem", "ca.pem"), ("process-server.pem", "agent.pem"), ("process-server-key.pem", "agent-key.pem")] {
+        std::fs::copy(cluster.pki.join(from), posing.join(to)).unwrap();
+    }
+    let err = cluster.sync_with("posing", &disk, &posing, &["--retry-for", "0s"]).unwrap_err();
+    assert!(err.contains("accepts only agent certificates"), "{err}");
+
+    // An agent certificate presented to the master target by a client that does not check
+    // the server's name: the master target itself refuses the role.
+    let message = runtime().block_on(async {
+        let config = Identity::load(&cluster.pki, Role::Agent).unwrap().client_config().unwrap();
+        let tcp = tokio::net::TcpStream::connect(&cluster.target.addr).await.unwrap();
+        // Ask for the master target by name: the agent certificate is the problem here.
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(server_name(Role::MasterTarget).unwrap(), tcp)
+            .await
+            .unwrap();
+        let mut frames = FramedRead::new(tls, FrameCodec);
+        match frames.next().await {
+            Some(Ok(frame)) => match Message::from_frame(frame).unwrap() {
+                Message::Error { message, .. } => message,
+                other => panic!("unexpected {other:?}"),
+            },
+            other => panic!("no error message: {other:?}"),
+        }
+    });
+    assert!(message.contains("accepts only process-server certificates"), "{message}");
+    still_serving(&cluster);
+}
