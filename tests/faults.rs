@@ -145,6 +145,8 @@ fn kill_harness(victim: Victim, seed: u64) {
     let mut rng = SmallRng::seed_from_u64(seed);
     let size = 16 * MIB;
     let mut kills = 0;
+    let mut resent: Vec<u64> = Vec::new();
+    let mut interrupted = 0;
     for round in 0..10 {
         let machine = format!("m{round}");
         let image = cluster.path(&format!("{machine}.img"));
@@ -154,9 +156,11 @@ fn kill_harness(victim: Victim, seed: u64) {
         std::fs::copy(&image, &before).unwrap();
         // A full failback, then a resync after 5% of the blocks changed: each killed once.
         for phase in 0..2 {
-            if phase == 1 {
-                change_blocks(&image, 65536, 0.05, round).unwrap();
-            }
+            let needed = if phase == 1 {
+                change_blocks(&image, 65536, 0.05, round).unwrap().len() as u64 * 65536
+            } else {
+                crate::util::nonzero_block_bytes(&image, 65536)
+            };
             let delay = Duration::from_millis(rng.gen_range(0..120));
             let mut agent = cluster
                 .agent(
@@ -166,7 +170,7 @@ fn kill_harness(victim: Victim, seed: u64) {
                     &cluster.pki,
                     FAST_RETRY,
                 )
-                .stdout(Stdio::null())
+                .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap();
@@ -183,7 +187,7 @@ fn kill_harness(victim: Victim, seed: u64) {
                             &cluster.pki,
                             FAST_RETRY,
                         )
-                        .stdout(Stdio::null())
+                        .stdout(Stdio::piped())
                         .stderr(Stdio::null())
                         .spawn()
                         .unwrap();
@@ -193,11 +197,25 @@ fn kill_harness(victim: Victim, seed: u64) {
             }
             kills += 1;
             let started = Instant::now();
-            let status = agent.wait().unwrap();
+            let out = agent.wait_with_output().unwrap();
             assert!(
-                status.success(),
+                out.status.success(),
                 "{victim:?} killed after {delay:?}: agent failed"
             );
+            let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+            if !matches!(victim, Victim::Agent) {
+                // What the agent sent beyond what the replica needed: sent twice.
+                let all = report["block_bytes_all_attempts"].as_u64().unwrap();
+                let again = all.saturating_sub(needed);
+                assert!(
+                    again <= size,
+                    "{again} bytes sent again after one interruption"
+                );
+                if report["attempts"].as_u64().unwrap() > 1 {
+                    interrupted += 1;
+                    resent.push(again);
+                }
+            }
             assert!(started.elapsed() < Duration::from_secs(60));
             assert!(
                 qemu_img_same(&image, &cluster.vmdk(&machine, "disk0")),
@@ -207,7 +225,17 @@ fn kill_harness(victim: Victim, seed: u64) {
         // Every listed point recovers to the source as it was: before or after the change.
         check_points(&cluster, &machine, &before, &image);
     }
-    eprintln!("{victim:?}: survived {kills} kills");
+    let max = resent.iter().max().copied().unwrap_or(0);
+    let mean = resent.iter().sum::<u64>() / resent.len().max(1) as u64;
+    if matches!(victim, Victim::Agent) {
+        // A restarted agent cannot see what the killed one sent; the hash compare decides.
+        eprintln!("{victim:?}: survived {kills} kills");
+    } else {
+        eprintln!(
+            "{victim:?}: survived {kills} kills, {interrupted} of them mid-transfer; sent again \
+             per interruption: mean {mean} bytes, max {max} bytes"
+        );
+    }
 }
 
 fn check_points(cluster: &Cluster, machine: &str, before: &Path, after: &Path) {

@@ -393,7 +393,13 @@ fn each_service_accepts_only_the_role_that_should_talk_to_it() {
 
     // An agent certificate straight to the master target, skipping the process server.
     let out = cluster
-        .agent(&cluster.target.addr, "direct", &disk, &cluster.pki, &["--retry-for", "0s"])
+        .agent(
+            &cluster.target.addr,
+            "direct",
+            &disk,
+            &cluster.pki,
+            &["--retry-for", "0s"],
+        )
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -404,17 +410,28 @@ fn each_service_accepts_only_the_role_that_should_talk_to_it() {
     // A process server certificate posing as an agent.
     let posing = cluster.path("ps-as-agent");
     std::fs::create_dir_all(&posing).unwrap();
-    for (from, to) in [("ca.pem", "ca.pem"), ("process-server.pem", "agent.pem"), ("process-server-key.pem", "agent-key.pem")] {
+    for (from, to) in [
+        ("ca.pem", "ca.pem"),
+        ("process-server.pem", "agent.pem"),
+        ("process-server-key.pem", "agent-key.pem"),
+    ] {
         std::fs::copy(cluster.pki.join(from), posing.join(to)).unwrap();
     }
-    let err = cluster.sync_with("posing", &disk, &posing, &["--retry-for", "0s"]).unwrap_err();
+    let err = cluster
+        .sync_with("posing", &disk, &posing, &["--retry-for", "0s"])
+        .unwrap_err();
     assert!(err.contains("accepts only agent certificates"), "{err}");
 
     // An agent certificate presented to the master target by a client that does not check
     // the server's name: the master target itself refuses the role.
     let message = runtime().block_on(async {
-        let config = Identity::load(&cluster.pki, Role::Agent).unwrap().client_config().unwrap();
-        let tcp = tokio::net::TcpStream::connect(&cluster.target.addr).await.unwrap();
+        let config = Identity::load(&cluster.pki, Role::Agent)
+            .unwrap()
+            .client_config()
+            .unwrap();
+        let tcp = tokio::net::TcpStream::connect(&cluster.target.addr)
+            .await
+            .unwrap();
         // Ask for the master target by name: the agent certificate is the problem here.
         let tls = tokio_rustls::TlsConnector::from(config)
             .connect(server_name(Role::MasterTarget).unwrap(), tcp)
@@ -429,6 +446,9 @@ fn each_service_accepts_only_the_role_that_should_talk_to_it() {
             other => panic!("no error message: {other:?}"),
         }
     });
-    assert!(message.contains("accepts only process-server certificates"), "{message}");
+    assert!(
+        message.contains("accepts only process-server certificates"),
+        "{message}"
+    );
     still_serving(&cluster);
 }

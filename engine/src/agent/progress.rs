@@ -32,6 +32,8 @@ pub struct Progress {
     pub sent: AtomicU64,
     /// Bytes of blocks to send, over the disks seen so far.
     pub send_total: AtomicU64,
+    /// Bytes of blocks handed to the network (before compression).
+    pub on_the_wire: AtomicU64,
 }
 
 impl Progress {
@@ -43,7 +45,13 @@ impl Progress {
     /// Starts over (a retried attempt counts afresh).
     pub fn reset(&self) {
         self.set_phase(Phase::Starting);
-        for counter in [&self.hashed, &self.hash_total, &self.sent, &self.send_total] {
+        for counter in [
+            &self.hashed,
+            &self.hash_total,
+            &self.sent,
+            &self.send_total,
+            &self.on_the_wire,
+        ] {
             counter.store(0, Ordering::Relaxed);
         }
     }

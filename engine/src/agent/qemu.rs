@@ -377,8 +377,13 @@ async fn converse(
         machine: options.machine.to_string(),
         seconds: started.elapsed().as_secs_f64(),
         wire_bytes,
+        block_bytes_all_attempts: reports
+            .iter()
+            .map(|d| d.blocks_sent * u64::from(d.block_size))
+            .sum(),
         disks: reports,
         point,
+        attempts: 1,
     })
 }
 

@@ -43,6 +43,8 @@ pub struct Batch {
     pub records: Vec<u8>,
     /// All-zero blocks met (and, for [`Selection::AllNonZero`], skipped).
     pub zero_blocks: u64,
+    /// Bytes of the blocks in `records`, before encoding.
+    pub raw_bytes: u64,
 }
 
 /// Everything the workers need.
@@ -151,6 +153,7 @@ impl SendJob {
                     encoder.encode(data, out)
                 });
                 batch.count += 1;
+                batch.raw_bytes += data.len() as u64;
             }
             self.progress.sent.fetch_add(len as u64, Ordering::Relaxed);
         }

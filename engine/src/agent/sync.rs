@@ -94,6 +94,11 @@ pub struct SyncReport {
     pub disks: Vec<DiskReport>,
     /// The recovery point covering every disk of this sync.
     pub point: PointReport,
+    /// Attempts it took (more than one after transient failures).
+    pub attempts: u32,
+    /// Block bytes handed to the network over all attempts, before compression:
+    /// what an interrupted attempt sent again shows here.
+    pub block_bytes_all_attempts: u64,
 }
 
 /// Per-disk figures of a sync.
@@ -132,10 +137,18 @@ pub async fn sync_with_retry(
     let retry_for = retry.give_up_after;
     let mut first_failure: Option<Instant> = None;
     let mut delay = retry.first_delay.max(Duration::from_millis(10));
+    let mut attempts = 0;
+    let mut earlier_bytes = 0;
     loop {
+        earlier_bytes += progress.on_the_wire.load(Ordering::Relaxed);
         progress.reset();
+        attempts += 1;
         match sync(tls.clone(), options, progress.clone()).await {
-            Ok(report) => return Ok(report),
+            Ok(mut report) => {
+                report.attempts = attempts;
+                report.block_bytes_all_attempts += earlier_bytes;
+                return Ok(report);
+            }
             Err(err) if err.is_transient() => {
                 let since = *first_failure.get_or_insert_with(Instant::now);
                 if since.elapsed() + delay > retry_for {
@@ -197,6 +210,8 @@ pub async fn sync(
         wire_bytes,
         disks,
         point,
+        attempts: 1,
+        block_bytes_all_attempts: progress.on_the_wire.load(Ordering::Relaxed),
     })
 }
 
@@ -290,7 +305,9 @@ async fn sync_disk(
         report.blocks_sent += u64::from(batch.count);
         report.payload_bytes += batch.payload_bytes();
         since_flush += batch.records.len() as u64;
+        let raw = batch.raw_bytes;
         session.send_batch(handle, &mut seq, batch).await?;
+        progress.on_the_wire.fetch_add(raw, Ordering::Relaxed);
         if since_flush >= FLUSH_EVERY {
             session.flush_in_background(handle, seq).await?;
             since_flush = 0;
