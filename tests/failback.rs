@@ -238,3 +238,41 @@ fn services_stop_cleanly_on_sigterm() {
     assert!(cluster.target.terminate().success());
     assert!(cluster.target.log_text().contains("SIGTERM received"));
 }
+
+/// A loop device over an image, detached when dropped (the tests run as root).
+struct LoopDevice(String);
+
+impl LoopDevice {
+    fn attach(image: &std::path::Path) -> LoopDevice {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show", "--read-only"])
+            .arg(image)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup (needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopDevice(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn a_block_device_fails_back_like_an_image() {
+    let cluster = Cluster::start();
+    let image = cluster.path("disk0.img");
+    write_mixed_image(&image, 8 * MIB, 23).unwrap();
+    let device = LoopDevice::attach(&image);
+    let report = cluster.sync("blk", &[format!("{}=sda", device.0)]).unwrap();
+    assert_eq!(disk0(&report)["size"], 8 * MIB);
+    assert!(qemu_img_same(&image, &cluster.vmdk("blk", "sda")));
+}
