@@ -11,7 +11,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use crate::error::{Error, Result};
 use crate::geometry::SafeName;
@@ -75,38 +74,14 @@ pub async fn serve(
     config: RelayConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let acceptor = TlsAcceptor::from(identity.server_config()?);
     let upstream_tls = identity.client_config()?;
     let config = Arc::new(config);
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = &mut shutdown => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-        };
-        let acceptor = acceptor.clone();
-        let upstream_tls = upstream_tls.clone();
+    transport::serve(listener, identity, Role::Agent, shutdown, move |agent| {
         let config = config.clone();
-        tokio::spawn(async move {
-            let agent = match transport::accept(tcp, &acceptor, Role::Agent).await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(%peer, error = %e.chain(), "refused connection");
-                    return;
-                }
-            };
-            match relay(agent, &config, upstream_tls).await {
-                Ok(machine) => tracing::info!(%peer, %machine, "relay ended"),
-                Err(e) => tracing::warn!(%peer, error = %e.chain(), "relay failed"),
-            }
-        });
-    }
+        let upstream_tls = upstream_tls.clone();
+        async move { relay(agent, &config, upstream_tls).await }
+    })
+    .await
 }
 
 /// Relays one agent's conversation; returns the machine name.

@@ -11,15 +11,17 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
+
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::error::{Error, Result};
 use crate::protocol::{Frame, FrameCodec, Message};
 use crate::throttle::Throttle;
-use crate::tls::{check_peer_role, server_name, Role};
+use crate::tls::{check_peer_role, server_name, Identity, Role};
 
 /// How long a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -255,4 +257,50 @@ pub async fn accept(tcp: TcpStream, acceptor: &TlsAcceptor, client_role: Role) -
         return Err(err);
     }
     Ok(conn)
+}
+
+/// Accepts TLS clients of `client_role` on `listener` until `shutdown` completes, running
+/// `handle` for each on a task of its own. Refused handshakes and roles are logged; so is
+/// how each conversation ended (`handle` returns the machine it served).
+pub async fn serve<F, Fut>(
+    listener: TcpListener,
+    identity: &Identity,
+    client_role: Role,
+    shutdown: impl Future<Output = ()>,
+    handle: F,
+) -> Result<()>
+where
+    F: Fn(Conn) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<String>> + Send + 'static,
+{
+    let acceptor = TlsAcceptor::from(identity.server_config()?);
+    let handle = Arc::new(handle);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let conn = match accept(tcp, &acceptor, client_role).await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e.chain(), "refused connection");
+                    return;
+                }
+            };
+            match handle(conn).await {
+                Ok(machine) => tracing::info!(%peer, %machine, "session ended"),
+                Err(e) => tracing::warn!(%peer, error = %e.chain(), "session failed"),
+            }
+        });
+    }
 }

@@ -33,7 +33,6 @@ use crate::error::{Error, Result};
 use crate::geometry::{hash_block, is_zero, Geometry, SafeName, ZeroHashes};
 use crate::manifest::{runs, Manifest};
 use crate::nbd::{dirty_blocks, NbdClient, MAX_READ};
-use crate::protocol::message::append_record;
 use crate::qmp::Qmp;
 
 const BITMAP_PREFIX: &str = "deltaback-";
@@ -449,16 +448,7 @@ async fn send_disk(
             buf.resize(usize::try_from(end - offset).unwrap_or(0), 0);
             nbd.read(offset, &mut buf).await?;
             for (i, data) in buf.chunks(geometry.block_size.bytes()).enumerate() {
-                let index = start + i as u64;
-                let hash = if is_zero(data) {
-                    zero.of(index)
-                } else {
-                    hash_block(data)
-                };
-                append_record(&mut batch.records, index, &hash, |out| {
-                    encoder.encode(data, out)
-                });
-                batch.count += 1;
+                batch.push(start + i as u64, data, &zero, &mut encoder);
             }
         }
         report.blocks_sent += u64::from(batch.count);

@@ -47,6 +47,22 @@ pub struct Batch {
     pub raw_bytes: u64,
 }
 
+impl Batch {
+    /// Hashes (zero blocks by their known hash), encodes and appends block `index`.
+    pub fn push(&mut self, index: u64, data: &[u8], zero: &ZeroHashes, encoder: &mut BlockEncoder) {
+        let hash = if is_zero(data) {
+            zero.of(index)
+        } else {
+            hash_block(data)
+        };
+        append_record(&mut self.records, index, &hash, |out| {
+            encoder.encode(data, out)
+        });
+        self.count += 1;
+        self.raw_bytes += data.len() as u64;
+    }
+}
+
 /// Everything the workers need.
 pub struct SendJob {
     pub file: Arc<File>,
@@ -136,24 +152,13 @@ impl SendJob {
                 .read_exact_at(buf, offset)
                 .map_err(Error::file("read", &self.path))?;
             for (i, data) in buf.chunks(block_bytes).enumerate() {
-                let index = start + i as u64;
-                let zero_block = is_zero(data);
-                if zero_block {
+                if is_zero(data) {
                     batch.zero_blocks += 1;
                     if matches!(self.selection, Selection::AllNonZero) {
                         continue;
                     }
                 }
-                let hash = if zero_block {
-                    zero.of(index)
-                } else {
-                    hash_block(data)
-                };
-                append_record(&mut batch.records, index, &hash, |out| {
-                    encoder.encode(data, out)
-                });
-                batch.count += 1;
-                batch.raw_bytes += data.len() as u64;
+                batch.push(start + i as u64, data, zero, encoder);
             }
             self.progress.sent.fetch_add(len as u64, Ordering::Relaxed);
         }

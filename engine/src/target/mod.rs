@@ -17,7 +17,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
-use tokio_rustls::TlsAcceptor;
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::geometry::{BlockHash, BlockSize, Geometry, SafeName};
@@ -67,40 +66,17 @@ pub async fn serve(
     config: TargetConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let acceptor = TlsAcceptor::from(identity.server_config()?);
     let config = Arc::new(config);
     let locks = DiskLocks::default();
     let group_commits = Arc::new(Mutex::new(()));
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = &mut shutdown => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-        };
-        let acceptor = acceptor.clone();
-        let config = config.clone();
-        let locks = locks.clone();
-        let group_commits = group_commits.clone();
-        tokio::spawn(async move {
-            let conn = match transport::accept(tcp, &acceptor, Role::ProcessServer).await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(%peer, error = %e.chain(), "refused connection");
-                    return;
-                }
-            };
-            match session(conn, config, locks, group_commits).await {
-                Ok(machine) => tracing::info!(%peer, %machine, "session ended"),
-                Err(e) => tracing::warn!(%peer, error = %e.chain(), "session failed"),
-            }
-        });
-    }
+    transport::serve(
+        listener,
+        identity,
+        Role::ProcessServer,
+        shutdown,
+        move |conn| session(conn, config.clone(), locks.clone(), group_commits.clone()),
+    )
+    .await
 }
 
 /// One agent's conversation; returns the machine name.
