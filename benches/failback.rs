@@ -100,6 +100,17 @@ fn main() {
         c
     });
     std::fs::remove_file(dir.join("rsync-full.img")).ok();
+    // The floor for any tool: one sparse local copy made durable, no network, no hashing.
+    let cp_full = measure({
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(format!(
+            "cp --sparse=always {} {} && sync",
+            source.display(),
+            dir.join("cp-full.img").display()
+        ));
+        c
+    });
+    std::fs::remove_file(dir.join("cp-full.img")).ok();
 
     // The on-premises copy rsync will update: the image before the change.
     run_ok(
@@ -178,6 +189,11 @@ fn main() {
         secs(full_raw.wall),
         gbps(full_raw.wall),
         ByteSize(json(&full_raw)["wire_bytes"].as_u64().unwrap_or(0))
+    );
+    println!(
+        "  cp + sync   {:>7.2} s  {:>5.2} GB/s of disk  (floor: one durable local copy)",
+        secs(cp_full.wall),
+        gbps(cp_full.wall)
     );
     println!(
         "  ratio deltaback/rsync: {:.2}",
