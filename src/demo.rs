@@ -84,6 +84,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
                 master_target: target_addr.to_string(),
                 groups: Vec::new(),
                 throttle: None,
+                spool: None,
             },
             async {
                 let _ = relay_stopped.await;

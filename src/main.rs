@@ -37,6 +37,12 @@ enum Command {
     /// Writes a machine's VMDKs as they were at a recovery point into an empty folder; the
     /// replica is left untouched so replication goes on.
     Recover(points::RecoverArgs),
+    /// Shows a process server's spool: usage, health and what waits to be forwarded.
+    Spool {
+        /// The process server's --cache folder.
+        #[arg(long)]
+        cache: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -105,6 +111,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Points(args) => points::list(args),
         Command::Recover(args) => points::recover_point(args),
+        Command::Spool { cache } => spool_status(&cache),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -141,6 +148,18 @@ fn pki_issue(
         role.name(),
         out.display()
     );
+    Ok(())
+}
+
+fn spool_status(cache: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let path = cache.join("status.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {} (is this a --cache folder?)", path.display()))?;
+    print!("{text}");
+    if !text.ends_with('\n') {
+        println!();
+    }
     Ok(())
 }
 

@@ -342,3 +342,182 @@ fn bitmaps_survive_a_clean_restart_and_a_crash_falls_back_to_a_full_compare() {
     assert_eq!(disk(&next)["change_source"], "qemu-bitmap");
     assert_eq!(disk(&next)["blocks_sent"], 1);
 }
+
+/// Spooled segments waiting in the process server's cache.
+fn spooled(cache: &Path) -> usize {
+    std::fs::read_dir(cache.join("vm"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn wait_until_forwarded(cache: &Path) {
+    for _ in 0..600 {
+        if spooled(cache) == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the spool was not forwarded within a minute");
+}
+
+fn points(cluster: &Cluster) -> Vec<u64> {
+    let out = Command::new(bin("deltaback"))
+        .args(["points", "--json", "--machine", "vm"])
+        .arg("--datastore")
+        .arg(&cluster.datastore)
+        .output()
+        .unwrap();
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["seq"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn agents_replicate_into_the_spool_while_the_master_target_is_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let mut cluster = Cluster::start_full(&[], &["--cache", cache.to_str().unwrap()]);
+    let daemon = Daemon::create(&cluster.path(""), 16 * MIB);
+    daemon.write(&[(MIB, BLOCK, 0x11)]);
+    let (first, _) = cycle(&cluster, &daemon);
+    assert_eq!(first["point"]["seq"], 1);
+
+    cluster.target.kill();
+    daemon.write(&[(2 * MIB, BLOCK, 0x12), (9 * MIB, 3 * BLOCK, 0x13)]);
+    let (second, _) = cycle(&cluster, &daemon);
+    assert_eq!(second["point"]["seq"], 0, "the point waits in the spool");
+    assert_eq!(disk(&second)["blocks_sent"], 4);
+    daemon.snapshot(&cluster.path("at-2"));
+    daemon.write(&[(3 * MIB, BLOCK, 0x14)]);
+    cycle(&cluster, &daemon);
+    daemon.snapshot(&cluster.path("at-3"));
+    assert_eq!(spooled(&cache), 2);
+    let status = Command::new(bin("deltaback"))
+        .arg("spool")
+        .arg("--cache")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(status["backlog"]["vm"].as_u64().unwrap() > 0, "{status}");
+
+    cluster.target.restart();
+    wait_until_forwarded(&cache);
+    assert_eq!(points(&cluster), vec![3, 2, 1]);
+    assert!(qemu_img_same(&cluster.path("at-2"), &recover(&cluster, 2)));
+    assert!(qemu_img_same(&cluster.path("at-3"), &recover(&cluster, 3)));
+    assert!(qemu_img_same(
+        &cluster.path("at-3"),
+        &cluster.vmdk("vm", "vda")
+    ));
+    // Live again: the next cycle goes straight through.
+    let (live, _) = cycle(&cluster, &daemon);
+    assert_eq!(live["point"]["seq"], 4);
+}
+
+#[test]
+fn the_process_server_replays_its_spool_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let mut cluster = Cluster::start_full(&[], &["--cache", cache.to_str().unwrap()]);
+    let daemon = Daemon::create(&cluster.path(""), 8 * MIB);
+    cycle(&cluster, &daemon);
+    cluster.target.kill();
+    daemon.write(&[(MIB, 2 * BLOCK, 0x21)]);
+    cycle(&cluster, &daemon);
+    assert_eq!(spooled(&cache), 1);
+    // Killed with its spool full of what the master target has not seen, and restarted.
+    cluster.relay.crash_and_restart();
+    cluster.target.restart();
+    wait_until_forwarded(&cache);
+    daemon.snapshot(&cluster.path("guest.raw"));
+    assert!(qemu_img_same(
+        &cluster.path("guest.raw"),
+        &cluster.vmdk("vm", "vda")
+    ));
+    assert_eq!(points(&cluster), vec![2, 1]);
+    cluster
+        .relay
+        .wait_for_log("forwarding what the spool held at start");
+}
+
+#[test]
+fn a_full_spool_holds_the_agent_back_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let mut cluster = Cluster::start_full(
+        &[],
+        &["--cache", cache.to_str().unwrap(), "--cache-limit", "5MiB"],
+    );
+    let daemon = Daemon::create(&cluster.path(""), 8 * MIB);
+    cycle(&cluster, &daemon);
+    cluster.target.kill();
+    // 8 MiB of incompressible writes against a 5 MiB spool (batches are 4 MiB).
+    let noise = cluster.path("noise");
+    let mut data = vec![0u8; BLOCK as usize];
+    use rand::{RngCore, SeedableRng};
+    rand::rngs::SmallRng::seed_from_u64(9).fill_bytes(&mut data);
+    std::fs::write(&noise, &data).unwrap();
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", &daemon.uri()]);
+    for b in 0..128 {
+        cmd.arg("-c").arg(format!(
+            "write -s {} {} {}",
+            noise.display(),
+            b * BLOCK,
+            BLOCK
+        ));
+    }
+    assert!(cmd.output().unwrap().status.success());
+    let out = Command::new(bin("deltaback-agent"))
+        .args(["replicate", "--json", "--cycles", "1", "--source", "qemu"])
+        .args([
+            "--server",
+            &cluster.relay.addr,
+            "--machine",
+            "vm",
+            "--disk",
+            "disk0=vda",
+        ])
+        .arg("--pki")
+        .arg(&cluster.pki)
+        .arg("--qmp")
+        .arg(daemon.sock("qmp.sock"))
+        .arg("--nbd")
+        .arg(daemon.sock("nbd.sock"))
+        .arg("--scratch-dir")
+        .arg(&daemon.dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the cycle cannot finish into a full spool"
+    );
+    assert!(stderr.contains("spool is full"), "{stderr}");
+    let log = cluster.relay.wait_for_log("spool over 80% full");
+    assert!(
+        log.contains("spool over 70% full") && log.contains("spool is full"),
+        "{log}"
+    );
+
+    // The master target returns: the spool drains, and the next cycle brings everything,
+    // because the failed cycle gave its changes back to the bitmap.
+    cluster.target.restart();
+    wait_until_forwarded(&cache);
+    let (next, _) = cycle(&cluster, &daemon);
+    assert_eq!(disk(&next)["blocks_sent"], 128);
+    daemon.snapshot(&cluster.path("guest.raw"));
+    assert!(qemu_img_same(
+        &cluster.path("guest.raw"),
+        &cluster.vmdk("vm", "vda")
+    ));
+}

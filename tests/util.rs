@@ -76,8 +76,18 @@ impl Service {
 
     /// kill -9, then start again on the same address.
     pub fn crash_and_restart(&mut self) {
+        self.kill();
+        self.restart();
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
         self.child.kill().expect("kill -9");
         self.child.wait().expect("wait");
+    }
+
+    /// Starts the (killed) service again on the same address.
+    pub fn restart(&mut self) {
         let mut args = self.args.clone();
         if let Some(i) = args.iter().position(|a| a == "--listen") {
             args[i + 1] = self.addr.clone();

@@ -19,6 +19,7 @@ pub mod sample;
 pub mod scan;
 pub mod service;
 pub mod sparse;
+pub mod spool;
 pub mod target;
 pub mod throttle;
 pub mod tls;

@@ -15,6 +15,9 @@ use tokio::net::TcpListener;
 use crate::error::{Error, Result};
 use crate::geometry::SafeName;
 use crate::protocol::{Frame, Message};
+use crate::spool::offline::spool_conversation;
+use crate::spool::replay::replay_machine;
+use crate::spool::Spool;
 use crate::throttle::Throttle;
 use crate::tls::{Identity, Role};
 use crate::transport::{self, Conn, ConnReader, ConnWriter};
@@ -28,6 +31,8 @@ pub struct RelayConfig {
     pub groups: Vec<(SafeName, Vec<SafeName>)>,
     /// Bandwidth limit towards the master target, shared by every agent's stream.
     pub throttle: Option<Arc<Throttle>>,
+    /// Where conversations go while the master target is away.
+    pub spool: Option<Arc<Spool>>,
 }
 
 impl RelayConfig {
@@ -75,6 +80,28 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let upstream_tls = identity.client_config()?;
+    if let Some(spool) = &config.spool {
+        for machine in spool.machines() {
+            if !spool.pending(&machine).is_empty() {
+                tracing::info!(%machine, "forwarding what the spool held at start");
+                tokio::spawn(replay_machine(
+                    spool.clone(),
+                    machine,
+                    config.master_target.clone(),
+                    upstream_tls.clone(),
+                ));
+            }
+        }
+        let spool = spool.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = spool.write_status() {
+                    tracing::warn!(error = %e.chain(), "cannot write the spool status");
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+        });
+    }
     let config = Arc::new(config);
     transport::serve(listener, identity, Role::Agent, shutdown, move |agent| {
         let config = config.clone();
@@ -84,15 +111,59 @@ pub async fn serve(
     .await
 }
 
-/// Relays one agent's conversation; returns the machine name.
+/// Relays one agent's conversation (or spools it while the master target is away);
+/// returns the machine name.
 async fn relay(
     mut agent: Conn,
     config: &RelayConfig,
     upstream_tls: Arc<rustls::ClientConfig>,
 ) -> Result<String> {
-    let (machine, upstream) = match open_upstream(&mut agent, config, upstream_tls).await {
-        Ok(opened) => opened,
+    let hello = match read_hello(&mut agent).await {
+        Ok(hello) => hello,
         Err(err) => {
+            agent.fail(&err).await;
+            return Err(err);
+        }
+    };
+    let (machine, hello) = hello;
+    // A machine with conversations still in the spool is spooled again, so that nothing
+    // overtakes what is waiting.
+    let waiting = config
+        .spool
+        .as_ref()
+        .is_some_and(|s| !s.pending(&machine).is_empty());
+    let upstream = if waiting {
+        Err(Error::Unavailable(
+            "earlier conversations of this machine are still in the spool".into(),
+        ))
+    } else {
+        open_upstream(config, upstream_tls.clone(), &hello).await
+    };
+    let upstream = match (upstream, &config.spool) {
+        (Ok(upstream), _) => upstream,
+        (Err(why), Some(spool)) => {
+            tracing::warn!(%machine, reason = %why.chain(), "spooling this conversation");
+            let stamp = |frame| config.stamp(machine.as_str(), frame);
+            let spooled = spool_conversation(&mut agent, &machine, spool, stamp).await;
+            let _ = spool.write_status();
+            tokio::spawn(replay_machine(
+                spool.clone(),
+                machine.clone(),
+                config.master_target.clone(),
+                upstream_tls,
+            ));
+            return match spooled {
+                Ok(()) => {
+                    agent.close().await;
+                    Ok(machine.to_string())
+                }
+                Err(err) => {
+                    agent.fail(&err).await;
+                    Err(err)
+                }
+            };
+        }
+        (Err(err), None) => {
             agent.fail(&err).await;
             return Err(err);
         }
@@ -101,17 +172,46 @@ async fn relay(
     let (agent_rx, mut agent_tx) = agent.split();
     let (upstream_rx, mut upstream_tx) = upstream.split();
     upstream_tx.set_throttle(config.throttle.clone());
-    let stamp = |frame| config.stamp(&machine, frame);
+    // With a spool, remember what the master target says of each disk, for later.
+    let disks: std::sync::Mutex<std::collections::HashMap<u32, SafeName>> = Default::default();
+    let stamp = |frame: Frame| {
+        if let (Some(_), 3) = (&config.spool, frame.kind) {
+            if let Ok(Message::OpenDisk { handle, id, .. }) = Message::from_frame(frame.clone()) {
+                if let (Ok(id), Ok(mut d)) = (SafeName::new("disk id", &id), disks.lock()) {
+                    d.insert(handle, id);
+                }
+            }
+        }
+        config.stamp(machine.as_str(), frame)
+    };
+    let observe = |frame: &Frame| {
+        let Some(spool) = &config.spool else { return };
+        if frame.kind != 4 {
+            return;
+        }
+        if let Ok(Message::DiskState(state)) = Message::from_frame(frame.clone()) {
+            let disk = disks
+                .lock()
+                .ok()
+                .and_then(|d| d.get(&state.handle).cloned());
+            if let Some(disk) = disk {
+                if let Err(e) = spool.save_state(&machine, &disk, &state) {
+                    tracing::warn!(error = %e.chain(), "cannot remember a disk's state in the spool");
+                }
+            }
+        }
+    };
     let outcome = pump_both(
         agent_rx,
         &mut agent_tx,
         upstream_rx,
         &mut upstream_tx,
         stamp,
+        observe,
     )
     .await;
     match outcome {
-        Ok(()) => Ok(machine),
+        Ok(()) => Ok(machine.to_string()),
         Err(Failure::Agent(err)) => {
             // The agent broke the protocol: tell it why; the master target sees the cut.
             let _ = agent_tx.send(&Message::error(&err)).await;
@@ -128,18 +228,22 @@ async fn relay(
     }
 }
 
-async fn open_upstream(
-    agent: &mut Conn,
-    config: &RelayConfig,
-    upstream_tls: Arc<rustls::ClientConfig>,
-) -> Result<(String, Conn)> {
+/// Reads the conversation's opening `Hello` and the machine it names.
+async fn read_hello(agent: &mut Conn) -> Result<(SafeName, Message)> {
     let hello = agent.recv().await?;
     let Message::Hello { machine, .. } = &hello else {
         return Err(Error::Protocol(
             "the conversation must start with Hello".into(),
         ));
     };
-    let machine = machine.clone();
+    Ok((SafeName::new("machine name", machine)?, hello))
+}
+
+async fn open_upstream(
+    config: &RelayConfig,
+    upstream_tls: Arc<rustls::ClientConfig>,
+    hello: &Message,
+) -> Result<Conn> {
     let mut upstream = transport::connect(&config.master_target, upstream_tls, Role::MasterTarget)
         .await
         .map_err(|e| {
@@ -149,8 +253,8 @@ async fn open_upstream(
                 e.chain()
             ))
         })?;
-    upstream.send(&hello).await?;
-    Ok((machine, upstream))
+    upstream.send(hello).await?;
+    Ok(upstream)
 }
 
 enum Failure {
@@ -165,6 +269,7 @@ async fn pump_both(
     mut upstream_rx: ConnReader,
     upstream_tx: &mut ConnWriter,
     stamp: impl Fn(Frame) -> Result<Frame>,
+    observe_down: impl Fn(&Frame),
 ) -> Result<(), Failure> {
     let up = async {
         while let Some(frame) = agent_rx.recv_frame().await.map_err(Failure::Agent)? {
@@ -179,6 +284,7 @@ async fn pump_both(
     };
     let down = async {
         while let Some(frame) = upstream_rx.recv_frame().await.map_err(Failure::Upstream)? {
+            observe_down(&frame);
             agent_tx.send_frame(frame).await.map_err(Failure::Agent)?;
         }
         let _ = agent_tx.close().await;

@@ -106,6 +106,11 @@ impl Conn {
         self.writer.send(msg).await
     }
 
+    /// Receives one raw frame; `None` at a clean end of stream.
+    pub async fn recv_frame(&mut self) -> Result<Option<Frame>> {
+        self.reader.recv_frame().await
+    }
+
     /// Receives one message; see [`ConnReader::recv`].
     pub async fn recv(&mut self) -> Result<Message> {
         self.reader.recv().await

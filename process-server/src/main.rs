@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use engine::geometry::SafeName;
 use engine::relay::{serve, RelayConfig};
+use engine::spool::Spool;
 use engine::throttle::{RateSchedule, Throttle};
 use engine::tls::{Identity, Role};
 
@@ -40,6 +41,16 @@ struct Args {
     /// applies outside these windows.
     #[arg(long)]
     rate_schedule: Option<String>,
+    /// Durable spool folder: while the master target is away, agents' conversations are
+    /// stored here (fsynced before the agent is acknowledged) and forwarded in order once
+    /// it is back, also after a restart of this process server. Without it, agents wait and
+    /// retry while the master target is away.
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Most bytes the spool may hold; agents are held back when it is full. Usage over 70%
+    /// is a warning and over 80% an error (log and CACHE/status.json).
+    #[arg(long, default_value = "10GiB")]
+    cache_limit: bytesize::ByteSize,
 }
 
 fn parse_group(spec: &str) -> anyhow::Result<(SafeName, Vec<SafeName>)> {
@@ -87,6 +98,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         master_target: args.master_target,
         groups,
         throttle: (!schedule.is_unlimited()).then(|| Arc::new(Throttle::new(schedule))),
+        spool: match &args.cache {
+            Some(dir) => Some(Arc::new(Spool::open(dir, args.cache_limit.as_u64())?)),
+            None => None,
+        },
     };
     serve(
         listener,

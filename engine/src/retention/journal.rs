@@ -216,7 +216,8 @@ impl JournalWriter {
         }
         let mut saved = HashSet::new();
         let mut end = HEADER_LEN as u64;
-        let existed = path.exists();
+        // A file shorter than a header is a creation cut short by a crash: start it again.
+        let existed = std::fs::metadata(path).is_ok_and(|m| m.len() >= HEADER_LEN as u64);
         if existed {
             let mut reader = JournalReader::open(path)?;
             if reader.block_size() != block_size || reader.point() != point {
@@ -237,7 +238,7 @@ impl JournalWriter {
             .read(true)
             .write(true)
             .create(true)
-            .truncate(false)
+            .truncate(!existed)
             .open(path)
             .map_err(Error::file("open journal", path))?;
         if existed {
@@ -350,6 +351,12 @@ mod tests {
         w.sync().unwrap();
         drop(w);
         assert_eq!(read_all(&path).unwrap()[1].data, vec![3u8; 4096]);
+        // A creation cut short (no complete header) starts the journal again.
+        std::fs::write(dir.path().join("3.journal"), b"DBJR").unwrap();
+        let w = JournalWriter::open(&dir.path().join("3.journal"), bs(), 3).unwrap();
+        assert!(!w.has(1));
+        drop(w);
+        assert!(read_all(&dir.path().join("3.journal")).unwrap().is_empty());
         // Damaged: a flipped byte inside a complete record.
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[HEADER_LEN + RECORD_HEAD + 2] ^= 0xff;

@@ -100,6 +100,10 @@ impl Replica {
             Ok(file) => {
                 let manifest =
                     Self::existing_manifest(&file, &paths, id, geometry, verify, threads)?;
+                // A crash right after creating the extent leaves it without its descriptor.
+                if !paths.descriptor.exists() {
+                    vmdk::write_descriptor(&paths.descriptor, &paths.extent, geometry.size)?;
+                }
                 (file, manifest, false)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
