@@ -19,33 +19,47 @@ use crate::util::{bin, qemu_img_same, Cluster};
 const MIB: u64 = 1 << 20;
 const FAST_RETRY: &[&str] = &["--retry-delay", "50ms", "--retry-for", "60s"];
 
-/// A TCP proxy of our own on loopback that can cut the first connection after a given
-/// number of bytes from the client, and counts what it forwarded in that direction.
+/// What the proxy does to the client-to-server direction.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Cut the first connection after this many bytes.
+    Cut(u64),
+    /// Stop forwarding the first connection for a while after this many bytes.
+    Stall(u64, Duration),
+    /// Forward every connection at this many bytes per second.
+    Slow(u64),
+}
+
+/// A TCP proxy of our own on loopback that cuts, stalls or slows the client-to-server
+/// direction, and counts what it forwarded that way.
 struct Proxy {
     addr: String,
     forwarded: Arc<AtomicU64>,
-    cuts: Arc<AtomicU64>,
+    /// Times the fault struck (a cut or a stall).
+    struck: Arc<AtomicU64>,
 }
 
 impl Proxy {
-    fn start(upstream: String, cut_first_after: u64) -> Proxy {
+    fn start(upstream: String, fault: Fault) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let forwarded = Arc::new(AtomicU64::new(0));
-        let cuts = Arc::new(AtomicU64::new(0));
-        let armed = Arc::new(AtomicBool::new(true));
-        let (fwd, cut_count) = (forwarded.clone(), cuts.clone());
+        let struck = Arc::new(AtomicU64::new(0));
+        let first = Arc::new(AtomicBool::new(true));
+        let (fwd, hits) = (forwarded.clone(), struck.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 let Ok(server) = TcpStream::connect(&upstream) else {
                     continue;
                 };
-                let cut = armed
-                    .swap(false, Ordering::SeqCst)
-                    .then_some(cut_first_after);
+                let is_first = first.swap(false, Ordering::SeqCst);
+                let fault = match fault {
+                    Fault::Slow(_) => Some(fault),
+                    _ => is_first.then_some(fault),
+                };
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let (fwd, cut_count) = (fwd.clone(), cut_count.clone());
-                std::thread::spawn(move || pump(client, server, cut, &fwd, &cut_count));
+                let (fwd, hits) = (fwd.clone(), hits.clone());
+                std::thread::spawn(move || pump(client, server, fault, &fwd, &hits));
                 std::thread::spawn(move || {
                     pump(s2, c2, None, &AtomicU64::new(0), &AtomicU64::new(0))
                 });
@@ -54,7 +68,7 @@ impl Proxy {
         Proxy {
             addr,
             forwarded,
-            cuts,
+            struck,
         }
     }
 }
@@ -62,26 +76,45 @@ impl Proxy {
 fn pump(
     mut from: TcpStream,
     mut to: TcpStream,
-    cut: Option<u64>,
+    fault: Option<Fault>,
     counted: &AtomicU64,
-    cuts: &AtomicU64,
+    struck: &AtomicU64,
 ) {
-    let mut buf = vec![0u8; 64 << 10];
+    let mut buf = vec![0u8; 16 << 10];
     let mut passed = 0u64;
+    let started = Instant::now();
+    let mut stalled = false;
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
-            Ok(n) => n,
+            Ok(n) => n as u64,
         };
-        let allowed = cut.map_or(n as u64, |c| (c - passed).min(n as u64)) as usize;
-        if to.write_all(&buf[..allowed]).is_err() {
+        let allowed = match fault {
+            Some(Fault::Cut(at)) => (at - passed).min(n),
+            _ => n,
+        };
+        if to.write_all(&buf[..allowed as usize]).is_err() {
             break;
         }
-        passed += allowed as u64;
-        counted.fetch_add(allowed as u64, Ordering::Relaxed);
-        if allowed < n || cut == Some(passed) {
-            cuts.fetch_add(1, Ordering::Relaxed);
-            break;
+        passed += allowed;
+        counted.fetch_add(allowed, Ordering::Relaxed);
+        match fault {
+            Some(Fault::Cut(at)) if passed == at => {
+                struck.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            Some(Fault::Stall(at, pause)) if passed >= at && !stalled => {
+                stalled = true;
+                struck.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(pause);
+            }
+            Some(Fault::Slow(rate)) => {
+                let due = Duration::from_secs_f64(passed as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            _ => {}
         }
     }
     let _ = from.shutdown(Shutdown::Both);
@@ -109,10 +142,10 @@ fn a_cut_connection_is_retried_and_resumes_where_it_stopped() {
     let clean = cluster.sync("clean", &[&disk]).unwrap();
     let clean_bytes = clean["wire_bytes"].as_u64().unwrap();
 
-    let proxy = Proxy::start(cluster.relay.addr.clone(), 20 * MIB);
+    let proxy = Proxy::start(cluster.relay.addr.clone(), Fault::Cut(20 * MIB));
     let report = run_ok(&mut cluster.agent(&proxy.addr, "cut", &[&disk], &cluster.pki, FAST_RETRY));
     assert_eq!(
-        proxy.cuts.load(Ordering::Relaxed),
+        proxy.struck.load(Ordering::Relaxed),
         1,
         "the proxy cut the first connection"
     );
@@ -394,4 +427,32 @@ fn a_full_disk_on_the_master_target_is_reported_and_replication_completes_once_f
         "{stderr}"
     );
     assert!(qemu_img_same(&image, &datastore.join("full/disk0.vmdk")));
+}
+
+#[test]
+fn a_stalled_or_slow_link_delays_but_does_not_break_a_failback() {
+    let cluster = Cluster::start();
+    let image = cluster.path("disk0.img");
+    write_mixed_image(&image, 16 * MIB, 12).unwrap();
+    let disk = format!("{}=disk0", image.display());
+
+    // The link stops for three seconds half way: nothing times out, nothing is sent twice.
+    let stall = Proxy::start(
+        cluster.relay.addr.clone(),
+        Fault::Stall(4 * MIB, Duration::from_secs(3)),
+    );
+    let report =
+        run_ok(&mut cluster.agent(&stall.addr, "stalled", &[&disk], &cluster.pki, FAST_RETRY));
+    assert_eq!(stall.struck.load(Ordering::Relaxed), 1);
+    assert_eq!(report["attempts"], 1);
+    assert!(report["seconds"].as_f64().unwrap() >= 3.0);
+    assert!(qemu_img_same(&image, &cluster.vmdk("stalled", "disk0")));
+
+    // A slow link (2 MiB/s): the failback takes its time and completes.
+    let slow = Proxy::start(cluster.relay.addr.clone(), Fault::Slow(2 * MIB));
+    let report = run_ok(&mut cluster.agent(&slow.addr, "slow", &[&disk], &cluster.pki, FAST_RETRY));
+    assert_eq!(report["attempts"], 1);
+    let wire = report["wire_bytes"].as_f64().unwrap();
+    assert!(report["seconds"].as_f64().unwrap() >= 0.9 * wire / (2 * MIB) as f64);
+    assert!(qemu_img_same(&image, &cluster.vmdk("slow", "disk0")));
 }
