@@ -4,8 +4,9 @@
 //! connection to the master target (TLS, master-target certificate required) and passes
 //! frames both ways. Each direction holds at most one frame in flight, so a slow master
 //! target slows the agents through TCP back-pressure instead of filling memory. The relay
-//! checks every frame's length and that the conversation opens with `Hello`; a durable
-//! spool between the two sides comes later (see ARCHITECTURE.md).
+//! checks every frame's length and that the conversation opens with `Hello`, stamps the
+//! checkpoints of consistency-group members, and, with a spool, holds conversations itself
+//! while the master target is away (see [`crate::spool`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use tokio::net::TcpListener;
 
 use crate::error::{Error, Result};
 use crate::geometry::SafeName;
+use crate::protocol::message::{KIND_CHECKPOINT, KIND_DISK_STATE, KIND_OPEN_DISK};
 use crate::protocol::{Frame, Message};
 use crate::spool::offline::spool_conversation;
 use crate::spool::replay::replay_machine;
@@ -46,7 +48,7 @@ impl RelayConfig {
     /// Stamps a member machine's `Checkpoint` with its group, so the master target makes a
     /// group point once every member's point is durable. Other frames pass untouched.
     fn stamp(&self, machine: &str, frame: Frame) -> Result<Frame> {
-        if frame.kind != CHECKPOINT_KIND {
+        if frame.kind != KIND_CHECKPOINT {
             return Ok(frame);
         }
         let Message::Checkpoint { kind, label, .. } = Message::from_frame(frame)? else {
@@ -68,9 +70,6 @@ impl RelayConfig {
         .to_frame())
     }
 }
-
-/// Frame kind of `Checkpoint`.
-const CHECKPOINT_KIND: u8 = 12;
 
 /// Serves agents on `listener` until `shutdown` completes.
 pub async fn serve(
@@ -175,7 +174,7 @@ async fn relay(
     // With a spool, remember what the master target says of each disk, for later.
     let disks: std::sync::Mutex<std::collections::HashMap<u32, SafeName>> = Default::default();
     let stamp = |frame: Frame| {
-        if let (Some(_), 3) = (&config.spool, frame.kind) {
+        if config.spool.is_some() && frame.kind == KIND_OPEN_DISK {
             if let Ok(Message::OpenDisk { handle, id, .. }) = Message::from_frame(frame.clone()) {
                 if let (Ok(id), Ok(mut d)) = (SafeName::new("disk id", &id), disks.lock()) {
                     d.insert(handle, id);
@@ -186,7 +185,7 @@ async fn relay(
     };
     let observe = |frame: &Frame| {
         let Some(spool) = &config.spool else { return };
-        if frame.kind != 4 {
+        if frame.kind != KIND_DISK_STATE {
             return;
         }
         if let Ok(Message::DiskState(state)) = Message::from_frame(frame.clone()) {

@@ -30,6 +30,13 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::geometry::BlockHash;
 use crate::protocol::frame::Frame;
 
+/// Frame kind of `OpenDisk`.
+pub const KIND_OPEN_DISK: u8 = 3;
+/// Frame kind of `DiskState`.
+pub const KIND_DISK_STATE: u8 = 4;
+/// Frame kind of `Checkpoint`.
+pub const KIND_CHECKPOINT: u8 = 12;
+
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Bytes of a block record before its payload.
@@ -197,8 +204,8 @@ impl Message {
         match self {
             Message::Hello { .. } => 1,
             Message::Welcome { .. } => 2,
-            Message::OpenDisk { .. } => 3,
-            Message::DiskState(_) => 4,
+            Message::OpenDisk { .. } => KIND_OPEN_DISK,
+            Message::DiskState(_) => KIND_DISK_STATE,
             Message::HashQuery { .. } => 5,
             Message::HashAnswer { .. } => 6,
             Message::Blocks { .. } => 7,
@@ -206,7 +213,7 @@ impl Message {
             Message::Ack { .. } => 9,
             Message::Error { .. } => 10,
             Message::Bye => 11,
-            Message::Checkpoint { .. } => 12,
+            Message::Checkpoint { .. } => KIND_CHECKPOINT,
             Message::PointCreated { .. } => 13,
         }
     }

@@ -255,7 +255,7 @@ impl Spool {
             .join(format!("{disk}.state"));
         let body = std::fs::read(path).ok()?;
         match Message::from_frame(Frame {
-            kind: 4,
+            kind: crate::protocol::message::KIND_DISK_STATE,
             body: Bytes::from(body),
         }) {
             Ok(Message::DiskState(state)) => Some(state),
