@@ -195,35 +195,27 @@ fn kill_harness(victim: Victim, seed: u64) {
                 crate::util::nonzero_block_bytes(&image, 65536)
             };
             let delay = Duration::from_millis(rng.gen_range(0..120));
-            let mut agent = cluster
-                .agent(
-                    &cluster.relay.addr,
-                    &machine,
-                    &[&disk],
-                    &cluster.pki,
-                    FAST_RETRY,
-                )
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
+            let start_agent = |cluster: &Cluster| {
+                cluster
+                    .agent(
+                        &cluster.relay.addr,
+                        &machine,
+                        &[&disk],
+                        &cluster.pki,
+                        FAST_RETRY,
+                    )
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            };
+            let mut agent = start_agent(&cluster);
             std::thread::sleep(delay);
             match victim {
                 Victim::Agent => {
                     let _ = agent.kill();
                     let _ = agent.wait();
-                    agent = cluster
-                        .agent(
-                            &cluster.relay.addr,
-                            &machine,
-                            &[&disk],
-                            &cluster.pki,
-                            FAST_RETRY,
-                        )
-                        .stdout(Stdio::piped())
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .unwrap();
+                    agent = start_agent(&cluster);
                 }
                 Victim::ProcessServer => cluster.relay.crash_and_restart(),
                 Victim::MasterTarget => cluster.target.crash_and_restart(),

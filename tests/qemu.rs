@@ -132,10 +132,10 @@ impl Drop for Daemon {
     }
 }
 
-/// One `replicate --source qemu` cycle; returns the cycle's JSON and the agent's log.
-fn cycle(cluster: &Cluster, daemon: &Daemon) -> (Value, String) {
-    let out = Command::new(bin("deltaback-agent"))
-        .args(["replicate", "--json", "--cycles", "1", "--source", "qemu"])
+/// The command line of one `replicate --source qemu` cycle of machine `vm`.
+fn cycle_command(cluster: &Cluster, daemon: &Daemon) -> Command {
+    let mut cmd = Command::new(bin("deltaback-agent"));
+    cmd.args(["replicate", "--json", "--cycles", "1", "--source", "qemu"])
         .args([
             "--server",
             &cluster.relay.addr,
@@ -151,9 +151,13 @@ fn cycle(cluster: &Cluster, daemon: &Daemon) -> (Value, String) {
         .arg("--nbd")
         .arg(daemon.sock("nbd.sock"))
         .arg("--scratch-dir")
-        .arg(&daemon.dir)
-        .output()
-        .unwrap();
+        .arg(&daemon.dir);
+    cmd
+}
+
+/// One `replicate --source qemu` cycle; returns the cycle's JSON and the agent's log.
+fn cycle(cluster: &Cluster, daemon: &Daemon) -> (Value, String) {
+    let out = cycle_command(cluster, daemon).output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{log}");
     let line = String::from_utf8_lossy(&out.stdout)
@@ -477,26 +481,7 @@ fn a_full_spool_holds_the_agent_back_and_loses_nothing() {
         ));
     }
     assert!(cmd.output().unwrap().status.success());
-    let out = Command::new(bin("deltaback-agent"))
-        .args(["replicate", "--json", "--cycles", "1", "--source", "qemu"])
-        .args([
-            "--server",
-            &cluster.relay.addr,
-            "--machine",
-            "vm",
-            "--disk",
-            "disk0=vda",
-        ])
-        .arg("--pki")
-        .arg(&cluster.pki)
-        .arg("--qmp")
-        .arg(daemon.sock("qmp.sock"))
-        .arg("--nbd")
-        .arg(daemon.sock("nbd.sock"))
-        .arg("--scratch-dir")
-        .arg(&daemon.dir)
-        .output()
-        .unwrap();
+    let out = cycle_command(&cluster, &daemon).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
