@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytesize::ByteSize;
-use common::{build_release, json, measure, run_ok, s, Service};
+use common::{build_release, json, measure, run_ok, s, Services};
 use rand::rngs::SmallRng;
 use rand::seq::index::sample;
 use rand::{RngCore, SeedableRng};
@@ -56,35 +56,12 @@ fn main() {
         ByteSize(size)
     );
 
-    let pki = dir.join("pki");
-    run_ok(
-        Command::new(bins.join("deltaback"))
-            .args(["pki", "init", "--dir"])
-            .arg(&pki),
-    );
-    let datastore = dir.join("datastore");
-    let target = Service::start(
-        &bins.join("deltaback-master-target"),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--datastore",
-            s(&datastore),
-            "--pki",
-            s(&pki),
-        ],
-    );
-    let relay = Service::start(
-        &bins.join("deltaback-process-server"),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--master-target",
-            &target.addr,
-            "--pki",
-            s(&pki),
-        ],
-    );
+    let Services {
+        pki,
+        datastore,
+        target,
+        relay,
+    } = Services::start(&bins, dir);
     let daemon = Daemon::start(dir, &qcow);
 
     let qemu_cycle = || {

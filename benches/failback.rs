@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use common::{build_release, json, measure, run_ok, s, sync_caches, Measured, Service};
+use common::{build_release, json, measure, run_ok, s, sync_caches, Measured, Services};
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -43,35 +43,12 @@ fn main() {
     println!("image: {} mixed content in {}", size, dir.display());
     engine::sample::write_mixed_image(&source, size.as_u64() / 512 * 512, 42).expect("image");
 
-    let pki = dir.join("pki");
-    run_ok(
-        Command::new(bins.join("deltaback"))
-            .args(["pki", "init", "--dir"])
-            .arg(&pki),
-    );
-    let datastore = dir.join("datastore");
-    let target = Service::start(
-        &bins.join("deltaback-master-target"),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--datastore",
-            s(&datastore),
-            "--pki",
-            s(&pki),
-        ],
-    );
-    let relay = Service::start(
-        &bins.join("deltaback-process-server"),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--master-target",
-            &target.addr,
-            "--pki",
-            s(&pki),
-        ],
-    );
+    let Services {
+        pki,
+        datastore,
+        target,
+        relay,
+    } = Services::start(&bins, dir);
     let agent = |machine: &str, extra: &[&str]| {
         let mut cmd = Command::new(bins.join("deltaback-agent"));
         cmd.args([

@@ -117,3 +117,51 @@ impl Drop for Service {
         let _ = self.child.wait();
     }
 }
+
+/// A PKI, a master target and a process server of the release build, in `dir`.
+pub struct Services {
+    pub pki: std::path::PathBuf,
+    pub datastore: std::path::PathBuf,
+    pub target: Service,
+    pub relay: Service,
+}
+
+impl Services {
+    pub fn start(bins: &Path, dir: &Path) -> Services {
+        let pki = dir.join("pki");
+        run_ok(
+            Command::new(bins.join("deltaback"))
+                .args(["pki", "init", "--dir"])
+                .arg(&pki),
+        );
+        let datastore = dir.join("datastore");
+        let target = Service::start(
+            &bins.join("deltaback-master-target"),
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--datastore",
+                s(&datastore),
+                "--pki",
+                s(&pki),
+            ],
+        );
+        let relay = Service::start(
+            &bins.join("deltaback-process-server"),
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--master-target",
+                &target.addr,
+                "--pki",
+                s(&pki),
+            ],
+        );
+        Services {
+            pki,
+            datastore,
+            target,
+            relay,
+        }
+    }
+}
