@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytesize::ByteSize;
-use common::{build_release, json, measure, run_ok, s, Services};
+use common::{json, measure, run_ok, s, Services, Setup};
 use rand::rngs::SmallRng;
 use rand::seq::index::sample;
 use rand::{RngCore, SeedableRng};
@@ -25,18 +25,8 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let size: ByteSize = std::env::var("DELTABACK_BENCH_SIZE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(ByteSize::gib(2));
+    let Setup { size, bins, work } = Setup::new("deltaback-cycles");
     let size = size.as_u64() / BLOCK * BLOCK;
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    build_release(&root);
-    let bins = root.join("target/release");
-    let work = tempfile::Builder::new()
-        .prefix("deltaback-cycles")
-        .tempdir_in(std::env::var("DELTABACK_BENCH_DIR").unwrap_or_else(|_| "/tmp".into()))
-        .expect("work folder");
     let dir = work.path();
     let raw = dir.join("source.img");
     engine::sample::write_mixed_image(&raw, size, 42).expect("image");

@@ -14,29 +14,18 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use common::{build_release, json, measure, run_ok, s, sync_caches, Measured, Services};
+use common::{json, measure, run_ok, s, sync_caches, Measured, Services, Setup};
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         // `cargo bench -- --list` and `cargo test --benches` probe the harness; nothing to list.
         return;
     }
-    let size: ByteSize = std::env::var("DELTABACK_BENCH_SIZE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(ByteSize::gib(2));
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    build_release(&root);
-    let bins = root.join("target/release");
-    let work = tempfile::Builder::new()
-        .prefix("deltaback-bench")
-        .tempdir_in(std::env::var("DELTABACK_BENCH_DIR").unwrap_or_else(|_| "/tmp".into()))
-        .expect("work folder");
+    let Setup { size, bins, work } = Setup::new("deltaback-bench");
     let dir = work.path();
     let source = dir.join("source.img");
     let old_copy = dir.join("onprem.img");

@@ -14,7 +14,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use crate::util::{bin, qemu_img_same, Cluster};
+use crate::util::{qemu_img_same, Cluster};
 
 const MIB: u64 = 1 << 20;
 const FAST_RETRY: &[&str] = &["--retry-delay", "50ms", "--retry-for", "60s"];
@@ -264,32 +264,11 @@ fn kill_harness(victim: Victim, seed: u64) {
 }
 
 fn check_points(cluster: &Cluster, machine: &str, before: &Path, after: &Path) {
-    let out = Command::new(bin("deltaback"))
-        .args(["points", "--json", "--machine", machine])
-        .arg("--datastore")
-        .arg(&cluster.datastore)
-        .output()
-        .unwrap();
-    let points: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let points = points.as_array().unwrap();
+    let points = cluster.points(machine);
     assert!(!points.is_empty());
     for point in points {
-        let seq = point["seq"].as_u64().unwrap();
-        let dir = cluster.path(&format!("{machine}-point-{seq}"));
-        let out = Command::new(bin("deltaback"))
-            .args(["recover", "--machine", machine, "--point", &seq.to_string()])
-            .arg("--datastore")
-            .arg(&cluster.datastore)
-            .arg("--output")
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let vmdk = dir.join("disk0.vmdk");
+        let seq = point["seq"].to_string();
+        let vmdk = cluster.recover(machine, &seq).unwrap().join("disk0.vmdk");
         assert!(
             qemu_img_same(before, &vmdk) || qemu_img_same(after, &vmdk),
             "point {seq} of {machine} matches neither state of the source"

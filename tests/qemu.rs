@@ -171,21 +171,10 @@ fn cycle(cluster: &Cluster, daemon: &Daemon) -> (Value, String) {
 }
 
 fn recover(cluster: &Cluster, point: u64) -> PathBuf {
-    let out_dir = cluster.path(&format!("point-{point}"));
-    let out = Command::new(bin("deltaback"))
-        .args(["recover", "--machine", "vm", "--point", &point.to_string()])
-        .arg("--datastore")
-        .arg(&cluster.datastore)
-        .arg("--output")
-        .arg(&out_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out_dir.join("vda.vmdk")
+    cluster
+        .recover("vm", &point.to_string())
+        .unwrap()
+        .join("vda.vmdk")
 }
 
 fn disk(report: &Value) -> &Value {
@@ -369,16 +358,8 @@ fn wait_until_forwarded(cache: &Path) {
 }
 
 fn points(cluster: &Cluster) -> Vec<u64> {
-    let out = Command::new(bin("deltaback"))
-        .args(["points", "--json", "--machine", "vm"])
-        .arg("--datastore")
-        .arg(&cluster.datastore)
-        .output()
-        .unwrap();
-    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
-    listed
-        .as_array()
-        .unwrap()
+    cluster
+        .points("vm")
         .iter()
         .map(|p| p["seq"].as_u64().unwrap())
         .collect()

@@ -1,6 +1,6 @@
 //! Continuous replication, recovery points, retention, and recovering a point in time.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use engine::sample::{change_blocks, write_mixed_image};
@@ -10,47 +10,6 @@ use crate::util::{bin, qemu_img_same, Cluster};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u32 = 64 << 10;
-
-fn deltaback(cluster: &Cluster, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(bin("deltaback"))
-        .args(args)
-        .arg("--datastore")
-        .arg(&cluster.datastore)
-        .output()
-        .unwrap();
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
-fn points(cluster: &Cluster, machine: &str) -> Vec<Value> {
-    let text = deltaback(cluster, &["points", "--json", "--machine", machine]).unwrap();
-    serde_json::from_str::<Value>(&text)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
-/// Recovers `point` of `machine` into a fresh folder; returns the folder.
-fn recover(cluster: &Cluster, machine: &str, point: &str) -> Result<PathBuf, String> {
-    let out = cluster.path(&format!("recovered-{machine}-{point}"));
-    deltaback(
-        cluster,
-        &[
-            "recover",
-            "--machine",
-            machine,
-            "--point",
-            point,
-            "--output",
-            out.to_str().unwrap(),
-        ],
-    )?;
-    Ok(out)
-}
 
 fn snapshot(image: &Path, name: &Path) {
     std::fs::copy(image, name).unwrap();
@@ -82,23 +41,23 @@ fn every_point_recovers_to_the_source_as_it_was() {
         snapshot(&image, &copy);
         copies.push(copy);
     }
-    let listed = points(&cluster, "app");
+    let listed = cluster.points("app");
     let seqs: Vec<u64> = listed.iter().map(|p| p["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, vec![4, 3, 2, 1], "newest first");
     assert!(listed.iter().all(|p| p["kind"] == "crash-consistent"));
     for (i, copy) in copies.iter().enumerate() {
-        let dir = recover(&cluster, "app", &(i + 1).to_string()).unwrap();
+        let dir = cluster.recover("app", &(i + 1).to_string()).unwrap();
         assert!(
             qemu_img_same(copy, &dir.join("disk0.vmdk")),
             "point {} differs",
             i + 1
         );
     }
-    let latest = recover(&cluster, "app", "latest").unwrap();
+    let latest = cluster.recover("app", "latest").unwrap();
     assert!(qemu_img_same(&image, &latest.join("disk0.vmdk")));
     // The replica itself is untouched and replication goes on.
     assert!(qemu_img_same(&image, &cluster.vmdk("app", "disk0")));
-    let err = recover(&cluster, "app", "99").unwrap_err();
+    let err = cluster.recover("app", "99").unwrap_err();
     assert!(err.contains("no such point"), "{err}");
 }
 
@@ -118,12 +77,12 @@ fn a_machine_with_two_disks_recovers_both_at_each_point() {
     change_blocks(&a, BLOCK, 0.1, 1).unwrap();
     change_blocks(&b, BLOCK, 0.1, 2).unwrap();
     cluster.sync("two", &disks).unwrap();
-    let listed = points(&cluster, "two");
+    let listed = cluster.points("two");
     assert_eq!(listed[0]["disks"].as_array().unwrap().len(), 2);
-    let first = recover(&cluster, "two", "1").unwrap();
+    let first = cluster.recover("two", "1").unwrap();
     assert!(qemu_img_same(&cluster.path("a1"), &first.join("sda.vmdk")));
     assert!(qemu_img_same(&cluster.path("b1"), &first.join("sdb.vmdk")));
-    let second = recover(&cluster, "two", "2").unwrap();
+    let second = cluster.recover("two", "2").unwrap();
     assert!(qemu_img_same(&a, &second.join("sda.vmdk")));
     assert!(qemu_img_same(&b, &second.join("sdb.vmdk")));
 }
@@ -176,7 +135,7 @@ fn replicate_runs_cycles_with_hooks_in_order_and_labels_points_honestly() {
     assert_eq!(first["point"]["kind"], "crash-consistent");
     assert_eq!(std::fs::read_to_string(&hooks).unwrap(), "pre\npost\n");
 
-    let listed = points(&cluster, "db");
+    let listed = cluster.points("db");
     assert_eq!(listed.len(), 4);
     let app: Vec<u64> = listed
         .iter()
@@ -184,7 +143,7 @@ fn replicate_runs_cycles_with_hooks_in_order_and_labels_points_honestly() {
         .map(|p| p["seq"].as_u64().unwrap())
         .collect();
     assert_eq!(app, vec![1]);
-    let dir = recover(&cluster, "db", "latest-app").unwrap();
+    let dir = cluster.recover("db", "latest-app").unwrap();
     assert!(qemu_img_same(&image, &dir.join("data.vmdk")));
 }
 
@@ -202,7 +161,7 @@ fn sync_final_makes_an_app_consistent_point() {
         )
         .unwrap();
     assert_eq!(report["point"]["kind"], "app-consistent");
-    assert_eq!(points(&cluster, "fin")[0]["label"], "final");
+    assert_eq!(cluster.points("fin")[0]["label"], "final");
 }
 
 #[test]
@@ -221,7 +180,8 @@ fn retention_keeps_exactly_the_window() {
     change_blocks(&image, BLOCK, 0.1, 3).unwrap();
     cluster.sync("ret", &[&disk]).unwrap();
     // Points 1 and 2 are older than the window; 3 and 4 are inside it.
-    let seqs: Vec<u64> = points(&cluster, "ret")
+    let seqs: Vec<u64> = cluster
+        .points("ret")
         .iter()
         .map(|p| p["seq"].as_u64().unwrap())
         .collect();
@@ -235,9 +195,10 @@ fn retention_keeps_exactly_the_window() {
         vec![format!("{:020}.journal", 4)],
         "only what point 3 needs is kept"
     );
-    let dir = recover(&cluster, "ret", "3").unwrap();
+    let dir = cluster.recover("ret", "3").unwrap();
     assert!(qemu_img_same(&cluster.path("at3"), &dir.join("disk0.vmdk")));
-    assert!(recover(&cluster, "ret", "2")
+    assert!(cluster
+        .recover("ret", "2")
         .unwrap_err()
         .contains("no such point"));
 }
@@ -258,10 +219,10 @@ fn a_damaged_journal_is_reported_not_trusted() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x40;
     std::fs::write(&journal, &bytes).unwrap();
-    let err = recover(&cluster, "dmg", "1").unwrap_err();
+    let err = cluster.recover("dmg", "1").unwrap_err();
     assert!(err.contains("damaged") && err.contains("checksum"), "{err}");
     // The newest point needs no journal and still recovers.
-    let dir = recover(&cluster, "dmg", "latest").unwrap();
+    let dir = cluster.recover("dmg", "latest").unwrap();
     assert!(qemu_img_same(&image, &dir.join("disk0.vmdk")));
 }
 
@@ -296,7 +257,7 @@ fn continuous_replication_points_follow_the_changing_source() {
     assert!(agent.wait().unwrap().success());
     assert_eq!(seqs, vec![1, 2, 3]);
     for seq in seqs {
-        let dir = recover(&cluster, "live", &seq.to_string()).unwrap();
+        let dir = cluster.recover("live", &seq.to_string()).unwrap();
         let copy = cluster.path(&format!("cycle-{seq}"));
         assert!(qemu_img_same(&copy, &dir.join("disk0.vmdk")), "point {seq}");
     }
@@ -314,7 +275,9 @@ fn a_group_point_exists_only_once_every_member_made_its_point_durable() {
         })
         .collect();
     let group_points = || -> Vec<Value> {
-        let text = deltaback(&cluster, &["points", "--json", "--group", "erp"]).unwrap();
+        let text = cluster
+            .operator(&["points", "--json", "--group", "erp"])
+            .unwrap();
         serde_json::from_str::<Value>(&text)
             .unwrap()
             .as_array()
@@ -325,7 +288,7 @@ fn a_group_point_exists_only_once_every_member_made_its_point_durable() {
     let app = cluster.sync("app1", &[&images[0]]).unwrap();
     assert!(app["point"]["group_seq"].is_null());
     assert!(group_points().is_empty(), "only one member is durable");
-    assert_eq!(points(&cluster, "app1")[0]["group"], "erp");
+    assert_eq!(cluster.points("app1")[0]["group"], "erp");
 
     let db = cluster.sync("db1", &[&images[1]]).unwrap();
     assert_eq!(db["point"]["group_seq"], 1);
@@ -348,5 +311,5 @@ fn a_group_point_exists_only_once_every_member_made_its_point_durable() {
 
     // A machine outside the group makes plain points.
     cluster.sync("lone", &[&images[2]]).unwrap();
-    assert!(points(&cluster, "lone")[0]["group"].is_null());
+    assert!(cluster.points("lone")[0]["group"].is_null());
 }

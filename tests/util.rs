@@ -256,6 +256,49 @@ impl Cluster {
         Ok(serde_json::from_slice(&out.stdout).expect("agent prints JSON"))
     }
 
+    /// Runs the operator CLI `deltaback ARGS --datastore DATASTORE`: stdout, or stderr on failure.
+    pub fn operator(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(bin("deltaback"))
+            .args(args)
+            .arg("--datastore")
+            .arg(&self.datastore)
+            .output()
+            .expect("run deltaback");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// `deltaback points --json` of `machine`, newest first.
+    pub fn points(&self, machine: &str) -> Vec<Value> {
+        let text = self
+            .operator(&["points", "--json", "--machine", machine])
+            .unwrap();
+        serde_json::from_str::<Value>(&text)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    /// Recovers `point` of `machine` into a fresh folder; returns the folder.
+    pub fn recover(&self, machine: &str, point: &str) -> Result<PathBuf, String> {
+        let out = self.path(&format!("recovered-{machine}-{point}"));
+        let output = out.to_str().unwrap();
+        self.operator(&[
+            "recover",
+            "--machine",
+            machine,
+            "--point",
+            point,
+            "--output",
+            output,
+        ])?;
+        Ok(out)
+    }
+
     /// The `deltaback-agent sync --json` command line, not started.
     pub fn agent<S: AsRef<str>>(
         &self,

@@ -165,3 +165,32 @@ impl Services {
         }
     }
 }
+
+/// What every benchmark starts with: the image size (`DELTABACK_BENCH_SIZE`, default 2 GiB),
+/// freshly built release binaries, and a work folder (under `DELTABACK_BENCH_DIR`, default
+/// /tmp) that is removed at the end.
+pub struct Setup {
+    pub size: bytesize::ByteSize,
+    pub bins: std::path::PathBuf,
+    pub work: tempfile::TempDir,
+}
+
+impl Setup {
+    pub fn new(prefix: &str) -> Setup {
+        let size = std::env::var("DELTABACK_BENCH_SIZE")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(bytesize::ByteSize::gib(2));
+        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        build_release(&root);
+        let work = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(std::env::var("DELTABACK_BENCH_DIR").unwrap_or_else(|_| "/tmp".into()))
+            .expect("work folder");
+        Setup {
+            size,
+            bins: root.join("target/release"),
+            work,
+        }
+    }
+}
