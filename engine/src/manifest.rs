@@ -171,6 +171,39 @@ impl Manifest {
         }
     }
 
+    /// The hashes of `ranges` of tree level `level`, as a `HashAnswer` carries them:
+    /// every range checked against the level, the total against what fits one frame.
+    pub fn hashes(&self, level: u8, ranges: &[(u64, u32)]) -> Result<Vec<BlockHash>> {
+        let nodes = self.level(usize::from(level)).ok_or_else(|| {
+            Error::Protocol(format!(
+                "hash level {level} does not exist (the tree has {})",
+                self.depth()
+            ))
+        })?;
+        let total: u64 = ranges.iter().map(|&(_, n)| u64::from(n)).sum();
+        let max = (crate::protocol::MAX_FRAME_LEN as u64 - 64) / 32;
+        if total > max {
+            return Err(Error::Protocol(format!(
+                "{total} hashes asked for at once; at most {max} fit an answer"
+            )));
+        }
+        let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+        for &(start, count) in ranges {
+            let range = usize::try_from(start)
+                .ok()
+                .and_then(|s| Some(s..s.checked_add(count as usize)?))
+                .and_then(|r| nodes.get(r))
+                .ok_or_else(|| {
+                    Error::Protocol(format!(
+                        "hash range {start}+{count} is past the end of level {level} ({} nodes)",
+                        nodes.len()
+                    ))
+                })?;
+            out.extend_from_slice(range);
+        }
+        Ok(out)
+    }
+
     /// Serializes the manifest in the file format above.
     pub fn to_bytes(&self) -> Vec<u8> {
         let leaves = self.leaves();

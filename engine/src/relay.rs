@@ -1,12 +1,13 @@
 //! The process server's relay: agents in, master target out.
 //!
-//! For each agent connection (TLS, agent certificate required) the relay opens one
-//! connection to the master target (TLS, master-target certificate required) and passes
-//! frames both ways. Each direction holds at most one frame in flight, so a slow master
-//! target slows the agents through TCP back-pressure instead of filling memory. The relay
-//! checks every frame's length and that the conversation opens with `Hello`, stamps the
-//! checkpoints of consistency-group members, and, with a spool, holds conversations itself
-//! while the master target is away (see [`crate::spool`]).
+//! For each agent connection (TLS, agent certificate required) the process server either
+//! relays the conversation to the master target (TLS, master-target certificate required),
+//! or, with a spool (`--cache`), holds it itself: every frame is stored before the agent is
+//! acknowledged and forwarded live or later (see [`crate::spool`]). The plain relay passes
+//! frames both ways with one frame in flight per direction, so a slow master target slows
+//! the agents through TCP back-pressure instead of filling memory. Both check every frame's
+//! length and that the conversation opens with `Hello`, and stamp the checkpoints of
+//! consistency-group members.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,10 +16,12 @@ use tokio::net::TcpListener;
 
 use crate::error::{Error, Result};
 use crate::geometry::SafeName;
-use crate::protocol::message::{KIND_CHECKPOINT, KIND_DISK_STATE, KIND_OPEN_DISK};
-use crate::protocol::{Frame, Message};
-use crate::spool::offline::spool_conversation;
+use crate::error::ErrorCode;
+use crate::protocol::message::KIND_CHECKPOINT;
+use crate::protocol::{Frame, Message, PROTOCOL_VERSION};
+use crate::spool::conversation::hold;
 use crate::spool::replay::replay_machine;
+use crate::spool::upstream::{MasterTarget, Upstream};
 use crate::spool::Spool;
 use crate::throttle::Throttle;
 use crate::tls::{Identity, Role};
@@ -81,13 +84,16 @@ pub async fn serve(
     let upstream_tls = identity.client_config()?;
     if let Some(spool) = &config.spool {
         for machine in spool.machines() {
-            if !spool.pending(&machine).is_empty() {
+            if spool.has_backlog(&machine) {
                 tracing::info!(%machine, "forwarding what the spool held at start");
                 tokio::spawn(replay_machine(
                     spool.clone(),
                     machine,
-                    config.master_target.clone(),
-                    upstream_tls.clone(),
+                    MasterTarget {
+                        address: config.master_target.clone(),
+                        tls: upstream_tls.clone(),
+                        throttle: config.throttle.clone(),
+                    },
                 ));
             }
         }
@@ -110,8 +116,7 @@ pub async fn serve(
     .await
 }
 
-/// Relays one agent's conversation (or spools it while the master target is away);
-/// returns the machine name.
+/// Relays or holds one agent's conversation; returns the machine name.
 async fn relay(
     mut agent: Conn,
     config: &RelayConfig,
@@ -125,44 +130,17 @@ async fn relay(
         }
     };
     let (machine, hello) = hello;
-    // A machine with conversations still in the spool is spooled again, so that nothing
-    // overtakes what is waiting.
-    let waiting = config
-        .spool
-        .as_ref()
-        .is_some_and(|s| !s.pending(&machine).is_empty());
-    let upstream = if waiting {
-        Err(Error::Unavailable(
-            "earlier conversations of this machine are still in the spool".into(),
-        ))
-    } else {
-        open_upstream(config, upstream_tls.clone(), &hello).await
-    };
-    let upstream = match (upstream, &config.spool) {
-        (Ok(upstream), _) => upstream,
-        (Err(why), Some(spool)) => {
-            tracing::warn!(%machine, reason = %why.chain(), "spooling this conversation");
-            let stamp = |frame| config.stamp(machine.as_str(), frame);
-            let spooled = spool_conversation(&mut agent, &machine, spool, stamp).await;
-            let _ = spool.write_status();
-            tokio::spawn(replay_machine(
-                spool.clone(),
-                machine.clone(),
-                config.master_target.clone(),
-                upstream_tls,
-            ));
-            return match spooled {
-                Ok(()) => {
-                    agent.close().await;
-                    Ok(machine.to_string())
-                }
-                Err(err) => {
-                    agent.fail(&err).await;
-                    Err(err)
-                }
-            };
-        }
-        (Err(err), None) => {
+    if let Some(spool) = &config.spool {
+        let target = MasterTarget {
+            address: config.master_target.clone(),
+            tls: upstream_tls,
+            throttle: config.throttle.clone(),
+        };
+        return hold_conversation(agent, config, spool, target, machine).await;
+    }
+    let upstream = match open_upstream(config, upstream_tls, &hello).await {
+        Ok(upstream) => upstream,
+        Err(err) => {
             agent.fail(&err).await;
             return Err(err);
         }
@@ -171,42 +149,13 @@ async fn relay(
     let (agent_rx, mut agent_tx) = agent.split();
     let (upstream_rx, mut upstream_tx) = upstream.split();
     upstream_tx.set_throttle(config.throttle.clone());
-    // With a spool, remember what the master target says of each disk, for later.
-    let disks: std::sync::Mutex<std::collections::HashMap<u32, SafeName>> = Default::default();
-    let stamp = |frame: Frame| {
-        if config.spool.is_some() && frame.kind == KIND_OPEN_DISK {
-            if let Ok(Message::OpenDisk { handle, id, .. }) = Message::from_frame(frame.clone()) {
-                if let (Ok(id), Ok(mut d)) = (SafeName::new("disk id", &id), disks.lock()) {
-                    d.insert(handle, id);
-                }
-            }
-        }
-        config.stamp(machine.as_str(), frame)
-    };
-    let observe = |frame: &Frame| {
-        let Some(spool) = &config.spool else { return };
-        if frame.kind != KIND_DISK_STATE {
-            return;
-        }
-        if let Ok(Message::DiskState(state)) = Message::from_frame(frame.clone()) {
-            let disk = disks
-                .lock()
-                .ok()
-                .and_then(|d| d.get(&state.handle).cloned());
-            if let Some(disk) = disk {
-                if let Err(e) = spool.save_state(&machine, &disk, &state) {
-                    tracing::warn!(error = %e.chain(), "cannot remember a disk's state in the spool");
-                }
-            }
-        }
-    };
+    let stamp = |frame: Frame| config.stamp(machine.as_str(), frame);
     let outcome = pump_both(
         agent_rx,
         &mut agent_tx,
         upstream_rx,
         &mut upstream_tx,
         stamp,
-        observe,
     )
     .await;
     match outcome {
@@ -227,14 +176,75 @@ async fn relay(
     }
 }
 
+/// Holds a conversation with the spool: live while the master target is reachable and the
+/// machine has nothing waiting (so nothing overtakes what waits), spooled otherwise.
+async fn hold_conversation(
+    mut agent: Conn,
+    config: &RelayConfig,
+    spool: &Arc<Spool>,
+    target: MasterTarget,
+    machine: SafeName,
+) -> Result<String> {
+    let upstream = if spool.has_backlog(&machine) {
+        tracing::info!(%machine, "earlier conversations are still in the spool: spooling this one behind them");
+        None
+    } else {
+        match Upstream::open(&target, &machine).await {
+            Ok(upstream) => Some(upstream),
+            Err(why) => {
+                tracing::warn!(%machine, reason = %why.chain(), "spooling this conversation");
+                None
+            }
+        }
+    };
+    let live = upstream.is_some();
+    agent
+        .send(&Message::Welcome {
+            version: PROTOCOL_VERSION,
+        })
+        .await?;
+    tracing::info!(%machine, live, "holding the conversation");
+    let stamp = |frame| config.stamp(machine.as_str(), frame);
+    let held = hold(&mut agent, &machine, spool, upstream, stamp).await;
+    let _ = spool.write_status();
+    if spool.has_backlog(&machine) {
+        tokio::spawn(replay_machine(spool.clone(), machine.clone(), target));
+    }
+    match held {
+        Ok(()) => {
+            agent.close().await;
+            Ok(machine.to_string())
+        }
+        Err(err) => {
+            agent.fail(&err).await;
+            Err(err)
+        }
+    }
+}
+
 /// Reads the conversation's opening `Hello` and the machine it names.
 async fn read_hello(agent: &mut Conn) -> Result<(SafeName, Message)> {
     let hello = agent.recv().await?;
-    let Message::Hello { machine, .. } = &hello else {
+    let Message::Hello {
+        machine,
+        min_version,
+        max_version,
+    } = &hello
+    else {
         return Err(Error::Protocol(
             "the conversation must start with Hello".into(),
         ));
     };
+    if !(*min_version..=*max_version).contains(&PROTOCOL_VERSION) {
+        return Err(Error::Remote {
+            peer: "agent",
+            code: ErrorCode::Version,
+            message: format!(
+                "agent speaks protocol versions {min_version} to {max_version}, \
+                 this process server speaks {PROTOCOL_VERSION}"
+            ),
+        });
+    }
     Ok((SafeName::new("machine name", machine)?, hello))
 }
 
@@ -268,7 +278,6 @@ async fn pump_both(
     mut upstream_rx: ConnReader,
     upstream_tx: &mut ConnWriter,
     stamp: impl Fn(Frame) -> Result<Frame>,
-    observe_down: impl Fn(&Frame),
 ) -> Result<(), Failure> {
     let up = async {
         while let Some(frame) = agent_rx.recv_frame().await.map_err(Failure::Agent)? {
@@ -283,7 +292,6 @@ async fn pump_both(
     };
     let down = async {
         while let Some(frame) = upstream_rx.recv_frame().await.map_err(Failure::Upstream)? {
-            observe_down(&frame);
             agent_tx.send_frame(frame).await.map_err(Failure::Agent)?;
         }
         let _ = agent_tx.close().await;

@@ -1,39 +1,43 @@
-//! The process server's durable spool: where agents' streams go while the master target is
-//! away, and from where they are replayed, in order, once it is back.
+//! The process server's durable spool: every agent stream is stored here before the agent
+//! is acknowledged, forwarded to the master target in order, and deleted once the master
+//! target acknowledged it.
 //!
 //! ```text
-//! <cache>/<machine>/<n>.seg        one offline agent conversation per segment (segment.rs)
-//! <cache>/<machine>/<disk>.state   the last DiskState the master target gave for the disk
+//! <cache>/<machine>/<n>.seg        frames of agent conversations (segment.rs), n rising
+//! <cache>/<machine>/<n>.rejected   a segment the master target refused, kept for inspection
+//! <cache>/<machine>/<disk>.tree    the disk's hash tree as it will be once everything
+//!                                  spooled up to segment T is forwarded (tree.rs)
 //! <cache>/status.json              usage and backlog, rewritten every few seconds
 //! ```
-//! While the master target is reachable and a machine has nothing spooled, conversations
-//! are relayed live and the agent is acknowledged by the master target itself. Otherwise the
-//! conversation is spooled: the process server answers `OpenDisk` from the cached state,
-//! appends `Blocks`, fsyncs the segment before it acknowledges a `Flush`, and answers a
-//! `Checkpoint` with a pending point (sequence 0): the point is made when the segment is
-//! replayed. A replayer per machine forwards segments oldest first, renumbering sequences
-//! after the master target's own, and deletes each once the master target acknowledged it.
+//! A conversation (`conversation.rs`) is held by the process server: it answers the agent
+//! from the disk's tree, appends every frame to a segment and fsyncs it before it
+//! acknowledges a `Flush`. While the master target is reachable and the machine has no
+//! backlog, the conversation is also forwarded as it arrives ("live"), and each segment is
+//! deleted once the master target acknowledged everything in it; otherwise (or once the
+//! master target goes away mid-conversation) the segments wait, and a replayer per machine
+//! (`replay.rs`) forwards them oldest first when the master target is back. Segments are
+//! rotated every [`Spool::rotate_at`] bytes, so a long stream does not hold the whole disk.
 //! The spool is bounded: a conversation that would overflow it waits for space, then fails
 //! with `Unavailable` (the agent keeps its changes and tries again); usage above 70% is a
 //! warning and above 80% an error, in the log and in `status.json`.
 
-pub mod offline;
+pub mod conversation;
 pub mod replay;
 pub mod segment;
+mod tree;
+pub mod upstream;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use serde::Serialize;
 
 use crate::durable;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
 use crate::geometry::SafeName;
-use crate::protocol::{DiskState, Frame, Message};
 pub use segment::{SegmentReader, SegmentWriter};
 
 /// Usage at which the spool warns.
@@ -63,7 +67,24 @@ pub struct Spool {
     used: AtomicU64,
     level: AtomicU8,
     next_segment: AtomicU64,
+    /// Machines a replayer runs for.
     replaying: Mutex<HashSet<String>>,
+    /// Segments a conversation still writes or forwards itself; the replayer waits for them.
+    owned: Mutex<HashSet<PathBuf>>,
+    /// `machine/disk` of the disks a conversation has open.
+    open_disks: Mutex<HashSet<String>>,
+    /// Serialises everything that reads or writes tree files or deletes segments, so a tree
+    /// file always covers every segment already deleted.
+    trees: Mutex<()>,
+}
+
+/// A segment's number, from its file name `<n>.seg`.
+pub fn segment_number(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_suffix(".seg")?
+        .parse()
+        .ok()
 }
 
 fn segments_in(dir: &Path) -> Vec<(u64, PathBuf)> {
@@ -71,13 +92,25 @@ fn segments_in(dir: &Path) -> Vec<(u64, PathBuf)> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| {
-            let n = e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok()?;
-            Some((n, e.path()))
-        })
+        .filter_map(|e| Some((segment_number(&e.path())?, e.path())))
         .collect();
     found.sort_unstable();
     found
+}
+
+/// A disk held open by one conversation; dropping it lets the next one in.
+#[derive(Debug)]
+pub struct DiskLock {
+    spool: Arc<Spool>,
+    key: String,
+}
+
+impl Drop for DiskLock {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.spool.open_disks.lock() {
+            open.remove(&self.key);
+        }
+    }
 }
 
 impl Spool {
@@ -91,14 +124,21 @@ impl Spool {
             level: AtomicU8::new(0),
             next_segment: AtomicU64::new(1),
             replaying: Mutex::new(HashSet::new()),
+            owned: Mutex::new(HashSet::new()),
+            open_disks: Mutex::new(HashSet::new()),
+            trees: Mutex::new(()),
         };
         let mut used = 0;
+        // Segment numbers never repeat, also after every segment was deleted: tree files
+        // name the last segment they include.
         let mut highest = 0;
         for machine in spool.machines() {
-            for (n, path) in segments_in(&dir.join(machine.as_str())) {
+            let folder = dir.join(machine.as_str());
+            for (n, path) in segments_in(&folder) {
                 used += std::fs::metadata(&path).map_or(0, |m| m.len());
                 highest = highest.max(n);
             }
+            highest = highest.max(tree::highest_through(&folder));
         }
         spool.used.store(used, Ordering::Relaxed);
         spool.next_segment.store(highest + 1, Ordering::Relaxed);
@@ -117,30 +157,94 @@ impl Spool {
             .collect()
     }
 
-    /// Segments of `machine` waiting to be forwarded, oldest first.
-    pub fn pending(&self, machine: &SafeName) -> Vec<PathBuf> {
-        segments_in(&self.dir.join(machine.as_str()))
-            .into_iter()
-            .map(|(_, p)| p)
-            .collect()
+    fn machine_dir(&self, machine: &SafeName) -> PathBuf {
+        self.dir.join(machine.as_str())
     }
 
-    /// Starts a segment for a conversation of `machine`.
-    pub fn new_segment(&self, machine: &SafeName) -> Result<SegmentWriter> {
-        let dir = self.dir.join(machine.as_str());
+    /// Every segment of `machine`, oldest first (owned by a conversation or waiting).
+    pub fn segments(&self, machine: &SafeName) -> Vec<(u64, PathBuf)> {
+        segments_in(&self.machine_dir(machine))
+    }
+
+    /// True while `machine` has anything spooled that the master target has not taken.
+    pub fn has_backlog(&self, machine: &SafeName) -> bool {
+        !self.segments(machine).is_empty()
+    }
+
+    /// Segment size after which a conversation starts the next one.
+    pub fn rotate_at(&self) -> u64 {
+        (self.limit / 8).clamp(1 << 20, 256 << 20)
+    }
+
+    /// Starts a segment for a conversation of `machine`, owned by it until
+    /// [`Spool::disown`] or [`Spool::release`].
+    pub fn new_segment(&self, machine: &SafeName) -> Result<(u64, SegmentWriter)> {
+        let dir = self.machine_dir(machine);
         std::fs::create_dir_all(&dir).map_err(Error::file("create spool folder", &dir))?;
         let n = self.next_segment.fetch_add(1, Ordering::Relaxed);
-        let writer = SegmentWriter::create(&dir.join(format!("{n:020}.seg")))?;
-        durable::sync_dir(&dir)?;
-        self.account(writer.len);
-        Ok(writer)
+        let path = dir.join(format!("{n:020}.seg"));
+        if let Ok(mut owned) = self.owned.lock() {
+            owned.insert(path.clone());
+        }
+        let writer = SegmentWriter::create(&path).and_then(|w| {
+            durable::sync_dir(&dir)?;
+            Ok(w)
+        });
+        match writer {
+            Ok(writer) => {
+                self.account(writer.len);
+                Ok((n, writer))
+            }
+            Err(e) => {
+                self.disown(&path);
+                Err(e)
+            }
+        }
+    }
+
+    /// Hands a segment over to the replayer.
+    pub fn disown(&self, path: &Path) {
+        if let Ok(mut owned) = self.owned.lock() {
+            owned.remove(path);
+        }
+    }
+
+    /// True while a conversation owns the segment.
+    pub fn is_owned(&self, path: &Path) -> bool {
+        self.owned.lock().map_or(true, |o| o.contains(path))
+    }
+
+    /// Takes `machine/disk` for one conversation; a second one gets `Busy`.
+    pub fn lock_disk(self: &Arc<Self>, machine: &SafeName, disk: &SafeName) -> Result<DiskLock> {
+        let key = format!("{machine}/{disk}");
+        let fresh = self
+            .open_disks
+            .lock()
+            .map(|mut open| open.insert(key.clone()))
+            .unwrap_or(false);
+        if !fresh {
+            return Err(Error::Remote {
+                peer: "process server",
+                code: ErrorCode::Busy,
+                message: format!("disk {key} is being replicated by another session"),
+            });
+        }
+        Ok(DiskLock {
+            spool: self.clone(),
+            key,
+        })
+    }
+
+    /// True if `bytes` more fit under the limit now.
+    pub fn fits(&self, bytes: u64) -> bool {
+        self.used.load(Ordering::Relaxed) + bytes <= self.limit
     }
 
     /// Waits until `bytes` more fit, up to [`SPACE_WAIT`]; then fails with `Unavailable`.
     pub async fn reserve(&self, bytes: u64) -> Result<()> {
         let started = Instant::now();
         let mut warned = false;
-        while self.used.load(Ordering::Relaxed) + bytes > self.limit {
+        while !self.fits(bytes) {
             if !warned {
                 tracing::warn!(
                     limit = self.limit,
@@ -150,7 +254,8 @@ impl Spool {
             }
             if started.elapsed() >= SPACE_WAIT {
                 return Err(Error::Unavailable(format!(
-                    "the process server's spool is full ({} bytes) and the master target is away",
+                    "the process server's spool is full ({} bytes) and the master target is \
+                     not taking it",
                     self.limit
                 )));
             }
@@ -165,16 +270,48 @@ impl Spool {
         self.check_health();
     }
 
-    /// Deletes a forwarded segment.
-    pub fn release(&self, path: &Path) -> Result<()> {
+    fn trees_lock(&self) -> MutexGuard<'_, ()> {
+        self.trees.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Deletes segment `n` of `machine` once the master target acknowledged all of it.
+    /// The tree files of `disks` (the disks it holds blocks of) are first brought up to
+    /// include it, so no tree ever depends on a deleted segment.
+    pub fn release(&self, machine: &SafeName, n: u64, path: &Path, disks: &[SafeName]) -> Result<()> {
+        let _trees = self.trees_lock();
+        for disk in disks {
+            self.cover(machine, disk, n)?;
+        }
         let len = std::fs::metadata(path).map_or(0, |m| m.len());
         durable::remove(path)?;
+        self.disown(path);
         let _ = self
             .used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
                 Some(u.saturating_sub(len))
             });
         self.check_health();
+        Ok(())
+    }
+
+    /// Keeps a segment the master target refused out of the way (renamed `.rejected`) and
+    /// forgets the trees of its disks: they counted blocks that will never arrive, so the
+    /// next conversation asks the master target again.
+    pub fn set_aside(&self, machine: &SafeName, path: &Path, disks: &[SafeName]) -> Result<()> {
+        let _trees = self.trees_lock();
+        for disk in disks {
+            durable::remove(&self.tree_path(machine, disk))?;
+        }
+        let aside = path.with_extension("rejected");
+        std::fs::rename(path, &aside).map_err(Error::file("set aside spool segment", path))?;
+        durable::sync_dir(&self.machine_dir(machine))?;
+        self.disown(path);
+        let len = std::fs::metadata(&aside).map_or(0, |m| m.len());
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                Some(u.saturating_sub(len))
+            });
         Ok(())
     }
 
@@ -211,9 +348,9 @@ impl Spool {
             .into_iter()
             .map(|m| {
                 let bytes = self
-                    .pending(&m)
+                    .segments(&m)
                     .iter()
-                    .map(|p| std::fs::metadata(p).map_or(0, |md| md.len()))
+                    .map(|(_, p)| std::fs::metadata(p).map_or(0, |md| md.len()))
                     .sum();
                 (m.to_string(), bytes)
             })
@@ -237,30 +374,6 @@ impl Spool {
         let text = serde_json::to_vec_pretty(&self.status())
             .map_err(|e| Error::Invalid(format!("status: {e}")))?;
         durable::write_atomic(&self.dir.join("status.json"), &text)
-    }
-
-    /// Remembers what the master target said of a disk, for answering while it is away.
-    pub fn save_state(&self, machine: &SafeName, disk: &SafeName, state: &DiskState) -> Result<()> {
-        let dir = self.dir.join(machine.as_str());
-        std::fs::create_dir_all(&dir).map_err(Error::file("create spool folder", &dir))?;
-        let frame = Message::DiskState(state.clone()).to_frame();
-        durable::write_atomic(&dir.join(format!("{disk}.state")), &frame.body)
-    }
-
-    /// The last state the master target gave for a disk, if any.
-    pub fn load_state(&self, machine: &SafeName, disk: &SafeName) -> Option<DiskState> {
-        let path = self
-            .dir
-            .join(machine.as_str())
-            .join(format!("{disk}.state"));
-        let body = std::fs::read(path).ok()?;
-        match Message::from_frame(Frame {
-            kind: crate::protocol::message::KIND_DISK_STATE,
-            body: Bytes::from(body),
-        }) {
-            Ok(Message::DiskState(state)) => Some(state),
-            _ => None,
-        }
     }
 
     /// Marks `machine` as being replayed; false if a replayer already runs for it.

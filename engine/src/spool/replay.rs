@@ -1,37 +1,38 @@
-//! Forwarding spooled conversations to the master target, oldest first, per machine.
+//! Forwarding spooled segments to the master target, oldest first, per machine.
+//!
+//! Each segment is replayed as a conversation of its own: its disks opened, its blocks
+//! renumbered after the master target's durable sequence, its flushes and checkpoint
+//! passed on. A segment cut short (its agent went away, or it was rotated) is flushed
+//! without a point. It is deleted once the master target acknowledged all of it. The
+//! replayer stops at a segment a live conversation still owns; that conversation starts
+//! the replayer again when it ends.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::upstream::{MasterTarget, Upstream};
 use super::{SegmentReader, Spool};
 use crate::error::{Error, Result};
 use crate::geometry::SafeName;
-use crate::protocol::{Message, PROTOCOL_VERSION};
-use crate::tls::Role;
-use crate::transport;
+use crate::protocol::Message;
 
-/// Forwards every spooled segment of `machine`, retrying with back-off while the master
-/// target is away; returns when nothing is left.
-pub async fn replay_machine(
-    spool: Arc<Spool>,
-    machine: SafeName,
-    master_target: String,
-    tls: Arc<rustls::ClientConfig>,
-) {
+/// Forwards every waiting segment of `machine`, retrying with back-off while the master
+/// target is away; returns when nothing is left (or a conversation owns the next one).
+pub async fn replay_machine(spool: Arc<Spool>, machine: SafeName, target: MasterTarget) {
     if !spool.start_replay(&machine) {
         return;
     }
     let mut delay = Duration::from_secs(1);
-    loop {
-        let pending = spool.pending(&machine);
-        let Some(segment) = pending.first() else {
+    while let Some((n, segment)) = spool.segments(&machine).into_iter().next() {
+        if spool.is_owned(&segment) {
             break;
-        };
-        match replay_segment(&spool, &machine, segment, &master_target, tls.clone()).await {
+        }
+        let mut disks = Vec::new();
+        match replay_segment(&machine, &segment, &target, &mut disks).await {
             Ok(()) => {
-                if let Err(e) = spool.release(segment) {
+                if let Err(e) = spool.release(&machine, n, &segment, &disks) {
                     tracing::error!(error = %e.chain(), "cannot delete a forwarded spool segment");
                     break;
                 }
@@ -39,15 +40,21 @@ pub async fn replay_machine(
                 tracing::info!(%machine, segment = %segment.display(), "spooled conversation forwarded");
                 delay = Duration::from_secs(1);
             }
-            Err(Error::Corrupt { path, reason }) => {
-                tracing::error!(%machine, segment = %path.display(), %reason, "damaged spool segment kept aside, not forwarded");
-                let aside = path.with_extension("damaged");
-                if std::fs::rename(&path, &aside).is_err() {
+            Err(e) if is_refusal(&e) => {
+                tracing::error!(%machine, segment = %segment.display(), error = %e.chain(),
+                    "damaged spool segment kept aside as .rejected, not forwarded");
+                if let Err(e) = spool.set_aside(&machine, &segment, &disks) {
+                    tracing::error!(error = %e.chain(), "cannot set the segment aside");
                     break;
                 }
             }
             Err(e) => {
-                tracing::warn!(%machine, error = %e.chain(), retry_in = ?delay, "cannot forward the spool yet");
+                if e.is_transient() || matches!(e, Error::Net { .. } | Error::Truncated(_) | Error::Tls(_)) {
+                    tracing::warn!(%machine, error = %e.chain(), retry_in = ?delay, "cannot forward the spool yet");
+                } else {
+                    tracing::error!(%machine, segment = %segment.display(), error = %e.chain(), retry_in = ?delay,
+                        "the master target refuses a spooled segment; keeping it and trying again");
+                }
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(30));
             }
@@ -56,31 +63,22 @@ pub async fn replay_machine(
     spool.end_replay(&machine);
 }
 
-/// Replays one segment as a conversation of its own with the master target.
+/// A segment that cannot be forwarded, ever: it is damaged on disk. A refusal by the master
+/// target is not one of these: the segment holds acknowledged data, so it is retried (and
+/// logged as an error) until someone looks, never dropped.
+fn is_refusal(e: &Error) -> bool {
+    matches!(e, Error::Corrupt { .. })
+}
+
+/// Replays one segment; `disks` collects the disks it opened.
 async fn replay_segment(
-    spool: &Spool,
     machine: &SafeName,
     path: &Path,
-    master_target: &str,
-    tls: Arc<rustls::ClientConfig>,
+    target: &MasterTarget,
+    disks: &mut Vec<SafeName>,
 ) -> Result<()> {
     let mut reader = SegmentReader::open(path)?;
-    let mut mt = transport::connect(master_target, tls, Role::MasterTarget).await?;
-    mt.send(&Message::Hello {
-        min_version: PROTOCOL_VERSION,
-        max_version: PROTOCOL_VERSION,
-        machine: machine.to_string(),
-    })
-    .await?;
-    match mt.recv().await? {
-        Message::Welcome { .. } => {}
-        other => {
-            return Err(Error::Protocol(format!(
-                "expected Welcome, got {}",
-                other.name()
-            )))
-        }
-    }
+    let mut mt = Upstream::open(target, machine).await?;
     // Per disk handle: the last sequence sent (starting at the master target's durable one).
     let mut last_seq: HashMap<u32, u64> = HashMap::new();
     let corrupt = |reason: &str| Error::Corrupt {
@@ -89,25 +87,11 @@ async fn replay_segment(
     };
     let mut ended = false;
     while let Some(frame) = reader.next_frame()? {
-        match Message::from_frame(frame).map_err(|e| corrupt(&e.to_string()))? {
-            msg @ Message::OpenDisk { .. } => {
-                let Message::OpenDisk { handle, ref id, .. } = msg else {
-                    continue;
-                };
-                let disk = SafeName::new("disk id", id)?;
-                mt.send(&msg).await?;
-                match mt.recv().await? {
-                    Message::DiskState(state) => {
-                        let _ = spool.save_state(machine, &disk, &state);
-                        last_seq.insert(handle, state.durable_seq);
-                    }
-                    other => {
-                        return Err(Error::Protocol(format!(
-                            "expected DiskState, got {}",
-                            other.name()
-                        )))
-                    }
-                }
+        match Message::from_frame(frame.clone()).map_err(|e| corrupt(&e.to_string()))? {
+            Message::OpenDisk { handle, id, .. } => {
+                disks.push(SafeName::new("disk id", &id).map_err(|e| corrupt(&e.to_string()))?);
+                let state = mt.open_disk(frame).await?;
+                last_seq.insert(handle, state.durable_seq);
             }
             Message::Blocks {
                 handle,
@@ -131,11 +115,11 @@ async fn replay_segment(
                 let seq = *last_seq
                     .get(&handle)
                     .ok_or_else(|| corrupt("flush for a disk never opened"))?;
-                flush(&mut mt, handle, seq).await?;
+                mt.flush(handle, seq).await?;
             }
-            msg @ Message::Checkpoint { .. } => {
-                mt.send(&msg).await?;
-                match mt.recv().await? {
+            Message::Checkpoint { .. } => {
+                mt.send_frame(frame).await?;
+                match mt.reply().await? {
                     Message::PointCreated { seq, .. } => {
                         tracing::info!(%machine, point = seq, "spooled recovery point made on the master target");
                     }
@@ -155,23 +139,10 @@ async fn replay_segment(
         }
     }
     if !ended {
-        // The conversation was cut while spooling: make what arrived durable, no point.
+        // Cut or rotated: make what arrived durable, no point.
         for (&handle, &seq) in &last_seq {
-            flush(&mut mt, handle, seq).await?;
+            mt.flush(handle, seq).await?;
         }
     }
-    mt.send(&Message::Bye).await?;
-    mt.close().await;
-    Ok(())
-}
-
-async fn flush(mt: &mut transport::Conn, handle: u32, seq: u64) -> Result<()> {
-    mt.send(&Message::Flush { handle, seq }).await?;
-    match mt.recv().await? {
-        Message::Ack { handle: h, seq: s } if h == handle && s == seq => Ok(()),
-        other => Err(Error::Protocol(format!(
-            "expected Ack, got {}",
-            other.name()
-        ))),
-    }
+    mt.bye().await
 }

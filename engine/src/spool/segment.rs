@@ -69,14 +69,18 @@ impl SegmentWriter {
         (4 + 1 + frame.body.len() + SUM_LEN) as u64
     }
 
-    /// Appends one frame (durable only after [`Self::sync`]).
+    /// Appends one frame and hands it to the kernel, so a write error (a full disk) shows
+    /// here, before anything relies on the record; durable only after [`Self::sync`].
     pub fn append(&mut self, frame: &Frame) -> Result<()> {
         let len = u32::try_from(frame.body.len() + 1).unwrap_or(u32::MAX);
         self.write(&len.to_be_bytes())?;
         self.write(&[frame.kind])?;
         self.write(&frame.body)?;
         let sum = checksum(frame.kind, &frame.body);
-        self.write(&sum)
+        self.write(&sum)?;
+        self.file
+            .flush()
+            .map_err(Error::file("write spool segment", &self.path))
     }
 
     /// Makes everything appended durable.
