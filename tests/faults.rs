@@ -1,12 +1,9 @@
 //! Faults: cut connections and processes killed with SIGKILL at seeded random moments.
 //! Nothing acknowledged is lost, every listed point recovers, and little is sent again.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use engine::sample::{change_blocks, write_mixed_image};
@@ -14,122 +11,10 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use crate::util::{qemu_img_same, Cluster};
+use crate::proxy::{Fault, Proxy};
+use crate::util::{qemu_img_same, random_image, run_ok, Cluster, SmallDisk, FAST_RETRY};
 
 const MIB: u64 = 1 << 20;
-const FAST_RETRY: &[&str] = &["--retry-delay", "50ms", "--retry-for", "60s"];
-
-/// What the proxy does to the client-to-server direction.
-#[derive(Clone, Copy, Debug)]
-enum Fault {
-    /// Cut the first connection after this many bytes.
-    Cut(u64),
-    /// Stop forwarding the first connection for a while after this many bytes.
-    Stall(u64, Duration),
-    /// Forward every connection at this many bytes per second.
-    Slow(u64),
-}
-
-/// A TCP proxy of our own on loopback that cuts, stalls or slows the client-to-server
-/// direction, and counts what it forwarded that way.
-struct Proxy {
-    addr: String,
-    forwarded: Arc<AtomicU64>,
-    /// Times the fault struck (a cut or a stall).
-    struck: Arc<AtomicU64>,
-}
-
-impl Proxy {
-    fn start(upstream: String, fault: Fault) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let forwarded = Arc::new(AtomicU64::new(0));
-        let struck = Arc::new(AtomicU64::new(0));
-        let first = Arc::new(AtomicBool::new(true));
-        let (fwd, hits) = (forwarded.clone(), struck.clone());
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let Ok(server) = TcpStream::connect(&upstream) else {
-                    continue;
-                };
-                let is_first = first.swap(false, Ordering::SeqCst);
-                let fault = match fault {
-                    Fault::Slow(_) => Some(fault),
-                    _ => is_first.then_some(fault),
-                };
-                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let (fwd, hits) = (fwd.clone(), hits.clone());
-                std::thread::spawn(move || pump(client, server, fault, &fwd, &hits));
-                std::thread::spawn(move || {
-                    pump(s2, c2, None, &AtomicU64::new(0), &AtomicU64::new(0))
-                });
-            }
-        });
-        Proxy {
-            addr,
-            forwarded,
-            struck,
-        }
-    }
-}
-
-fn pump(
-    mut from: TcpStream,
-    mut to: TcpStream,
-    fault: Option<Fault>,
-    counted: &AtomicU64,
-    struck: &AtomicU64,
-) {
-    let mut buf = vec![0u8; 16 << 10];
-    let mut passed = 0u64;
-    let started = Instant::now();
-    let mut stalled = false;
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n as u64,
-        };
-        let allowed = match fault {
-            Some(Fault::Cut(at)) => (at - passed).min(n),
-            _ => n,
-        };
-        if to.write_all(&buf[..allowed as usize]).is_err() {
-            break;
-        }
-        passed += allowed;
-        counted.fetch_add(allowed, Ordering::Relaxed);
-        match fault {
-            Some(Fault::Cut(at)) if passed == at => {
-                struck.fetch_add(1, Ordering::Relaxed);
-                break;
-            }
-            Some(Fault::Stall(at, pause)) if passed >= at && !stalled => {
-                stalled = true;
-                struck.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(pause);
-            }
-            Some(Fault::Slow(rate)) => {
-                let due = Duration::from_secs_f64(passed as f64 / rate as f64);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    std::thread::sleep(wait);
-                }
-            }
-            _ => {}
-        }
-    }
-    let _ = from.shutdown(Shutdown::Both);
-    let _ = to.shutdown(Shutdown::Both);
-}
-
-fn run_ok(cmd: &mut Command) -> Value {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 #[test]
 fn a_cut_connection_is_retried_and_resumes_where_it_stopped() {
@@ -291,14 +176,6 @@ fn the_agent_killed_at_20_moments() {
     kill_harness(Victim::Agent, 3);
 }
 
-/// Writes `size` bytes of incompressible data.
-fn random_image(path: &Path, size: usize, seed: u64) {
-    use rand::RngCore;
-    let mut data = vec![0u8; size];
-    SmallRng::seed_from_u64(seed).fill_bytes(&mut data);
-    std::fs::write(path, data).unwrap();
-}
-
 fn assert_rate(report: &Value, limit: f64) {
     let rate = report["wire_bytes"].as_f64().unwrap() / report["seconds"].as_f64().unwrap();
     eprintln!(
@@ -337,32 +214,6 @@ fn the_process_server_holds_its_rate_limit() {
         .sync("slow", &[format!("{}=disk0", image.display())])
         .unwrap();
     assert_rate(&report, 4.0 * MIB as f64);
-}
-
-/// A small tmpfs mounted for one test, unmounted when dropped (the tests run as root).
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    fn mount(path: &Path, size: &str) -> SmallDisk {
-        std::fs::create_dir_all(path).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mount tmpfs (needs root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        SmallDisk(path.to_owned())
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 #[test]

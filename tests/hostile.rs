@@ -276,11 +276,9 @@ fn a_block_past_the_end_is_refused() {
     still_serving(&cluster);
 }
 
-#[test]
-fn a_block_whose_hash_does_not_match_is_refused_and_not_written() {
-    let cluster = Cluster::start();
+fn a_block_whose_hash_does_not_match_is_refused(cluster: &Cluster) {
     let message = runtime().block_on(async {
-        let mut agent = RawAgent::open_disk(&cluster, "liar").await;
+        let mut agent = RawAgent::open_disk(cluster, "liar").await;
         let data = vec![5u8; 65536];
         agent.send(&blocks(3, [1; 32], &data)).await;
         agent.send(&Message::Flush { handle: 0, seq: 1 }).await;
@@ -289,7 +287,41 @@ fn a_block_whose_hash_does_not_match_is_refused_and_not_written() {
     assert!(message.contains("does not match"), "{message}");
     let extent = std::fs::read(cluster.extent("liar", "disk0")).unwrap();
     assert!(extent.iter().all(|&b| b == 0), "the bad block was written");
-    still_serving(&cluster);
+    still_serving(cluster);
+}
+
+#[test]
+fn a_block_whose_hash_does_not_match_is_refused_and_not_written() {
+    a_block_whose_hash_does_not_match_is_refused(&Cluster::start());
+}
+
+#[test]
+fn a_spooling_process_server_passes_refusals_on_and_keeps_nothing_to_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let cluster = Cluster::start_full(&[], &["--cache", cache.to_str().unwrap()]);
+    // A block past the end never reaches the spool.
+    let message = runtime().block_on(async {
+        let mut agent = RawAgent::open_disk(&cluster, "past").await;
+        let data = vec![5u8; 65536];
+        agent
+            .send(&blocks(1_000_000, *blake3::hash(&data).as_bytes(), &data))
+            .await;
+        agent.error_text().await
+    });
+    assert!(message.contains("past the end"), "{message}");
+    // The spool stored the lie and acknowledged the Flush; the master target refuses it,
+    // and the agent hears why.
+    a_block_whose_hash_does_not_match_is_refused(&cluster);
+    let kept: Vec<_> = std::fs::read_dir(cache.join("liar"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        kept.iter().any(|f| f.ends_with(".rejected")) && !kept.iter().any(|f| f.ends_with(".seg")),
+        "the refused segment is kept aside, not replayed: {kept:?}"
+    );
 }
 
 #[test]

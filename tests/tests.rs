@@ -8,6 +8,8 @@
 mod failback;
 mod faults;
 mod hostile;
+mod proxy;
 mod qemu;
 mod recovery;
+mod spool;
 mod util;

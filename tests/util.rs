@@ -376,3 +376,51 @@ pub fn nonzero_block_bytes(path: &Path, block: usize) -> u64 {
 pub fn disk0(report: &Value) -> &Value {
     &report["disks"][0]
 }
+
+/// Writes `size` bytes of incompressible data.
+pub fn random_image(path: &Path, size: usize, seed: u64) {
+    use rand::{RngCore, SeedableRng};
+    let mut data = vec![0u8; size];
+    rand::rngs::SmallRng::seed_from_u64(seed).fill_bytes(&mut data);
+    std::fs::write(path, data).unwrap();
+}
+
+/// A small tmpfs mounted for one test, unmounted when dropped (the tests run as root).
+pub struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    pub fn mount(path: &Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount tmpfs (needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk(path.to_owned())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Agent flags for tests: retry quickly, for up to a minute.
+pub const FAST_RETRY: &[&str] = &["--retry-delay", "50ms", "--retry-for", "60s"];
+
+/// Runs a command that must succeed and print JSON.
+pub fn run_ok(cmd: &mut Command) -> Value {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

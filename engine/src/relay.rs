@@ -14,9 +14,9 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use crate::error::ErrorCode;
 use crate::error::{Error, Result};
 use crate::geometry::SafeName;
-use crate::error::ErrorCode;
 use crate::protocol::message::KIND_CHECKPOINT;
 use crate::protocol::{Frame, Message, PROTOCOL_VERSION};
 use crate::spool::conversation::hold;
@@ -205,7 +205,7 @@ async fn hold_conversation(
         .await?;
     tracing::info!(%machine, live, "holding the conversation");
     let stamp = |frame| config.stamp(machine.as_str(), frame);
-    let held = hold(&mut agent, &machine, spool, upstream, stamp).await;
+    let held = hold(&mut agent, &machine, spool, &target, upstream, stamp).await;
     let _ = spool.write_status();
     if spool.has_backlog(&machine) {
         tokio::spawn(replay_machine(spool.clone(), machine.clone(), target));

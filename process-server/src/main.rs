@@ -41,10 +41,13 @@ struct Args {
     /// applies outside these windows.
     #[arg(long)]
     rate_schedule: Option<String>,
-    /// Durable spool folder: while the master target is away, agents' conversations are
-    /// stored here (fsynced before the agent is acknowledged) and forwarded in order once
-    /// it is back, also after a restart of this process server. Without it, agents wait and
-    /// retry while the master target is away.
+    /// Durable spool folder. Every agent stream is stored here and fsynced before the agent
+    /// is acknowledged, forwarded to the master target as it arrives, and deleted once the
+    /// master target acknowledged it. While the master target is away (or goes away in the
+    /// middle of a stream) agents keep replicating into the spool, scan and QEMU sources
+    /// alike; it is forwarded in order once the master target is back, also after a
+    /// restart of this process server. Without it, agents wait and retry while the master
+    /// target is away.
     #[arg(long)]
     cache: Option<PathBuf>,
     /// Most bytes the spool may hold; agents are held back when it is full. Usage over 70%

@@ -15,12 +15,13 @@ use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::upstream::Upstream;
+use super::replay::replay_machine;
+use super::upstream::{MasterTarget, Upstream};
 use super::{DiskLock, SegmentWriter, Spool};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
 use crate::geometry::{BlockSize, Geometry, SafeName};
 use crate::manifest::Manifest;
-use crate::protocol::message::records;
+use crate::protocol::message::{records, KIND_OPEN_DISK};
 use crate::protocol::{DiskState, Frame, Message};
 use crate::target::now_ms;
 use crate::transport::Conn;
@@ -52,20 +53,28 @@ struct Sealed {
 pub struct Held<'a> {
     spool: &'a Arc<Spool>,
     machine: &'a SafeName,
+    target: &'a MasterTarget,
     upstream: Option<Upstream>,
     n: u64,
     segment: SegmentWriter,
     sealed: VecDeque<Sealed>,
     disks: HashMap<u32, HeldDisk>,
+    /// The current segment holds more than `OpenDisk`s.
+    holds_data: bool,
+    /// The master target refused what this conversation sent (not "away": "no"): its
+    /// error code and message.
+    refused: Option<(ErrorCode, String)>,
 }
 
 /// Holds `agent`'s conversation (its `Hello` was answered already) until it ends. With
-/// `upstream`, the conversation is forwarded live. `stamp` adds the consistency group to
+/// `upstream`, the conversation is forwarded live; segments it leaves behind are
+/// forwarded by a replayer talking to `target`. `stamp` adds the consistency group to
 /// checkpoints, as the plain relay does.
 pub async fn hold(
     agent: &mut Conn,
     machine: &SafeName,
     spool: &Arc<Spool>,
+    target: &MasterTarget,
     upstream: Option<Upstream>,
     stamp: impl Fn(Frame) -> Result<Frame>,
 ) -> Result<()> {
@@ -73,11 +82,14 @@ pub async fn hold(
     let mut held = Held {
         spool,
         machine,
+        target,
         upstream,
         n,
         segment,
         sealed: VecDeque::new(),
         disks: HashMap::new(),
+        holds_data: false,
+        refused: None,
     };
     let outcome = held.run(agent, stamp).await;
     held.finish().await;
@@ -92,7 +104,23 @@ impl Held<'_> {
         stamp: impl Fn(Frame) -> Result<Frame>,
     ) -> Result<bool> {
         loop {
-            let Some(frame) = agent.recv_frame().await? else {
+            self.release_acknowledged();
+            if let Some(refusal) = self.refusal() {
+                return Err(refusal);
+            }
+            // Between the agent's frames, watch the master target too: a refusal must reach
+            // the agent now, not after its next frame.
+            let frame = match self.upstream.as_mut() {
+                Some(upstream) => tokio::select! {
+                    frame = agent.recv_frame() => frame?,
+                    failure = upstream.failure() => {
+                        self.lose_upstream(&failure);
+                        continue;
+                    }
+                },
+                None => agent.recv_frame().await?,
+            };
+            let Some(frame) = frame else {
                 return Ok(false);
             };
             match Message::from_frame(frame.clone())? {
@@ -147,6 +175,9 @@ impl Held<'_> {
                     self.append(&frame)?;
                     self.segment.sync()?;
                     let point = self.checkpoint(frame).await;
+                    if let Some(refusal) = self.refusal() {
+                        return Err(refusal);
+                    }
                     agent.send(&point).await?;
                 }
                 Message::Bye => {
@@ -161,7 +192,6 @@ impl Held<'_> {
                     )))
                 }
             }
-            self.release_acknowledged();
         }
     }
 
@@ -169,6 +199,15 @@ impl Held<'_> {
         self.disks
             .get_mut(&handle)
             .ok_or_else(|| Error::Protocol(format!("disk handle {handle} was never opened")))
+    }
+
+    /// The master target's refusal, to pass on to the agent.
+    fn refusal(&self) -> Option<Error> {
+        self.refused.as_ref().map(|(code, message)| Error::Remote {
+            peer: "master target",
+            code: *code,
+            message: message.clone(),
+        })
     }
 
     /// Opens a disk: through the master target when live, else from the spool's tree.
@@ -364,6 +403,7 @@ impl Held<'_> {
     }
 
     fn append(&mut self, frame: &Frame) -> Result<()> {
+        self.holds_data |= frame.kind != KIND_OPEN_DISK;
         let before = self.segment.len;
         let appended = self.segment.append(frame);
         self.spool.account(self.segment.len - before);
@@ -401,7 +441,16 @@ impl Held<'_> {
             };
             let (forwarded, flushed) = (disk.forwarded, disk.flushed);
             if forwarded > flushed {
-                if !self.forward(Message::Flush { handle, seq: forwarded }.to_frame()).await {
+                if !self
+                    .forward(
+                        Message::Flush {
+                            handle,
+                            seq: forwarded,
+                        }
+                        .to_frame(),
+                    )
+                    .await
+                {
                     break;
                 }
                 if let Some(disk) = self.disks.get_mut(&handle) {
@@ -419,11 +468,12 @@ impl Held<'_> {
         if self.upstream.is_some() {
             self.sealed.push_back(sealed);
         } else {
-            self.spool.disown(&sealed.path);
+            self.hand_over(&sealed.path);
         }
         let (n, segment) = self.spool.new_segment(self.machine)?;
         self.n = n;
         self.segment = segment;
+        self.holds_data = false;
         let opens: Vec<Frame> = self.disks.values().map(|d| d.open.clone()).collect();
         for open in opens {
             self.append(&open)?;
@@ -480,11 +530,45 @@ impl Held<'_> {
     /// The master target went away: the rest of the conversation goes into the spool, and
     /// what it had not acknowledged waits for the replayer.
     fn lose_upstream(&mut self, why: &Error) {
+        if let Error::Remote { code, message, .. } = why {
+            if !why.is_transient() {
+                tracing::error!(machine = %self.machine, error = %why.chain(), "the master target refused this conversation");
+                self.refused = Some((*code, message.clone()));
+                self.upstream = None;
+                return;
+            }
+        }
         if self.upstream.take().is_some() {
             tracing::warn!(machine = %self.machine, error = %why.chain(), "lost the master target; spooling the rest of this conversation");
         }
-        for sealed in self.sealed.drain(..) {
-            self.spool.disown(&sealed.path);
+        let sealed: Vec<Sealed> = self.sealed.drain(..).collect();
+        for sealed in sealed {
+            self.hand_over(&sealed.path);
+        }
+    }
+
+    /// Hands a finished segment to the replayer, which forwards it (and what waits before
+    /// it) as soon as the master target takes it, while this conversation goes on.
+    fn hand_over(&self, path: &std::path::Path) {
+        self.spool.disown(path);
+        tokio::spawn(replay_machine(
+            self.spool.clone(),
+            self.machine.clone(),
+            self.target.clone(),
+        ));
+    }
+
+    /// What the master target refused would be refused again: it is kept for whoever
+    /// investigates, out of the replayer's way, and the trees that count it are forgotten.
+    fn set_aside_all(&mut self) {
+        let mut segments: Vec<(PathBuf, Vec<SafeName>)> =
+            self.sealed.drain(..).map(|s| (s.path, s.disks)).collect();
+        let disks = self.disks.values().map(|d| d.id.clone()).collect();
+        segments.push((self.segment.path().to_owned(), disks));
+        for (path, disks) in segments {
+            if let Err(e) = self.spool.set_aside(self.machine, &path, &disks) {
+                tracing::error!(error = %e.chain(), "cannot set a refused segment aside");
+            }
         }
     }
 
@@ -492,6 +576,20 @@ impl Held<'_> {
     /// flushes on the master target and deletes what it acknowledged; everything else is
     /// left to the replayer.
     async fn finish(&mut self) {
+        if self.refused.is_some() {
+            self.set_aside_all();
+            return;
+        }
+        if !self.holds_data && self.sealed.is_empty() {
+            // Nothing but disks opened: nothing to forward.
+            if let Err(e) = self
+                .spool
+                .release(self.machine, self.n, self.segment.path(), &[])
+            {
+                tracing::warn!(error = %e.chain(), "cannot delete an empty spool segment");
+            }
+            return;
+        }
         let durable = self.segment.sync().and_then(|()| self.save_trees());
         if let Err(e) = durable {
             tracing::error!(error = %e.chain(), "cannot make the spool durable; forgetting this machine's trees");
@@ -539,6 +637,10 @@ impl Held<'_> {
                     self.lose_upstream(&e);
                 }
             }
+        }
+        if self.refused.is_some() {
+            self.set_aside_all();
+            return;
         }
         for sealed in self.sealed.drain(..) {
             self.spool.disown(&sealed.path);

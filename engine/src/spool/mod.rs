@@ -271,13 +271,21 @@ impl Spool {
     }
 
     fn trees_lock(&self) -> MutexGuard<'_, ()> {
-        self.trees.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.trees
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Deletes segment `n` of `machine` once the master target acknowledged all of it.
     /// The tree files of `disks` (the disks it holds blocks of) are first brought up to
     /// include it, so no tree ever depends on a deleted segment.
-    pub fn release(&self, machine: &SafeName, n: u64, path: &Path, disks: &[SafeName]) -> Result<()> {
+    pub fn release(
+        &self,
+        machine: &SafeName,
+        n: u64,
+        path: &Path,
+        disks: &[SafeName],
+    ) -> Result<()> {
         let _trees = self.trees_lock();
         for disk in disks {
             self.cover(machine, disk, n)?;

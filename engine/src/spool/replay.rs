@@ -49,7 +49,9 @@ pub async fn replay_machine(spool: Arc<Spool>, machine: SafeName, target: Master
                 }
             }
             Err(e) => {
-                if e.is_transient() || matches!(e, Error::Net { .. } | Error::Truncated(_) | Error::Tls(_)) {
+                if e.is_transient()
+                    || matches!(e, Error::Net { .. } | Error::Truncated(_) | Error::Tls(_))
+                {
                     tracing::warn!(%machine, error = %e.chain(), retry_in = ?delay, "cannot forward the spool yet");
                 } else {
                     tracing::error!(%machine, segment = %segment.display(), error = %e.chain(), retry_in = ?delay,

@@ -141,6 +141,19 @@ impl Upstream {
         Ok(())
     }
 
+    /// Waits, recording `Ack`s, until something else happens, which is a failure: between
+    /// requests the master target has nothing else to say. Cancel-safe.
+    pub async fn failure(&mut self) -> Error {
+        loop {
+            let msg = self.next().await;
+            match self.record(msg) {
+                Ok(None) => {}
+                Ok(Some(other)) => return unexpected(&other, "Ack"),
+                Err(e) => return e,
+            }
+        }
+    }
+
     /// True once the master target acknowledged `seq` on `handle`.
     pub fn is_acked(&self, handle: u32, seq: u64) -> bool {
         self.acked.get(&handle).is_some_and(|&a| a >= seq)

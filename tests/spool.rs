@@ -1,0 +1,254 @@
+//! The process server's spool with the scan source: every stream stored before the agent
+//! is acknowledged and deleted once forwarded, a long stream through a small spool,
+//! replication while the master target is away (with a block changed and changed back),
+//! the master target lost in the middle of a stream, and a spool whose filesystem fills up.
+//! (The QEMU source into the spool is in `qemu.rs`.)
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use engine::sample::write_mixed_image;
+
+use crate::proxy::{Fault, Proxy};
+use crate::util::{qemu_img_same, random_image, run_ok, Cluster, Service, SmallDisk, FAST_RETRY};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 64 << 10;
+
+/// Segments of `machine` in the spool.
+fn segments(cache: &Path, machine: &str) -> usize {
+    std::fs::read_dir(cache.join(machine))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn wait_until_forwarded(cache: &Path, machine: &str) {
+    for _ in 0..600 {
+        if segments(cache, machine) == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the spool was not forwarded within a minute");
+}
+
+fn read_block(image: &Path, index: u64) -> Vec<u8> {
+    let mut block = vec![0u8; BLOCK as usize];
+    std::fs::File::open(image)
+        .unwrap()
+        .read_exact_at(&mut block, index * BLOCK)
+        .unwrap();
+    block
+}
+
+fn write_block(image: &Path, index: u64, data: &[u8]) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(image)
+        .unwrap()
+        .write_all_at(data, index * BLOCK)
+        .unwrap();
+}
+
+fn cache_args(cache: &Path, limit: &str) -> Vec<String> {
+    vec![
+        "--cache".into(),
+        cache.to_str().unwrap().into(),
+        "--cache-limit".into(),
+        limit.into(),
+    ]
+}
+
+fn snapshot(cluster: &Cluster, image: &Path, name: &str) -> PathBuf {
+    let copy = cluster.path(name);
+    std::fs::copy(image, &copy).unwrap();
+    copy
+}
+
+fn recovered(cluster: &Cluster, machine: &str, point: u64) -> PathBuf {
+    cluster
+        .recover(machine, &point.to_string())
+        .unwrap()
+        .join("disk0.vmdk")
+}
+
+#[test]
+fn a_long_stream_through_a_small_spool_is_stored_forwarded_and_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let args = cache_args(&cache, "8MiB");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let cluster = Cluster::start_full(&[], &args);
+    // 40 MiB of incompressible data through an 8 MiB spool: only segments the master
+    // target has acknowledged may be deleted to make room, so this completes only if the
+    // stream is forwarded as it arrives and acknowledged segments go.
+    let image = cluster.path("disk0.img");
+    random_image(&image, 40 * MIB as usize, 21);
+    let disk = format!("{}=disk0", image.display());
+    let report = run_ok(&mut cluster.agent(
+        &cluster.relay.addr,
+        "big",
+        &[&disk],
+        &cluster.pki,
+        FAST_RETRY,
+    ));
+    assert_eq!(report["attempts"], 1);
+    assert_eq!(
+        report["point"]["seq"], 1,
+        "live: the point is the master target's"
+    );
+    assert!(qemu_img_same(&image, &cluster.vmdk("big", "disk0")));
+    assert_eq!(segments(&cache, "big"), 0, "forwarded segments are deleted");
+    let log = cluster.relay.log_text();
+    assert!(log.contains("live=true"), "{log}");
+    assert!(!log.contains("spool is full"), "{log}");
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cache.join("status.json")).unwrap()).unwrap();
+    assert!(
+        status["used_bytes"].as_u64().unwrap() <= 8 * MIB,
+        "{status}"
+    );
+}
+
+#[test]
+fn scan_agents_replicate_into_the_spool_while_the_master_target_is_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let args = cache_args(&cache, "1GiB");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cluster = Cluster::start_full(&[], &args);
+    let image = cluster.path("disk0.img");
+    write_mixed_image(&image, 16 * MIB, 31).unwrap();
+    let disk = format!("{}=disk0", image.display());
+    let first = cluster.sync("vm", &[&disk]).unwrap();
+    assert_eq!(first["point"]["seq"], 1);
+
+    cluster.target.kill();
+    let original = read_block(&image, 3);
+    write_block(&image, 3, &vec![0x77; BLOCK as usize]);
+    write_block(&image, 100, &vec![0x78; BLOCK as usize]);
+    let second = cluster.sync("vm", &[&disk]).unwrap();
+    assert_eq!(second["point"]["seq"], 0, "the point waits in the spool");
+    assert_eq!(
+        second["disks"][0]["blocks_sent"], 2,
+        "compared against the process server's tree"
+    );
+    let at_2 = snapshot(&cluster, &image, "at-2");
+    // Block 3 goes back to what the master target holds. Compared against the master
+    // target's (old) tree it would look unchanged; against the spool's it is not.
+    write_block(&image, 3, &original);
+    let third = cluster.sync("vm", &[&disk]).unwrap();
+    assert_eq!(third["point"]["seq"], 0);
+    assert_eq!(third["disks"][0]["blocks_sent"], 1);
+    let at_3 = snapshot(&cluster, &image, "at-3");
+    assert_eq!(segments(&cache, "vm"), 2);
+
+    cluster.target.restart();
+    wait_until_forwarded(&cache, "vm");
+    assert!(qemu_img_same(&image, &cluster.vmdk("vm", "disk0")));
+    let points: Vec<u64> = cluster
+        .points("vm")
+        .iter()
+        .map(|p| p["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(points, vec![3, 2, 1]);
+    assert!(qemu_img_same(&at_2, &recovered(&cluster, "vm", 2)));
+    assert!(qemu_img_same(&at_3, &recovered(&cluster, "vm", 3)));
+    // Live again, and nothing left to send.
+    let live = cluster.sync("vm", &[&disk]).unwrap();
+    assert_eq!(live["point"]["seq"], 4);
+    assert_eq!(live["disks"][0]["blocks_sent"], 0);
+}
+
+#[test]
+fn a_stream_carries_on_into_the_spool_when_the_master_target_goes_away() {
+    let cluster = Cluster::start();
+    let cache = cluster.path("cache");
+    // A second process server, whose first connection to the master target is cut after
+    // 6 MiB: the master target "goes away" in the middle of the stream.
+    let proxy = Proxy::start(cluster.target.addr.clone(), Fault::Cut(6 * MIB));
+    let pki = cluster.pki.to_str().unwrap().to_owned();
+    let mut args = vec![
+        "--listen".to_owned(),
+        "127.0.0.1:0".into(),
+        "--master-target".into(),
+        proxy.addr.clone(),
+        "--pki".into(),
+        pki,
+    ];
+    args.extend(cache_args(&cache, "1GiB"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let relay = Service::start(
+        "deltaback-process-server",
+        &args,
+        cluster.path("spooling-process-server.log"),
+    );
+    let image = cluster.path("disk0.img");
+    random_image(&image, 24 * MIB as usize, 41);
+    let disk = format!("{}=disk0", image.display());
+    let report = run_ok(&mut cluster.agent(&relay.addr, "vm", &[&disk], &cluster.pki, FAST_RETRY));
+    assert_eq!(proxy.struck.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        report["attempts"], 1,
+        "the agent was acknowledged by the spool and never noticed"
+    );
+    assert_eq!(report["point"]["seq"], 0, "the point waits in the spool");
+    relay.wait_for_log("lost the master target");
+    wait_until_forwarded(&cache, "vm");
+    assert!(qemu_img_same(&image, &cluster.vmdk("vm", "disk0")));
+    let points = cluster.points("vm");
+    assert_eq!(points.len(), 1, "{points:?}");
+    assert!(qemu_img_same(&image, &recovered(&cluster, "vm", 1)));
+}
+
+#[test]
+fn a_full_spool_filesystem_is_reported_and_replication_completes_once_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("small");
+    let _disk = SmallDisk::mount(&cache, "12m");
+    // The limit is larger than the filesystem: the filesystem fills first.
+    let args = cache_args(&cache, "1GiB");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cluster = Cluster::start_full(&[], &args);
+    let image = cluster.path("disk0.img");
+    random_image(&image, 8 * MIB as usize, 51);
+    let disk = format!("{}=disk0", image.display());
+    cluster.sync("full", &[&disk]).unwrap();
+
+    cluster.target.kill();
+    let filler = cache.join("filler");
+    std::fs::write(&filler, vec![1u8; 6 << 20]).unwrap();
+    random_image(&image, 8 * MIB as usize, 52);
+    let agent = cluster
+        .agent(
+            &cluster.relay.addr,
+            "full",
+            &[&disk],
+            &cluster.pki,
+            FAST_RETRY,
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    cluster.relay.wait_for_log("No space left on device");
+    // Space comes back: the filler goes and the master target returns to take the spool.
+    std::fs::remove_file(&filler).unwrap();
+    cluster.target.restart();
+    let out = agent.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("No space left on device") && stderr.contains("retry"),
+        "{stderr}"
+    );
+    wait_until_forwarded(&cache, "full");
+    assert!(qemu_img_same(&image, &cluster.vmdk("full", "disk0")));
+}
