@@ -55,11 +55,22 @@ fn a_cut_connection_is_retried_and_resumes_where_it_stopped() {
 enum Victim {
     Agent,
     ProcessServer,
+    /// A process server with a spool: the agent is acknowledged by the spool.
+    SpoolingProcessServer,
     MasterTarget,
+    /// The master target, behind a process server with a spool.
+    MasterTargetBehindSpool,
 }
 
 fn kill_harness(victim: Victim, seed: u64) {
-    let mut cluster = Cluster::start();
+    let spool_dir = tempfile::tempdir().unwrap();
+    let cache = spool_dir.path().join("cache");
+    let mut cluster = match victim {
+        Victim::SpoolingProcessServer | Victim::MasterTargetBehindSpool => {
+            Cluster::start_full(&[], &["--cache", cache.to_str().unwrap()])
+        }
+        _ => Cluster::start(),
+    };
     let mut rng = SmallRng::seed_from_u64(seed);
     let size = 16 * MIB;
     let mut kills = 0;
@@ -102,8 +113,12 @@ fn kill_harness(victim: Victim, seed: u64) {
                     let _ = agent.wait();
                     agent = start_agent(&cluster);
                 }
-                Victim::ProcessServer => cluster.relay.crash_and_restart(),
-                Victim::MasterTarget => cluster.target.crash_and_restart(),
+                Victim::ProcessServer | Victim::SpoolingProcessServer => {
+                    cluster.relay.crash_and_restart()
+                }
+                Victim::MasterTarget | Victim::MasterTargetBehindSpool => {
+                    cluster.target.crash_and_restart()
+                }
             }
             kills += 1;
             let started = Instant::now();
@@ -127,6 +142,12 @@ fn kill_harness(victim: Victim, seed: u64) {
                 }
             }
             assert!(started.elapsed() < Duration::from_secs(60));
+            if matches!(
+                victim,
+                Victim::SpoolingProcessServer | Victim::MasterTargetBehindSpool
+            ) {
+                crate::spool::wait_until_forwarded(&cache, &machine);
+            }
             assert!(
                 qemu_img_same(&image, &cluster.vmdk(&machine, "disk0")),
                 "{victim:?} killed after {delay:?} in round {round} phase {phase}"
@@ -169,6 +190,16 @@ fn the_master_target_killed_at_20_moments() {
 #[test]
 fn the_process_server_killed_at_20_moments() {
     kill_harness(Victim::ProcessServer, 2);
+}
+
+#[test]
+fn the_spooling_process_server_killed_at_20_moments() {
+    kill_harness(Victim::SpoolingProcessServer, 4);
+}
+
+#[test]
+fn the_master_target_behind_a_spool_killed_at_20_moments() {
+    kill_harness(Victim::MasterTargetBehindSpool, 5);
 }
 
 #[test]

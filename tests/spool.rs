@@ -29,7 +29,8 @@ fn segments(cache: &Path, machine: &str) -> usize {
         .unwrap_or(0)
 }
 
-fn wait_until_forwarded(cache: &Path, machine: &str) {
+/// Waits until the spool holds nothing more of `machine` for the master target.
+pub fn wait_until_forwarded(cache: &Path, machine: &str) {
     for _ in 0..600 {
         if segments(cache, machine) == 0 {
             return;
