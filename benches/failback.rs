@@ -38,25 +38,36 @@ fn main() {
         target,
         relay,
     } = Services::start(&bins, dir);
-    let agent = |machine: &str, extra: &[&str]| {
+    // A second process server with a spool, in front of the same master target: every
+    // stream stored (and fsynced) on its way.
+    let cache = dir.join("cache");
+    let spooling = common::Service::start(
+        &bins.join("deltaback-process-server"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--master-target",
+            &target.addr,
+            "--pki",
+            s(&pki),
+            "--cache",
+            s(&cache),
+        ],
+    );
+    let agent_via = |server: &str, machine: &str, extra: &[&str]| {
         let mut cmd = Command::new(bins.join("deltaback-agent"));
-        cmd.args([
-            "sync",
-            "--json",
-            "--machine",
-            machine,
-            "--server",
-            &relay.addr,
-        ])
-        .args(["--pki", s(&pki), "--disk"])
-        .arg(format!("{}=disk0", source.display()))
-        .args(extra);
+        cmd.args(["sync", "--json", "--machine", machine, "--server", server])
+            .args(["--pki", s(&pki), "--disk"])
+            .arg(format!("{}=disk0", source.display()))
+            .args(extra);
         measure(cmd)
     };
+    let agent = |machine: &str, extra: &[&str]| agent_via(&relay.addr, machine, extra);
 
     // Full failback.
     let full = agent("bench", &[]);
     let full_raw = agent("bench-raw", &["--no-compress"]);
+    let full_spool = agent_via(&spooling.addr, "bench-spool", &[]);
     let full_report: serde_json::Value = serde_json::from_str(&full.stdout).expect("agent JSON");
     let rsync_full = measure({
         let mut c = Command::new("rsync");
@@ -95,6 +106,7 @@ fn main() {
 
     let delta = agent("bench", &[]);
     let delta_raw = agent("bench-raw", &["--no-compress"]);
+    let delta_spool = agent_via(&spooling.addr, "bench-spool", &[]);
     let delta_report: serde_json::Value = serde_json::from_str(&delta.stdout).expect("agent JSON");
     let rsync_delta = measure({
         let mut c = Command::new("rsync");
@@ -194,6 +206,16 @@ fn main() {
         secs(delta_raw.wall),
         ByteSize(json(&delta_raw)["wire_bytes"].as_u64().unwrap_or(0)),
         secs(idle.wall),
+    );
+    println!();
+    println!(
+        "through a process server with a spool: full failback {:.2} s ({:.2}x the plain relay), \
+         1% resync {:.2} s ({:.2}x); spooling process server peak RSS {}",
+        secs(full_spool.wall),
+        secs(full_spool.wall) / secs(full.wall),
+        secs(delta_spool.wall),
+        secs(delta_spool.wall) / secs(delta.wall),
+        ByteSize(spooling.peak_rss())
     );
     println!();
     println!(
