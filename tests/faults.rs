@@ -2,7 +2,6 @@
 //! Nothing acknowledged is lost, every listed point recovers, and little is sent again.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -91,20 +90,7 @@ fn kill_harness(victim: Victim, seed: u64) {
                 crate::util::nonzero_block_bytes(&image, 65536)
             };
             let delay = Duration::from_millis(rng.gen_range(0..120));
-            let start_agent = |cluster: &Cluster| {
-                cluster
-                    .agent(
-                        &cluster.relay.addr,
-                        &machine,
-                        &[&disk],
-                        &cluster.pki,
-                        FAST_RETRY,
-                    )
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap()
-            };
+            let start_agent = |cluster: &Cluster| cluster.spawn_agent(&machine, &[&disk], false);
             let mut agent = start_agent(&cluster);
             std::thread::sleep(delay);
             match victim {
@@ -257,18 +243,7 @@ fn a_full_disk_on_the_master_target_is_reported_and_replication_completes_once_f
     let cluster = Cluster::start_with(&["--datastore", datastore.to_str().unwrap()]);
     let image = cluster.path("disk0.img");
     random_image(&image, 8 * MIB as usize, 3);
-    let agent = cluster
-        .agent(
-            &cluster.relay.addr,
-            "full",
-            &[format!("{}=disk0", image.display())],
-            &cluster.pki,
-            FAST_RETRY,
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let agent = cluster.spawn_agent("full", &[format!("{}=disk0", image.display())], true);
     let log = cluster.target.wait_for_log("No space left on device");
     assert!(log.contains("session failed"), "{log}");
     std::fs::remove_file(&filler).unwrap();

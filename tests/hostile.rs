@@ -260,18 +260,23 @@ fn an_oversized_frame_is_refused_before_allocation() {
     still_serving(&cluster);
 }
 
-#[test]
-fn a_block_past_the_end_is_refused() {
-    let cluster = Cluster::start();
-    let message = runtime().block_on(async {
-        let mut agent = RawAgent::open_disk(&cluster, "past").await;
+/// Sends a block far past the end of a 1 MiB disk; the error the agent gets.
+fn block_past_the_end(cluster: &Cluster) -> String {
+    runtime().block_on(async {
+        let mut agent = RawAgent::open_disk(cluster, "past").await;
         let data = vec![5u8; 65536];
         agent
             .send(&blocks(1_000_000, *blake3::hash(&data).as_bytes(), &data))
             .await;
         agent.send(&Message::Flush { handle: 0, seq: 1 }).await;
         agent.error_text().await
-    });
+    })
+}
+
+#[test]
+fn a_block_past_the_end_is_refused() {
+    let cluster = Cluster::start();
+    let message = block_past_the_end(&cluster);
     assert!(message.contains("past the end"), "{message}");
     still_serving(&cluster);
 }
@@ -301,14 +306,7 @@ fn a_spooling_process_server_passes_refusals_on_and_keeps_nothing_to_replay() {
     let cache = dir.path().join("cache");
     let cluster = Cluster::start_full(&[], &["--cache", cache.to_str().unwrap()]);
     // A block past the end never reaches the spool.
-    let message = runtime().block_on(async {
-        let mut agent = RawAgent::open_disk(&cluster, "past").await;
-        let data = vec![5u8; 65536];
-        agent
-            .send(&blocks(1_000_000, *blake3::hash(&data).as_bytes(), &data))
-            .await;
-        agent.error_text().await
-    });
+    let message = block_past_the_end(&cluster);
     assert!(message.contains("past the end"), "{message}");
     // The spool stored the lie and acknowledged the Flush; the master target refuses it,
     // and the agent hears why.

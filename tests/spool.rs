@@ -6,7 +6,6 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -227,18 +226,7 @@ fn a_full_spool_filesystem_is_reported_and_replication_completes_once_freed() {
     let filler = cache.join("filler");
     std::fs::write(&filler, vec![1u8; 6 << 20]).unwrap();
     random_image(&image, 8 * MIB as usize, 52);
-    let agent = cluster
-        .agent(
-            &cluster.relay.addr,
-            "full",
-            &[&disk],
-            &cluster.pki,
-            FAST_RETRY,
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let agent = cluster.spawn_agent("full", &[&disk], true);
     cluster.relay.wait_for_log("No space left on device");
     // Space comes back: the filler goes and the master target returns to take the spool.
     std::fs::remove_file(&filler).unwrap();

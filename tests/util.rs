@@ -320,6 +320,25 @@ impl Cluster {
         cmd
     }
 
+    /// Starts `deltaback-agent sync --json` through the process server with quick retries,
+    /// its output captured (stderr dropped unless `keep_stderr`).
+    pub fn spawn_agent<S: AsRef<str>>(
+        &self,
+        machine: &str,
+        disks: &[S],
+        keep_stderr: bool,
+    ) -> std::process::Child {
+        self.agent(&self.relay.addr, machine, disks, &self.pki, FAST_RETRY)
+            .stdout(Stdio::piped())
+            .stderr(if keep_stderr {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .spawn()
+            .expect("start agent")
+    }
+
     pub fn vmdk(&self, machine: &str, id: &str) -> PathBuf {
         self.datastore.join(machine).join(format!("{id}.vmdk"))
     }
