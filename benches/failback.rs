@@ -41,19 +41,7 @@ fn main() {
     // A second process server with a spool, in front of the same master target: every
     // stream stored (and fsynced) on its way.
     let cache = dir.join("cache");
-    let spooling = common::Service::start(
-        &bins.join("deltaback-process-server"),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--master-target",
-            &target.addr,
-            "--pki",
-            s(&pki),
-            "--cache",
-            s(&cache),
-        ],
-    );
+    let spooling = Services::process_server(&bins, &target.addr, &pki, &["--cache", s(&cache)]);
     let agent_via = |server: &str, machine: &str, extra: &[&str]| {
         let mut cmd = Command::new(bins.join("deltaback-agent"));
         cmd.args(["sync", "--json", "--machine", machine, "--server", server])

@@ -146,23 +146,29 @@ impl Services {
                 s(&pki),
             ],
         );
-        let relay = Service::start(
-            &bins.join("deltaback-process-server"),
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--master-target",
-                &target.addr,
-                "--pki",
-                s(&pki),
-            ],
-        );
+        let relay = Services::process_server(bins, &target.addr, &pki, &[]);
         Services {
             pki,
             datastore,
             target,
             relay,
         }
+    }
+}
+
+impl Services {
+    /// Another process server in front of `master_target`, with `extra` arguments.
+    pub fn process_server(bins: &Path, master_target: &str, pki: &Path, extra: &[&str]) -> Service {
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--master-target",
+            master_target,
+            "--pki",
+            s(pki),
+        ];
+        args.extend_from_slice(extra);
+        Service::start(&bins.join("deltaback-process-server"), &args)
     }
 }
 

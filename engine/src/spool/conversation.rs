@@ -93,16 +93,16 @@ pub async fn hold(
     };
     let outcome = held.run(agent, stamp).await;
     held.finish().await;
-    outcome.map(|_| ())
+    outcome
 }
 
 impl Held<'_> {
-    /// Handles the agent's frames; true when it ended with `Bye`.
+    /// Handles the agent's frames until it says `Bye` or goes away.
     async fn run(
         &mut self,
         agent: &mut Conn,
         stamp: impl Fn(Frame) -> Result<Frame>,
-    ) -> Result<bool> {
+    ) -> Result<()> {
         loop {
             self.release_acknowledged();
             if let Some(refusal) = self.refusal() {
@@ -121,7 +121,7 @@ impl Held<'_> {
                 None => agent.recv_frame().await?,
             };
             let Some(frame) = frame else {
-                return Ok(false);
+                return Ok(());
             };
             match Message::from_frame(frame.clone())? {
                 Message::OpenDisk {
@@ -183,7 +183,7 @@ impl Held<'_> {
                 Message::Bye => {
                     self.append(&frame)?;
                     self.segment.sync()?;
-                    return Ok(true);
+                    return Ok(());
                 }
                 other => {
                     return Err(Error::Protocol(format!(

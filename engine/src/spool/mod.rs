@@ -270,6 +270,15 @@ impl Spool {
         self.check_health();
     }
 
+    /// Counts `bytes` no longer held.
+    fn unaccount(&self, bytes: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                Some(u.saturating_sub(bytes))
+            });
+    }
+
     fn trees_lock(&self) -> MutexGuard<'_, ()> {
         self.trees
             .lock()
@@ -293,11 +302,7 @@ impl Spool {
         let len = std::fs::metadata(path).map_or(0, |m| m.len());
         durable::remove(path)?;
         self.disown(path);
-        let _ = self
-            .used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
-                Some(u.saturating_sub(len))
-            });
+        self.unaccount(len);
         self.check_health();
         Ok(())
     }
@@ -315,11 +320,7 @@ impl Spool {
         durable::sync_dir(&self.machine_dir(machine))?;
         self.disown(path);
         let len = std::fs::metadata(&aside).map_or(0, |m| m.len());
-        let _ = self
-            .used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
-                Some(u.saturating_sub(len))
-            });
+        self.unaccount(len);
         Ok(())
     }
 

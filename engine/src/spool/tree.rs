@@ -12,7 +12,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use super::{segments_in, SegmentReader, Spool};
+use super::{SegmentReader, Spool};
 use crate::durable;
 use crate::error::{Error, Result};
 use crate::geometry::SafeName;
@@ -132,7 +132,6 @@ pub(super) fn highest_through(folder: &Path) -> u64 {
         .filter_map(|e| read_through(&e.path()))
         .max()
         .unwrap_or(0)
-        .max(segments_in(folder).last().map_or(0, |(n, _)| *n))
 }
 
 /// Applies the blocks a segment holds for `disk` to `tree`; false if the segment cannot be
