@@ -57,6 +57,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.datastore)
         .with_context(|| format!("cannot create datastore {}", args.datastore.display()))?;
     let identity = Identity::load(&args.pki, Role::MasterTarget)?;
+    let shutdown = engine::service::shutdown_signal();
     let listener = engine::service::bind(&args.listen, "master target").await?;
     let retention = args
         .retention
@@ -68,12 +69,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         retention,
         retention_window: args.retention_window.into(),
     };
-    serve(
-        listener,
-        &identity,
-        config,
-        engine::service::shutdown_signal(),
-    )
-    .await?;
+    serve(listener, &identity, config, shutdown).await?;
     Ok(())
 }

@@ -84,6 +84,7 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let identity = Identity::load(&args.pki, Role::ProcessServer)?;
+    let shutdown = engine::service::shutdown_signal();
     let listener = engine::service::bind(&args.listen, "process server").await?;
     let groups = args
         .groups
@@ -106,12 +107,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             None => None,
         },
     };
-    serve(
-        listener,
-        &identity,
-        config,
-        engine::service::shutdown_signal(),
-    )
-    .await?;
+    serve(listener, &identity, config, shutdown).await?;
     Ok(())
 }
