@@ -8,9 +8,11 @@
 #![allow(clippy::cast_possible_truncation)]
 
 mod common;
+#[path = "../tests/storage_daemon.rs"]
+mod storage_daemon;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use bytesize::ByteSize;
@@ -65,8 +67,18 @@ fn main() {
                 "--disk",
                 "disk0=vda",
             ])
-            .args(["--pki", s(&pki), "--qmp", s(&dir.join("qmp.sock"))])
-            .args(["--nbd", s(&dir.join("nbd.sock")), "--scratch-dir", s(dir)]);
+            .args([
+                "--pki",
+                s(&pki),
+                "--qmp",
+                s(&storage_daemon::qmp_socket(dir)),
+            ])
+            .args([
+                "--nbd",
+                s(&storage_daemon::nbd_socket(dir)),
+                "--scratch-dir",
+                s(dir),
+            ]);
         measure(cmd)
     };
     let scan_cycle = || {
@@ -198,32 +210,10 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &Path, image: &Path) -> Daemon {
-        let child = Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=file0,filename={}",
-                image.display()
-            ))
-            .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
-            .arg("--nbd-server")
-            .arg(format!(
-                "addr.type=unix,addr.path={}",
-                dir.join("nbd.sock").display()
-            ))
-            .args([
-                "--export",
-                "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
-            ])
-            .arg("--chardev")
-            .arg(format!(
-                "socket,path={},server=on,wait=off,id=qmp0",
-                dir.join("qmp.sock").display()
-            ))
-            .args(["--monitor", "chardev=qmp0"])
-            .stderr(Stdio::null())
+        let child = storage_daemon::command(image, dir)
             .spawn()
             .expect("qemu-storage-daemon");
-        while !dir.join("nbd.sock").exists() || !dir.join("qmp.sock").exists() {
+        while !storage_daemon::ready(dir) {
             std::thread::sleep(Duration::from_millis(20));
         }
         Daemon {
@@ -235,7 +225,7 @@ impl Daemon {
     fn write(&self, blocks: &[u64], noise: &Path) {
         let uri = format!(
             "nbd+unix:///guest?socket={}",
-            self.dir.join("nbd.sock").display()
+            storage_daemon::nbd_socket(&self.dir).display()
         );
         let mut cmd = Command::new("qemu-io");
         cmd.args(["-f", "raw", &uri]);

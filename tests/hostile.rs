@@ -37,19 +37,22 @@ struct RawAgent {
     tx: WriteHalf<Tls>,
 }
 
+/// A TLS connection to `addr` with the agent's certificate, expecting `server`'s certificate.
+async fn connect_as_agent(cluster: &Cluster, addr: &str, server: Role) -> Tls {
+    let config = Identity::load(&cluster.pki, Role::Agent)
+        .unwrap()
+        .client_config()
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect(server_name(server).unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
 impl RawAgent {
     async fn connect(cluster: &Cluster) -> RawAgent {
-        let config = Identity::load(&cluster.pki, Role::Agent)
-            .unwrap()
-            .client_config()
-            .unwrap();
-        let tcp = tokio::net::TcpStream::connect(&cluster.relay.addr)
-            .await
-            .unwrap();
-        let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(server_name(Role::ProcessServer).unwrap(), tcp)
-            .await
-            .unwrap();
+        let tls = connect_as_agent(cluster, &cluster.relay.addr, Role::ProcessServer).await;
         let (r, w) = tokio::io::split(tls);
         RawAgent {
             rx: FramedRead::new(r, FrameCodec),
@@ -455,18 +458,8 @@ fn each_service_accepts_only_the_role_that_should_talk_to_it() {
     // An agent certificate presented to the master target by a client that does not check
     // the server's name: the master target itself refuses the role.
     let message = runtime().block_on(async {
-        let config = Identity::load(&cluster.pki, Role::Agent)
-            .unwrap()
-            .client_config()
-            .unwrap();
-        let tcp = tokio::net::TcpStream::connect(&cluster.target.addr)
-            .await
-            .unwrap();
         // Ask for the master target by name: the agent certificate is the problem here.
-        let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(server_name(Role::MasterTarget).unwrap(), tcp)
-            .await
-            .unwrap();
+        let tls = connect_as_agent(&cluster, &cluster.target.addr, Role::MasterTarget).await;
         let mut frames = FramedRead::new(tls, FrameCodec);
         match frames.next().await {
             Some(Ok(frame)) => match Message::from_frame(frame).unwrap() {

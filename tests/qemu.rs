@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::storage_daemon;
 use crate::util::{bin, qemu_img_same, Cluster};
 
 const MIB: u64 = 1 << 20;
@@ -36,41 +37,15 @@ impl Daemon {
         daemon
     }
 
-    fn sock(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
     fn start(&mut self) {
-        let _ = std::fs::remove_file(self.sock("nbd.sock"));
-        let _ = std::fs::remove_file(self.sock("qmp.sock"));
-        let child = Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=file0,filename={}",
-                self.dir.join("guest.qcow2").display()
-            ))
-            .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
-            .arg("--nbd-server")
-            .arg(format!(
-                "addr.type=unix,addr.path={}",
-                self.sock("nbd.sock").display()
-            ))
-            .args([
-                "--export",
-                "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
-            ])
-            .arg("--chardev")
-            .arg(format!(
-                "socket,path={},server=on,wait=off,id=qmp0",
-                self.sock("qmp.sock").display()
-            ))
-            .args(["--monitor", "chardev=qmp0"])
-            .stderr(Stdio::null())
+        let _ = std::fs::remove_file(storage_daemon::nbd_socket(&self.dir));
+        let _ = std::fs::remove_file(storage_daemon::qmp_socket(&self.dir));
+        let child = storage_daemon::command(&self.dir.join("guest.qcow2"), &self.dir)
             .spawn()
             .expect("qemu-storage-daemon (apt install qemu-utils)");
         self.child = Some(child);
         for _ in 0..100 {
-            if self.sock("qmp.sock").exists() && self.sock("nbd.sock").exists() {
+            if storage_daemon::ready(&self.dir) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -91,7 +66,7 @@ impl Daemon {
     fn uri(&self) -> String {
         format!(
             "nbd+unix:///guest?socket={}",
-            self.sock("nbd.sock").display()
+            storage_daemon::nbd_socket(&self.dir).display()
         )
     }
 
@@ -147,9 +122,9 @@ fn cycle_command(cluster: &Cluster, daemon: &Daemon) -> Command {
         .arg("--pki")
         .arg(&cluster.pki)
         .arg("--qmp")
-        .arg(daemon.sock("qmp.sock"))
+        .arg(storage_daemon::qmp_socket(&daemon.dir))
         .arg("--nbd")
-        .arg(daemon.sock("nbd.sock"))
+        .arg(storage_daemon::nbd_socket(&daemon.dir))
         .arg("--scratch-dir")
         .arg(&daemon.dir);
     cmd

@@ -12,4 +12,5 @@ mod proxy;
 mod qemu;
 mod recovery;
 mod spool;
+mod storage_daemon;
 mod util;
