@@ -234,8 +234,10 @@ fn verify_rehashes_even_a_replica_whose_stamp_is_unchanged() {
 #[test]
 fn services_stop_cleanly_on_sigterm() {
     let mut cluster = Cluster::start();
+    // At once after start-up: the handlers must be in place before the address is printed.
     assert!(cluster.relay.terminate().success());
     assert!(cluster.target.terminate().success());
+    assert!(cluster.relay.log_text().contains("SIGTERM received"));
     assert!(cluster.target.log_text().contains("SIGTERM received"));
 }
 
