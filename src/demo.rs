@@ -63,6 +63,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
         datastore: datastore.clone(),
         verify: false,
         hash_threads: engine::scan::default_threads(),
+        direct_io: true,
         retention: dir.join("retention"),
         retention_window: std::time::Duration::from_secs(24 * 3600),
     };

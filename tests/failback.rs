@@ -2,7 +2,9 @@
 
 use engine::sample::{change_blocks, write_mixed_image};
 
-use crate::util::{allocated_bytes, disk0, nonzero_block_bytes, qemu_img_same, Cluster};
+use crate::util::{
+    allocated_bytes, disk0, nonzero_block_bytes, qemu_img_same, random_image, Cluster,
+};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u32 = 64 << 10;
@@ -277,4 +279,41 @@ fn a_block_device_fails_back_like_an_image() {
     let report = cluster.sync("blk", &[format!("{}=sda", device.0)]).unwrap();
     assert_eq!(disk0(&report)["size"], 8 * MIB);
     assert!(qemu_img_same(&image, &cluster.vmdk("blk", "sda")));
+}
+
+/// Bytes of `path` resident in the page cache, from util-linux `fincore`.
+fn cached_bytes(path: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn a_full_failback_bypasses_the_page_cache_unless_buffered_io_is_asked() {
+    for (args, bypass) in [(&[][..], true), (&["--buffered-io"][..], false)] {
+        let cluster = Cluster::start_with(args);
+        let image = cluster.path("disk0.img");
+        random_image(&image, 16 * MIB as usize, 31);
+        let disk = format!("{}=disk0", image.display());
+        cluster.sync("m", &[&disk]).unwrap();
+        let extent = cluster.extent("m", "disk0");
+        let cached = cached_bytes(&extent);
+        if bypass {
+            assert!(
+                cached < MIB,
+                "{cached} bytes of the extent in the page cache"
+            );
+        } else {
+            assert!(cached > 8 * MIB, "only {cached} bytes in the page cache");
+        }
+        assert!(qemu_img_same(&image, &cluster.vmdk("m", "disk0")));
+    }
 }

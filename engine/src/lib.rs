@@ -4,6 +4,7 @@
 //! See ARCHITECTURE.md at the repository root for how the parts fit together.
 
 pub mod agent;
+pub mod direct;
 pub mod durable;
 pub mod encoding;
 pub mod error;

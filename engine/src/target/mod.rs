@@ -42,6 +42,8 @@ pub struct TargetConfig {
     pub verify: bool,
     /// Threads used to hash an existing extent.
     pub hash_threads: usize,
+    /// Write long contiguous runs with `O_DIRECT` where the filesystem allows it.
+    pub direct_io: bool,
     /// Folder of recovery points and undo journals.
     pub retention: PathBuf,
     /// How long recovery points are kept.
@@ -437,6 +439,7 @@ impl Writer {
             geometry,
             self.config.verify,
             self.config.hash_threads,
+            self.config.direct_io,
         )?;
         // Once a point exists, every overwrite must be undoable back to it.
         if !self.points.points().is_empty() {

@@ -16,6 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 
+use crate::direct::DirectWriter;
 use crate::durable;
 use crate::encoding::{BlockDecoder, Encoding};
 use crate::error::{Error, Result};
@@ -56,6 +57,8 @@ pub struct Replica {
     id: SafeName,
     paths: ReplicaPaths,
     file: File,
+    /// Long runs of blocks go to the extent through this handle, bypassing the page cache.
+    direct: DirectWriter,
     manifest: Manifest,
     zero: ZeroHashes,
     fresh: bool,
@@ -86,6 +89,7 @@ impl Replica {
         geometry: Geometry,
         verify: bool,
         threads: usize,
+        direct_io: bool,
     ) -> Result<Self> {
         let paths = ReplicaPaths::new(datastore, machine, id);
         let meta_dir = paths.manifest.parent().unwrap_or(datastore);
@@ -122,8 +126,10 @@ impl Replica {
             }
             Err(e) => return Err(Error::file("open extent", &paths.extent)(e)),
         };
+        let direct = DirectWriter::open(&paths.extent, direct_io);
         Ok(Self {
             id: id.clone(),
+            direct,
             paths,
             file,
             manifest,
@@ -292,19 +298,47 @@ impl Replica {
             durable::remove(&self.paths.manifest)?;
             self.dirty = true;
         }
-        for (index, hash, data) in changes {
-            let offset = geometry.offset(index);
-            match data {
-                Some(data) => self
-                    .file
-                    .write_all_at(&data, offset)
-                    .map_err(Error::file("write", &self.paths.extent))?,
-                None => {
-                    let len = geometry.block_len(index).unwrap_or(0);
-                    punch_hole(&self.file, &self.paths.extent, offset, len)?;
-                }
+        let mut rest = changes.as_slice();
+        while let Some(&(first, _, ref data)) = rest.first() {
+            let offset = geometry.offset(first);
+            if data.is_none() {
+                let len = geometry.block_len(first).unwrap_or(0);
+                punch_hole(&self.file, &self.paths.extent, offset, len)?;
+                rest = &rest[1..];
+                continue;
             }
-            self.manifest.set_leaf(index, hash)?;
+            // The longest run of consecutive blocks with data from here.
+            let run_len = rest
+                .iter()
+                .zip(first..)
+                .take_while(|((index, _, data), expected)| index == expected && data.is_some())
+                .count();
+            let (run, after) = rest.split_at(run_len);
+            self.write_run(offset, run)?;
+            rest = after;
+        }
+        for (index, hash, _) in &changes {
+            self.manifest.set_leaf(*index, *hash)?;
+        }
+        Ok(())
+    }
+
+    /// Writes consecutive blocks with data from `offset`: directly when the run is long,
+    /// through the page cache otherwise.
+    fn write_run(&mut self, offset: u64, run: &[(u64, BlockHash, Option<Vec<u8>>)]) -> Result<()> {
+        let parts: Vec<&[u8]> = run.iter().filter_map(|(_, _, d)| d.as_deref()).collect();
+        let written = self
+            .direct
+            .write_run(offset, &parts)
+            .map_err(Error::file("write", &self.paths.extent))?;
+        if !written {
+            let mut at = offset;
+            for part in parts {
+                self.file
+                    .write_all_at(part, at)
+                    .map_err(Error::file("write", &self.paths.extent))?;
+                at += part.len() as u64;
+            }
         }
         Ok(())
     }

@@ -1,0 +1,166 @@
+//! Direct I/O (`O_DIRECT`) for long contiguous writes into a replica's extent.
+//!
+//! In a full failback the master target writes whole disks. Through the page cache every
+//! byte is first copied into kernel memory and written back later; on the machines we
+//! measured that costs the master target more CPU than decrypting, decompressing and hashing
+//! the same bytes. Runs of at least [`DIRECT_MIN_BYTES`] whose offset and length are aligned
+//! go to the device from an aligned buffer instead. Short, scattered writes (a 1% resync)
+//! stay buffered, where the kernel merges them before the `fdatasync`.
+//!
+//! Durability does not change: `O_DIRECT` promises nothing about the device's cache or the
+//! file's metadata, so the replica is still `fdatasync`ed before anything is acknowledged.
+//! Reads of the extent stay buffered; the kernel writes back and drops cached pages of a
+//! range written directly, so they see the new data. A filesystem that refuses `O_DIRECT`
+//! gets buffered writes only.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+/// Shortest run written directly; shorter runs are cheaper through the page cache.
+pub const DIRECT_MIN_BYTES: usize = 1 << 20;
+
+/// Alignment of buffer, offset and length; 4 KiB suits every logical sector size in use.
+const ALIGN: usize = 4096;
+
+/// Longest run written in one call; longer runs are written in pieces of this size.
+const DIRECT_MAX_BYTES: usize = 4 << 20;
+
+/// A second handle on an extent, opened with `O_DIRECT`, and its aligned staging buffer.
+pub struct DirectWriter {
+    file: Option<File>,
+    staging: Vec<u8>,
+}
+
+impl DirectWriter {
+    /// Opens `path` for direct writes; on a filesystem without `O_DIRECT`, or if `enabled`
+    /// is false, every write is left to the caller's buffered path.
+    pub fn open(path: &Path, enabled: bool) -> Self {
+        let file = enabled
+            .then(|| {
+                let flags = i32::try_from(rustix::fs::OFlags::DIRECT.bits()).ok()?;
+                OpenOptions::new()
+                    .write(true)
+                    .custom_flags(flags)
+                    .open(path)
+                    .ok()
+            })
+            .flatten();
+        Self {
+            file,
+            staging: Vec::new(),
+        }
+    }
+
+    /// Whether direct writes are available for this extent.
+    pub fn is_active(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// Writes `parts`, contiguous from `offset`, directly when the run is long and aligned
+    /// enough; returns false, having written nothing, when the caller must write them
+    /// through the page cache.
+    pub fn write_run(&mut self, offset: u64, parts: &[&[u8]]) -> io::Result<bool> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let aligned = offset % ALIGN as u64 == 0 && total % ALIGN == 0;
+        let Some(file) = &self.file else {
+            return Ok(false);
+        };
+        if total < DIRECT_MIN_BYTES || !aligned {
+            return Ok(false);
+        }
+        if self.staging.len() < DIRECT_MAX_BYTES + ALIGN {
+            self.staging.resize(DIRECT_MAX_BYTES + ALIGN, 0);
+        }
+        let start = self.staging.as_ptr().align_offset(ALIGN);
+        if start >= ALIGN {
+            return Ok(false);
+        }
+        let staging = &mut self.staging[start..start + DIRECT_MAX_BYTES];
+        let mut filled = 0;
+        let mut at = offset;
+        for part in parts {
+            let mut part: &[u8] = part;
+            while !part.is_empty() {
+                let n = part.len().min(DIRECT_MAX_BYTES - filled);
+                staging[filled..filled + n].copy_from_slice(&part[..n]);
+                filled += n;
+                part = &part[n..];
+                if filled == DIRECT_MAX_BYTES {
+                    file.write_all_at(&staging[..filled], at)?;
+                    at += filled as u64;
+                    filled = 0;
+                }
+            }
+        }
+        if filled > 0 {
+            file.write_all_at(&staging[..filled], at)?;
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation, clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[test]
+    fn long_aligned_runs_are_written_directly_and_read_back_through_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("extent");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(32 << 20).unwrap();
+        // Cache the old content first: the direct write must not leave it stale.
+        let mut old = vec![0u8; 1 << 20];
+        file.read_exact_at(&mut old, 4 << 20).unwrap();
+        let mut writer = DirectWriter::open(&path, true);
+        if !writer.is_active() {
+            eprintln!("this filesystem refuses O_DIRECT; nothing to test here");
+            return;
+        }
+        // 3 x 4 MiB: more than one staging buffer, so the run is written in pieces.
+        let parts: Vec<Vec<u8>> = (0..3).map(|i| pattern(4 << 20, i)).collect();
+        let slices: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        assert!(writer.write_run(4 << 20, &slices).unwrap());
+        let reader = File::open(&path).unwrap();
+        let mut back = vec![0u8; 12 << 20];
+        reader.read_exact_at(&mut back, 4 << 20).unwrap();
+        assert_eq!(back, parts.concat());
+    }
+
+    #[test]
+    fn short_or_unaligned_runs_are_left_to_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("extent");
+        File::create(&path).unwrap().set_len(8 << 20).unwrap();
+        let mut writer = DirectWriter::open(&path, true);
+        let short = pattern(64 << 10, 1);
+        assert!(!writer.write_run(0, &[&short]).unwrap());
+        let long = pattern(2 << 20, 2);
+        assert!(!writer.write_run(512, &[&long]).unwrap());
+        let ragged = pattern((2 << 20) + 512, 3);
+        assert!(!writer.write_run(0, &[&ragged]).unwrap());
+        let mut disabled = DirectWriter::open(&path, false);
+        assert!(!disabled.write_run(0, &[&long]).unwrap());
+        // Nothing was written by any of them.
+        let mut back = vec![1u8; 8 << 20];
+        File::open(&path)
+            .unwrap()
+            .read_exact_at(&mut back, 0)
+            .unwrap();
+        assert!(back.iter().all(|&b| b == 0));
+    }
+}
