@@ -1,25 +1,26 @@
 //! Direct I/O (`O_DIRECT`) for long contiguous writes into a replica's extent.
 //!
 //! In a full failback the master target writes whole disks. Through the page cache every
-//! byte is first copied into kernel memory and written back later; on the machines we
-//! measured that costs the master target more CPU than decrypting, decompressing and hashing
-//! the same bytes. Runs of at least [`DIRECT_MIN_BYTES`] whose offset and length are aligned
-//! go to the device from an aligned buffer instead. Short, scattered writes (a 1% resync)
-//! stay buffered, where the kernel merges them before the `fdatasync`.
+//! byte is first copied into kernel memory and written back later; on the machine we
+//! measured, that copy and the page-cache bookkeeping of a sparse extent took more of the
+//! master target's CPU than decrypting, decompressing and hashing the same bytes. Runs of at
+//! least [`DIRECT_MIN_BYTES`] whose offset and length are aligned go to the device from an
+//! aligned buffer instead.
 //!
 //! Durability does not change: `O_DIRECT` promises nothing about the device's cache or the
 //! file's metadata, so the replica is still `fdatasync`ed before anything is acknowledged.
 //! Reads of the extent stay buffered; the kernel writes back and drops cached pages of a
-//! range written directly, so they see the new data. A filesystem that refuses `O_DIRECT`
-//! gets buffered writes only.
+//! range written directly, so they see the new data. A filesystem that refuses `O_DIRECT`,
+//! at open or at the first write, gets buffered writes only.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-/// Shortest run written directly; shorter runs are cheaper through the page cache.
-pub const DIRECT_MIN_BYTES: usize = 1 << 20;
+/// Shortest run written directly: one 64 KiB block. Smaller pieces (blocks of a disk with a
+/// small block size, one at a time) are cheaper through the page cache.
+pub const DIRECT_MIN_BYTES: usize = 64 << 10;
 
 /// Alignment of buffer, offset and length; 4 KiB suits every logical sector size in use.
 const ALIGN: usize = 4096;
@@ -62,6 +63,19 @@ impl DirectWriter {
     /// enough; returns false, having written nothing, when the caller must write them
     /// through the page cache.
     pub fn write_run(&mut self, offset: u64, parts: &[&[u8]]) -> io::Result<bool> {
+        match self.try_write_run(offset, parts) {
+            // Some filesystems accept O_DIRECT at open and refuse the writes: the caller
+            // writes the run again through the page cache, and so do all later runs.
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                tracing::warn!(error = %e, "direct writes refused; writing through the page cache");
+                self.file = None;
+                Ok(false)
+            }
+            other => other,
+        }
+    }
+
+    fn try_write_run(&mut self, offset: u64, parts: &[&[u8]]) -> io::Result<bool> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         let aligned = offset % ALIGN as u64 == 0 && total % ALIGN == 0;
         let Some(file) = &self.file else {
@@ -147,7 +161,7 @@ mod tests {
         let path = dir.path().join("extent");
         File::create(&path).unwrap().set_len(8 << 20).unwrap();
         let mut writer = DirectWriter::open(&path, true);
-        let short = pattern(64 << 10, 1);
+        let short = pattern(32 << 10, 1);
         assert!(!writer.write_run(0, &[&short]).unwrap());
         let long = pattern(2 << 20, 2);
         assert!(!writer.write_run(512, &[&long]).unwrap());

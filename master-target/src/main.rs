@@ -32,10 +32,10 @@ struct Args {
     /// Threads for hashing existing extents [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
-    /// Write every block through the page cache. By default long runs of blocks (1 MiB and
-    /// more, as in a full failback) bypass it with O_DIRECT where the filesystem allows,
-    /// which saves the CPU of copying them into the cache; durability is the same either
-    /// way (fdatasync before every acknowledgement).
+    /// Write every block through the page cache. By default runs of blocks of 64 KiB and
+    /// more bypass it with O_DIRECT where the filesystem allows, which saves the CPU of
+    /// copying them into the cache and leaves the cache to the host's other work;
+    /// durability is the same either way (fdatasync before every acknowledgement).
     #[arg(long)]
     buffered_io: bool,
     /// Folder for recovery points and the undo journals behind them
