@@ -70,6 +70,24 @@ impl Daemon {
         )
     }
 
+    /// The first byte at `offset`, read by the guest through a second NBD connection.
+    fn read_byte(&self, offset: u64) -> u8 {
+        let out = Command::new("qemu-io")
+            .args(["-r", "-f", "raw", &self.uri(), "-c"])
+            .arg(format!("read -v {offset} 1"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // "00a00000:  46  F"
+        let text = String::from_utf8_lossy(&out.stdout);
+        let hex = text.split_whitespace().nth(1).unwrap_or_default();
+        u8::from_str_radix(hex, 16).unwrap_or_else(|_| panic!("qemu-io read: {text}"))
+    }
+
     /// The guest writes: each (offset, length, pattern) through the writable export.
     fn write(&self, writes: &[(u64, u64, u8)]) {
         let mut cmd = Command::new("qemu-io");
@@ -201,9 +219,9 @@ fn a_cycle_reads_one_instant_while_the_guest_keeps_writing() {
     let cluster = Cluster::start();
     let daemon = Daemon::create(&cluster.path(""), 16 * MIB);
     cycle(&cluster, &daemon);
-    // The guest writes blocks 100..160 at once, then overwrites them again twice, one write
-    // every 5 ms, while a cycle runs. Pattern of write j: j + 1.
-    let (first, blocks, count) = (100u64, 60u64, 180u64);
+    // The guest writes blocks 100..160 at once, then overwrites them again three times, one
+    // write every 5 ms, while a cycle runs. Pattern of write j: j + 1.
+    let (first, blocks, count) = (100u64, 60u64, 240u64);
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", "raw", &daemon.uri()]);
     for j in 0..count {
@@ -218,7 +236,16 @@ fn a_cycle_reads_one_instant_while_the_guest_keeps_writing() {
         }
     }
     let mut writer = cmd.stdout(Stdio::null()).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(250));
+    // Start the cycle once the overwrites have begun (write 70 landed: block 109 shows 70 or
+    // a later pattern), however slowly qemu-io started.
+    let started = std::time::Instant::now();
+    while daemon.read_byte((first + 9) * BLOCK) < 70 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the guest never wrote"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let (during, _) = cycle(&cluster, &daemon);
     assert!(writer.wait().unwrap().success());
     let (after, _) = cycle(&cluster, &daemon);
