@@ -141,7 +141,10 @@ mod tests {
         let mut old = vec![0u8; 1 << 20];
         file.read_exact_at(&mut old, 4 << 20).unwrap();
         let mut writer = DirectWriter::open(&path, true);
-        assert!(writer.is_active(), "the temporary folder's filesystem refuses O_DIRECT");
+        assert!(
+            writer.is_active(),
+            "the temporary folder's filesystem refuses O_DIRECT"
+        );
         // 3 x 4 MiB: more than one staging buffer, so the run is written in pieces.
         let parts: Vec<Vec<u8>> = (0..3).map(|i| pattern(4 << 20, i)).collect();
         let slices: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
