@@ -2,6 +2,7 @@
 
 mod demo;
 mod points;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +38,10 @@ enum Command {
     /// Writes a machine's VMDKs as they were at a recovery point into an empty folder; the
     /// replica is left untouched so replication goes on.
     Recover(points::RecoverArgs),
+    /// Every machine in a master target's datastore: its replicas, their state and how old
+    /// its newest recovery point is. With --max-age, exits with status 1 when a machine has
+    /// no point that recent, so monitoring can run it.
+    Status(status::StatusArgs),
     /// Shows a process server's spool: usage, health and what waits to be forwarded.
     Spool {
         /// The process server's --cache folder.
@@ -111,6 +116,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Points(args) => points::list(args),
         Command::Recover(args) => points::recover_point(args),
+        Command::Status(args) => status::show(args),
         Command::Spool { cache } => spool_status(&cache),
     };
     match result {

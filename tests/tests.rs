@@ -12,5 +12,6 @@ mod proxy;
 mod qemu;
 mod recovery;
 mod spool;
+mod status;
 mod storage_daemon;
 mod util;

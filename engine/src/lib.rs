@@ -21,6 +21,7 @@ pub mod scan;
 pub mod service;
 pub mod sparse;
 pub mod spool;
+pub mod status;
 pub mod target;
 pub mod throttle;
 pub mod tls;

@@ -1,0 +1,110 @@
+//! `deltaback status`: every machine of a master target's datastore, its replicas and the
+//! age of its newest recovery point, for people (a table) and for monitoring (JSON, and an
+//! exit status with `--max-age`).
+
+use std::path::PathBuf;
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::Context;
+use engine::status::{datastore_status, MachineStatus, PointSummary};
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// The master target's datastore folder.
+    #[arg(long)]
+    datastore: PathBuf,
+    /// The master target's retention folder [default: DATASTORE/.retention].
+    #[arg(long)]
+    retention: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Fail (exit status 1) when a machine's newest recovery point is older than this, or
+    /// it has none (e.g. 15m, 1h): the recovery point objective, for monitoring.
+    #[arg(long)]
+    max_age: Option<humantime::Duration>,
+}
+
+pub fn show(args: StatusArgs) -> anyhow::Result<()> {
+    let retention = args
+        .retention
+        .clone()
+        .unwrap_or_else(|| args.datastore.join(".retention"));
+    let machines = datastore_status(&args.datastore, &retention, engine::target::now_ms())
+        .with_context(|| format!("cannot read datastore {}", args.datastore.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&machines)?);
+    } else if machines.is_empty() {
+        println!("no machines in {}", args.datastore.display());
+    } else {
+        for machine in &machines {
+            print_machine(machine);
+        }
+    }
+    if let Some(max_age) = args.max_age {
+        let limit = u64::try_from(Duration::from(max_age).as_millis()).unwrap_or(u64::MAX);
+        let behind: Vec<String> = machines
+            .iter()
+            .filter(|m| m.is_behind(limit))
+            .map(|m| match &m.latest {
+                Some(p) => format!("{} (newest point {} old)", m.machine, age(p)),
+                None => format!("{} (no recovery point)", m.machine),
+            })
+            .collect();
+        if !behind.is_empty() {
+            anyhow::bail!(
+                "{} of {} machines have no recovery point newer than {max_age}: {}",
+                behind.len(),
+                machines.len(),
+                behind.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_machine(m: &MachineStatus) {
+    let newest = match &m.latest {
+        Some(p) => format!(
+            "newest {} old ({}, point {}, {})",
+            age(p),
+            time(p),
+            p.seq,
+            p.kind.name()
+        ),
+        None => "no recovery point yet".to_owned(),
+    };
+    let points = match m.points {
+        1 => "1 point".to_owned(),
+        n => format!("{n} points"),
+    };
+    println!("{}: {points}, {newest}", m.machine);
+    if let Some(p) = &m.latest_app_consistent {
+        println!("  newest app-consistent: {} old (point {})", age(p), p.seq);
+    }
+    if let Some(p) = &m.oldest {
+        println!(
+            "  window from {} (point {}); retention uses {}",
+            time(p),
+            p.seq,
+            bytesize::ByteSize(m.retention_bytes)
+        );
+    }
+    for d in &m.disks {
+        println!(
+            "  {:<16} {:>10}  {:<15}  durable seq {}",
+            d.id,
+            bytesize::ByteSize(d.size).to_string(),
+            d.state.name(),
+            d.durable_seq
+        );
+    }
+}
+
+fn age(p: &PointSummary) -> String {
+    humantime::format_duration(Duration::from_secs(p.age_ms / 1000)).to_string()
+}
+
+fn time(p: &PointSummary) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(p.time_ms)).to_string()
+}
