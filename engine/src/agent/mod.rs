@@ -1,6 +1,7 @@
 //! The agent: finds what differs between its disks and the replicas, and sends it.
 
 pub mod compare;
+pub mod packer;
 pub mod progress;
 pub mod qemu;
 pub mod replicate;

@@ -25,12 +25,11 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::compare::differing_blocks;
-use super::send::Batch;
+use super::packer::Packer;
 use super::session::Session;
 use super::sync::{DiskReport, SyncOptions, SyncReport};
-use crate::encoding::BlockEncoder;
 use crate::error::{Error, Result};
-use crate::geometry::{hash_block, is_zero, Geometry, SafeName, ZeroHashes};
+use crate::geometry::{hash_block, is_zero, BlockHash, Geometry, SafeName, ZeroHashes};
 use crate::manifest::{runs, Manifest};
 use crate::nbd::{dirty_blocks, NbdClient, MAX_READ};
 use crate::qmp::Qmp;
@@ -413,7 +412,13 @@ async fn send_disk(
             &nbd.all_extents().await?,
             u64::from(geometry.block_size.get()),
         ),
-        (_, fresh) => {
+        // A new replica is all zeros: read everything once and send the non-zero blocks,
+        // hashing as they are packed.
+        (_, true) => {
+            report.change_source = "qemu-full-compare";
+            (0..geometry.blocks()).collect()
+        }
+        (Mode::Full, false) => {
             report.change_source = "qemu-full-compare";
             let manifest = hash_export(nbd, geometry).await?;
             let zero = ZeroHashes::new(geometry);
@@ -421,64 +426,94 @@ async fn send_disk(
                 .zip(manifest.leaves())
                 .filter(|(i, h)| zero.of(*i) == **h)
                 .count() as u64;
-            if fresh {
-                (0..geometry.blocks())
-                    .zip(manifest.leaves())
-                    .filter(|(i, h)| zero.of(*i) != **h)
-                    .map(|(i, _)| i)
-                    .collect()
-            } else {
-                let (blocks, fetched) =
-                    differing_blocks(&manifest, state.root, &mut session.tree(handle)).await?;
-                report.hashes_fetched = fetched;
-                blocks
-            }
+            let (blocks, fetched) =
+                differing_blocks(&manifest, state.root, &mut session.tree(handle)).await?;
+            report.hashes_fetched = fetched;
+            blocks
         }
     };
-    let mut seq = state.durable_seq;
-    let mut encoder = BlockEncoder::new(options.compress)?;
-    let zero = ZeroHashes::new(geometry);
+    let (packer, mut batches) =
+        Packer::start(geometry, options.compress, options.threads, state.fresh)?;
     let per_batch = (MAX_READ as usize / geometry.block_size.bytes()).max(1);
-    let mut buf = Vec::new();
-    for chunk in blocks.chunks(per_batch) {
-        let mut batch = Batch::default();
-        for (start, count) in runs(chunk) {
-            let offset = geometry.offset(start);
-            let end = geometry.offset(start + count).min(geometry.size);
-            buf.resize(usize::try_from(end - offset).unwrap_or(0), 0);
-            nbd.read(offset, &mut buf).await?;
-            for (i, data) in buf.chunks(geometry.block_size.bytes()).enumerate() {
-                batch.push(start + i as u64, data, &zero, &mut encoder);
+    let read_all = async move {
+        for chunk in blocks.chunks(per_batch) {
+            let mut job = Vec::new();
+            for (start, count) in runs(chunk) {
+                let offset = geometry.offset(start);
+                let end = geometry.offset(start + count).min(geometry.size);
+                let mut data = vec![0u8; usize::try_from(end - offset).unwrap_or(0)];
+                nbd.read(offset, &mut data).await?;
+                job.push((start, data));
             }
+            packer.pack(job).await?;
         }
-        report.blocks_sent += u64::from(batch.count);
-        report.payload_bytes += batch.payload_bytes();
-        session.send_batch(handle, &mut seq, batch).await?;
-    }
+        Ok::<(), Error>(())
+    };
+    let mut seq = state.durable_seq;
+    let send_all = async {
+        while let Some(batch) = batches.recv().await {
+            let batch = batch?;
+            report.zero_blocks += if state.fresh { batch.zero_blocks } else { 0 };
+            if batch.count == 0 {
+                continue;
+            }
+            report.blocks_sent += u64::from(batch.count);
+            report.payload_bytes += batch.payload_bytes();
+            session.send_batch(handle, &mut seq, batch).await?;
+        }
+        Ok::<(), Error>(())
+    };
+    // The first failure ends both; dropping the channels stops the packing threads.
+    tokio::try_join!(read_all, send_all)?;
     session.flush(handle, seq).await?;
     report.durable_seq = seq;
     tracing::info!(disk = %disk.id, source = report.change_source, sent = report.blocks_sent, "disk durable on the master target");
     Ok(report)
 }
 
-/// Hashes every block of the export.
+/// Hashes every block of the export: while one chunk is hashed on a blocking thread, the
+/// next is read.
 async fn hash_export(nbd: &mut NbdClient, geometry: Geometry) -> Result<Manifest> {
-    let zero = ZeroHashes::new(geometry);
+    let zero = Arc::new(ZeroHashes::new(geometry));
     let mut leaves = Vec::with_capacity(usize::try_from(geometry.blocks()).unwrap_or(0));
-    let mut buf = vec![0u8; MAX_READ as usize];
+    let mut spare = vec![0u8; MAX_READ as usize];
+    let mut hashing: Option<tokio::task::JoinHandle<(Vec<u8>, Vec<BlockHash>)>> = None;
     let mut offset = 0;
     while offset < geometry.size {
         let len = usize::try_from((geometry.size - offset).min(u64::from(MAX_READ))).unwrap_or(0);
-        nbd.read(offset, &mut buf[..len]).await?;
-        for data in buf[..len].chunks(geometry.block_size.bytes()) {
-            let index = leaves.len() as u64;
-            leaves.push(if is_zero(data) {
-                zero.of(index)
-            } else {
-                hash_block(data)
-            });
+        let mut buf = std::mem::take(&mut spare);
+        buf.resize(len, 0);
+        nbd.read(offset, &mut buf).await?;
+        if let Some(done) = hashing.take() {
+            let (old, hashes) = done.await.map_err(hashing_failed)?;
+            leaves.extend(hashes);
+            spare = old;
         }
+        // MAX_READ is a multiple of every block size, so each chunk starts on a block.
+        let first = offset / u64::from(geometry.block_size.get());
+        let zero = zero.clone();
+        hashing = Some(tokio::task::spawn_blocking(move || {
+            let hashes = buf
+                .chunks(geometry.block_size.bytes())
+                .zip(first..)
+                .map(|(data, index)| {
+                    if is_zero(data) {
+                        zero.of(index)
+                    } else {
+                        hash_block(data)
+                    }
+                })
+                .collect();
+            (buf, hashes)
+        }));
         offset += len as u64;
     }
+    if let Some(done) = hashing {
+        leaves.extend(done.await.map_err(hashing_failed)?.1);
+    }
     Manifest::new(geometry, leaves)
+}
+
+fn hashing_failed(e: tokio::task::JoinError) -> Error {
+    Error::Invalid(format!("hashing task failed: {e}"))
 }
