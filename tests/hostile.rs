@@ -346,17 +346,11 @@ fn a_truncated_stream_is_reported_and_nothing_is_acknowledged() {
 }
 
 fn deltaback_pki(args: &[&str]) -> String {
-    let out = std::process::Command::new(crate::util::bin("deltaback"))
-        .arg("pki")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    crate::util::stdout_ok(
+        std::process::Command::new(crate::util::bin("deltaback"))
+            .arg("pki")
+            .args(args),
+    )
 }
 
 #[test]

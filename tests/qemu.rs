@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::storage_daemon;
-use crate::util::{bin, qemu_img_same, Cluster};
+use crate::util::{bin, qemu_img_same, stdout_ok, Cluster};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 64 << 10;
@@ -72,18 +72,12 @@ impl Daemon {
 
     /// The first byte at `offset`, read by the guest through a second NBD connection.
     fn read_byte(&self, offset: u64) -> u8 {
-        let out = Command::new("qemu-io")
-            .args(["-r", "-f", "raw", &self.uri(), "-c"])
-            .arg(format!("read -v {offset} 1"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         // "00a00000:  46  F"
-        let text = String::from_utf8_lossy(&out.stdout);
+        let text = stdout_ok(
+            Command::new("qemu-io")
+                .args(["-r", "-f", "raw", &self.uri(), "-c"])
+                .arg(format!("read -v {offset} 1")),
+        );
         let hex = text.split_whitespace().nth(1).unwrap_or_default();
         u8::from_str_radix(hex, 16).unwrap_or_else(|_| panic!("qemu-io read: {text}"))
     }
@@ -96,25 +90,15 @@ impl Daemon {
             cmd.arg("-c")
                 .arg(format!("write -P {pattern} {offset} {len}"));
         }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        stdout_ok(&mut cmd);
     }
 
     /// The guest disk as it is now, as a raw file.
     fn snapshot(&self, to: &Path) {
-        let out = Command::new("qemu-img")
-            .args(["convert", "-U", "-f", "raw", "-O", "raw", &self.uri()])
-            .arg(to)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        stdout_ok(
+            Command::new("qemu-img")
+                .args(["convert", "-U", "-f", "raw", "-O", "raw", &self.uri()])
+                .arg(to),
         );
     }
 }

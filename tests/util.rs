@@ -433,13 +433,18 @@ impl Drop for SmallDisk {
 /// Agent flags for tests: retry quickly, for up to a minute.
 pub const FAST_RETRY: &[&str] = &["--retry-delay", "50ms", "--retry-for", "60s"];
 
-/// Runs a command that must succeed and print JSON.
-pub fn run_ok(cmd: &mut Command) -> Value {
+/// Runs a command that must succeed (its stderr is the failure message); returns its stdout.
+pub fn stdout_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "{cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command that must succeed and print JSON.
+pub fn run_ok(cmd: &mut Command) -> Value {
+    serde_json::from_str(&stdout_ok(cmd)).unwrap()
 }
