@@ -30,8 +30,17 @@ fn status_shows_replicas_their_state_and_the_age_of_the_newest_point() {
     random_image(&web, 3 * MIB, 1);
     let db = cluster.path("db.img");
     random_image(&db, 2 * MIB, 2);
+    // A disk may be called `*-flat` too; it is not mistaken for an extent.
+    let swap = cluster.path("swap.img");
+    random_image(&swap, MIB, 4);
     cluster
-        .sync("web", &[format!("{}=disk0", web.display())])
+        .sync(
+            "web",
+            &[
+                format!("{}=disk0", web.display()),
+                format!("{}=swap-flat", swap.display()),
+            ],
+        )
         .unwrap();
     cluster
         .sync("db", &[format!("{}=data", db.display())])
@@ -50,6 +59,13 @@ fn status_shows_replicas_their_state_and_the_age_of_the_newest_point() {
     assert_eq!(web_status["latest"]["kind"], "crash-consistent");
     assert!(web_status["latest"]["age_ms"].as_u64().unwrap() < 60_000);
     assert!(web_status["latest_app_consistent"].is_null());
+    let ids: Vec<&str> = web_status["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["disk0", "swap-flat"]);
     let disk = &web_status["disks"][0];
     assert_eq!(disk["id"], "disk0");
     assert_eq!(disk["size"], 3 * MIB);

@@ -122,13 +122,17 @@ pub fn machine_status(
     for entry in std::fs::read_dir(&dir).map_err(Error::file("list", &dir))? {
         let entry = entry.map_err(Error::file("list", &dir))?;
         let name = entry.file_name();
-        let Some(id) = name
-            .to_str()
-            .and_then(|n| n.strip_suffix(".vmdk"))
-            .filter(|n| !n.ends_with("-flat"))
-        else {
+        let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".vmdk")) else {
             continue;
         };
+        // `<id>-flat.vmdk` is the extent of `<id>.vmdk`, not a disk (a disk may still be
+        // called `x-flat`: its descriptor has no `x.vmdk` beside it).
+        let is_extent = id
+            .strip_suffix("-flat")
+            .is_some_and(|owner| dir.join(format!("{owner}.vmdk")).exists());
+        if is_extent {
+            continue;
+        }
         let Ok(id) = SafeName::new("disk id", id) else {
             continue;
         };
