@@ -84,9 +84,16 @@ fn status_shows_replicas_their_state_and_the_age_of_the_newest_point() {
         .open(&extent)
         .unwrap();
     std::os::unix::fs::FileExt::write_all_at(&file, b"x", 0).unwrap();
+    // A damaged manifest is reported, not fatal to the whole status.
+    std::fs::write(
+        cluster.datastore.join("web/.deltaback/swap-flat.manifest"),
+        b"not a manifest",
+    )
+    .unwrap();
     let all = machines(&cluster);
     assert_eq!(all[0]["disks"][0]["state"], "writing");
     assert_eq!(all[1]["disks"][0]["state"], "changed-outside");
+    assert_eq!(all[1]["disks"][1]["state"], "manifest-damaged");
 }
 
 #[test]

@@ -28,6 +28,8 @@ pub enum ReplicaState {
     /// The extent changed after its manifest was saved, outside deltaback: the next sync
     /// rehashes it.
     ChangedOutside,
+    /// The manifest cannot be read (damaged): the next sync rehashes the extent.
+    ManifestDamaged,
 }
 
 impl ReplicaState {
@@ -37,6 +39,7 @@ impl ReplicaState {
             Self::InSync => "in-sync",
             Self::Writing => "writing",
             Self::ChangedOutside => "changed-outside",
+            Self::ManifestDamaged => "manifest-damaged",
         }
     }
 }
@@ -176,15 +179,16 @@ fn disk_status(paths: &ReplicaPaths, id: &SafeName) -> Result<DiskStatus> {
         Some(file) => Some(FileStamp::of(file, &paths.extent)?),
         None => None,
     };
-    let manifest = match Manifest::load(&paths.manifest) {
-        Ok(m) => Some(m),
-        Err(Error::File { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e),
-    };
-    let state = match (&manifest, stamp) {
-        (Some(m), Some(stamp)) if m.stamp == stamp => ReplicaState::InSync,
-        (Some(_), _) => ReplicaState::ChangedOutside,
-        (None, _) => ReplicaState::Writing,
+    let (manifest, state) = match Manifest::load(&paths.manifest) {
+        Ok(m) if Some(m.stamp) == stamp => (Some(m), ReplicaState::InSync),
+        Ok(m) => (Some(m), ReplicaState::ChangedOutside),
+        Err(Error::File { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            (None, ReplicaState::Writing)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "replica {id}: manifest unreadable");
+            (None, ReplicaState::ManifestDamaged)
+        }
     };
     Ok(DiskStatus {
         id: id.to_string(),
