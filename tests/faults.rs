@@ -210,7 +210,7 @@ fn assert_rate(report: &Value, limit: f64) {
 fn the_agent_holds_its_rate_limit() {
     let cluster = Cluster::start();
     let image = cluster.path("disk0.img");
-    random_image(&image, 12 * MIB as usize, 1);
+    random_image(&image, 20 * MIB as usize, 1);
     let report = cluster
         .sync_with(
             "slow",
@@ -226,7 +226,7 @@ fn the_agent_holds_its_rate_limit() {
 fn the_process_server_holds_its_rate_limit() {
     let cluster = Cluster::start_full(&[], &["--max-rate", "4MiB"]);
     let image = cluster.path("disk0.img");
-    random_image(&image, 12 * MIB as usize, 2);
+    random_image(&image, 20 * MIB as usize, 2);
     let report = cluster
         .sync("slow", &[format!("{}=disk0", image.display())])
         .unwrap();
