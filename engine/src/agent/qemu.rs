@@ -407,16 +407,17 @@ async fn send_disk(
         durable_seq: state.durable_seq,
         change_source: "qemu-bitmap",
     };
-    let blocks: Vec<u64> = match (&disk.mode, state.fresh) {
-        (Mode::Incremental(_), false) => dirty_blocks(
+    // What to read, as runs of consecutive blocks (first, count).
+    let to_read: Vec<(u64, u64)> = match (&disk.mode, state.fresh) {
+        (Mode::Incremental(_), false) => runs(&dirty_blocks(
             &nbd.all_extents().await?,
             u64::from(geometry.block_size.get()),
-        ),
+        )),
         // A new replica is all zeros: read everything once and send the non-zero blocks,
         // hashing as they are packed.
         (_, true) => {
             report.change_source = "qemu-full-compare";
-            (0..geometry.blocks()).collect()
+            vec![(0, geometry.blocks())]
         }
         (Mode::Full, false) => {
             report.change_source = "qemu-full-compare";
@@ -429,16 +430,16 @@ async fn send_disk(
             let (blocks, fetched) =
                 differing_blocks(&manifest, state.root, &mut session.tree(handle)).await?;
             report.hashes_fetched = fetched;
-            blocks
+            runs(&blocks)
         }
     };
     let (packer, mut batches) =
         Packer::start(geometry, options.compress, options.threads, state.fresh)?;
-    let per_batch = (MAX_READ as usize / geometry.block_size.bytes()).max(1);
+    let per_batch = (u64::from(MAX_READ) / u64::from(geometry.block_size.get())).max(1);
     let read_all = async move {
-        for chunk in blocks.chunks(per_batch) {
+        for job_runs in Jobs::new(&to_read, per_batch) {
             let mut job = Vec::new();
-            for (start, count) in runs(chunk) {
+            for (start, count) in job_runs {
                 let offset = geometry.offset(start);
                 let end = geometry.offset(start + count).min(geometry.size);
                 let mut data = vec![0u8; usize::try_from(end - offset).unwrap_or(0)];
@@ -469,6 +470,50 @@ async fn send_disk(
     report.durable_seq = seq;
     tracing::info!(disk = %disk.id, source = report.change_source, sent = report.blocks_sent, "disk durable on the master target");
     Ok(report)
+}
+
+/// Runs of blocks grouped into jobs of at most `per_job` blocks, long runs split. Lazy, so
+/// that a whole disk stays one run and never becomes a list of its blocks.
+struct Jobs<'a> {
+    runs: std::slice::Iter<'a, (u64, u64)>,
+    rest_of_run: Option<(u64, u64)>,
+    per_job: u64,
+}
+
+impl<'a> Jobs<'a> {
+    fn new(runs: &'a [(u64, u64)], per_job: u64) -> Self {
+        Self {
+            runs: runs.iter(),
+            rest_of_run: None,
+            per_job: per_job.max(1),
+        }
+    }
+}
+
+impl Iterator for Jobs<'_> {
+    type Item = Vec<(u64, u64)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut job = Vec::new();
+        let mut in_job = 0;
+        while in_job < self.per_job {
+            let next = self
+                .rest_of_run
+                .take()
+                .or_else(|| self.runs.next().copied());
+            let Some((start, count)) = next else { break };
+            if count == 0 {
+                continue;
+            }
+            let take = count.min(self.per_job - in_job);
+            job.push((start, take));
+            in_job += take;
+            if take < count {
+                self.rest_of_run = Some((start + take, count - take));
+            }
+        }
+        (!job.is_empty()).then_some(job)
+    }
 }
 
 /// Hashes every block of the export: while one chunk is hashed on a blocking thread, the
@@ -516,4 +561,27 @@ async fn hash_export(nbd: &mut NbdClient, geometry: Geometry) -> Result<Manifest
 
 fn hashing_failed(e: tokio::task::JoinError) -> Error {
     Error::Invalid(format!("hashing task failed: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Jobs;
+
+    #[test]
+    fn jobs_hold_at_most_a_batch_and_cover_every_block_once() {
+        let runs = [(0, 5), (10, 1), (20, 0), (30, 7)];
+        let jobs: Vec<Vec<(u64, u64)>> = Jobs::new(&runs, 4).collect();
+        assert_eq!(
+            jobs,
+            [
+                vec![(0, 4)],
+                vec![(4, 1), (10, 1), (30, 2)],
+                vec![(32, 4)],
+                vec![(36, 1)],
+            ]
+        );
+        let whole_disk: Vec<_> = Jobs::new(&[(0, 1 << 24)], 64).collect();
+        assert_eq!(whole_disk.len(), 1 << 18);
+        assert_eq!(whole_disk[1], [(64, 64)]);
+    }
 }
