@@ -11,7 +11,10 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 use crate::proxy::{Fault, Proxy};
-use crate::util::{qemu_img_same, random_image, run_ok, Cluster, SmallDisk, FAST_RETRY};
+use crate::util::{
+    assert_succeeded_after_retrying, qemu_img_same, random_image, run_ok, Cluster, SmallDisk,
+    FAST_RETRY,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -247,13 +250,7 @@ fn a_full_disk_on_the_master_target_is_reported_and_replication_completes_once_f
     let log = cluster.target.wait_for_log("No space left on device");
     assert!(log.contains("session failed"), "{log}");
     std::fs::remove_file(&filler).unwrap();
-    let out = agent.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("No space left on device") && stderr.contains("retry"),
-        "{stderr}"
-    );
+    assert_succeeded_after_retrying(agent, "No space left on device");
     assert!(qemu_img_same(&image, &datastore.join("full/disk0.vmdk")));
 }
 

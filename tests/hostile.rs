@@ -72,8 +72,8 @@ impl RawAgent {
         }
     }
 
-    /// Hello, then OpenDisk of a fresh 1 MiB disk; returns after DiskState.
-    async fn open_disk(cluster: &Cluster, machine: &str) -> RawAgent {
+    /// Connects and says Hello as `machine`; returns after Welcome.
+    async fn hello(cluster: &Cluster, machine: &str) -> RawAgent {
         let mut agent = RawAgent::connect(cluster).await;
         agent
             .send(&Message::Hello {
@@ -86,6 +86,12 @@ impl RawAgent {
             agent.recv().await,
             Some(Message::Welcome { version: 1 })
         ));
+        agent
+    }
+
+    /// Hello, then OpenDisk of a fresh 1 MiB disk; returns after DiskState.
+    async fn open_disk(cluster: &Cluster, machine: &str) -> RawAgent {
+        let mut agent = RawAgent::hello(cluster, machine).await;
         agent
             .send(&Message::OpenDisk {
                 handle: 0,
@@ -211,15 +217,7 @@ fn a_plaintext_client_is_refused() {
 fn a_disk_id_with_a_path_is_refused() {
     let cluster = Cluster::start();
     let message = runtime().block_on(async {
-        let mut agent = RawAgent::connect(&cluster).await;
-        agent
-            .send(&Message::Hello {
-                min_version: 1,
-                max_version: 1,
-                machine: "evil".into(),
-            })
-            .await;
-        agent.recv().await;
+        let mut agent = RawAgent::hello(&cluster, "evil").await;
         agent
             .send(&Message::OpenDisk {
                 handle: 0,

@@ -274,16 +274,7 @@ fn a_group_point_exists_only_once_every_member_made_its_point_durable() {
             format!("{}=disk0", path.display())
         })
         .collect();
-    let group_points = || -> Vec<Value> {
-        let text = cluster
-            .operator(&["points", "--json", "--group", "erp"])
-            .unwrap();
-        serde_json::from_str::<Value>(&text)
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .clone()
-    };
+    let group_points = || cluster.operator_list(&["points", "--json", "--group", "erp"]);
 
     let app = cluster.sync("app1", &[&images[0]]).unwrap();
     assert!(app["point"]["group_seq"].is_null());

@@ -12,7 +12,10 @@ use std::time::Duration;
 use engine::sample::write_mixed_image;
 
 use crate::proxy::{Fault, Proxy};
-use crate::util::{qemu_img_same, random_image, run_ok, Cluster, Service, SmallDisk, FAST_RETRY};
+use crate::util::{
+    assert_succeeded_after_retrying, qemu_img_same, random_image, run_ok, Cluster, Service,
+    SmallDisk, FAST_RETRY,
+};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 64 << 10;
@@ -231,13 +234,7 @@ fn a_full_spool_filesystem_is_reported_and_replication_completes_once_freed() {
     // Space comes back: the filler goes and the master target returns to take the spool.
     std::fs::remove_file(&filler).unwrap();
     cluster.target.restart();
-    let out = agent.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("No space left on device") && stderr.contains("retry"),
-        "{stderr}"
-    );
+    assert_succeeded_after_retrying(agent, "No space left on device");
     wait_until_forwarded(&cache, "full");
     assert!(qemu_img_same(&image, &cluster.vmdk("full", "disk0")));
 }

@@ -15,12 +15,7 @@ fn status(cluster: &Cluster, extra: &[&str]) -> Result<String, String> {
 }
 
 fn machines(cluster: &Cluster) -> Vec<Value> {
-    let text = status(cluster, &["--json"]).unwrap();
-    serde_json::from_str::<Value>(&text)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
+    cluster.operator_list(&["status", "--json"])
 }
 
 #[test]

@@ -233,23 +233,10 @@ impl Cluster {
         pki: &Path,
         extra: &[&str],
     ) -> Result<Value, String> {
-        let mut cmd = Command::new(bin("deltaback-agent"));
-        cmd.args([
-            "sync",
-            "--json",
-            "--server",
-            &self.relay.addr,
-            "--machine",
-            machine,
-        ])
-        .arg("--pki")
-        .arg(pki)
-        .args(extra)
-        .env("RUST_LOG", "warn");
-        for d in disks {
-            cmd.args(["--disk", d.as_ref()]);
-        }
-        let out = cmd.output().expect("run agent");
+        let out = self
+            .agent(&self.relay.addr, machine, disks, pki, extra)
+            .output()
+            .expect("run agent");
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
@@ -271,16 +258,20 @@ impl Cluster {
         }
     }
 
+    /// Runs an operator command that must succeed and print a JSON array.
+    pub fn operator_list(&self, args: &[&str]) -> Vec<Value> {
+        let text = self
+            .operator(args)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        match serde_json::from_str::<Value>(&text).unwrap() {
+            Value::Array(items) => items,
+            other => panic!("{args:?} printed {other}, not a list"),
+        }
+    }
+
     /// `deltaback points --json` of `machine`, newest first.
     pub fn points(&self, machine: &str) -> Vec<Value> {
-        let text = self
-            .operator(&["points", "--json", "--machine", machine])
-            .unwrap();
-        serde_json::from_str::<Value>(&text)
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .clone()
+        self.operator_list(&["points", "--json", "--machine", machine])
     }
 
     /// Recovers `point` of `machine` into a fresh folder; returns the folder.
@@ -428,6 +419,18 @@ impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
+}
+
+/// Waits for an agent spawned with its stderr kept and checks that it succeeded after
+/// logging `cause` and a retry.
+pub fn assert_succeeded_after_retrying(agent: std::process::Child, cause: &str) {
+    let out = agent.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(cause) && stderr.contains("retry"),
+        "{stderr}"
+    );
 }
 
 /// Agent flags for tests: retry quickly, for up to a minute.

@@ -64,6 +64,16 @@ impl FileStamp {
     }
 }
 
+/// What a manifest file says of its extent, without the hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ManifestSummary {
+    pub geometry: Geometry,
+    /// The last sequence made durable when the manifest was saved.
+    pub durable_seq: u64,
+    /// The extent's stamp when the manifest was saved.
+    pub stamp: FileStamp,
+}
+
 /// Block hashes of one disk with the tree above them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
@@ -228,6 +238,20 @@ impl Manifest {
 
     /// Parses the file format above; `path` only names the file in errors.
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
+        let (summary, leaves) = Self::parse(bytes, path)?;
+        let leaves = leaves
+            .chunks_exact(32)
+            .map(|c| c.try_into().unwrap_or([0; 32]))
+            .collect();
+        let mut manifest = Self::new(summary.geometry, leaves)?;
+        manifest.durable_seq = summary.durable_seq;
+        manifest.stamp = summary.stamp;
+        Ok(manifest)
+    }
+
+    /// Checks the whole file (magic, version, checksum, hash count) and returns its header
+    /// and the bytes of its block hashes.
+    fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<(ManifestSummary, &'a [u8])> {
         let corrupt = |reason: String| Error::Corrupt {
             path: path.to_owned(),
             reason,
@@ -265,24 +289,29 @@ impl Manifest {
                 geometry.blocks()
             )));
         }
-        let leaves = body[HEADER_LEN..]
-            .chunks_exact(32)
-            .map(|c| c.try_into().unwrap_or([0; 32]))
-            .collect();
-        let mut manifest = Self::new(geometry, leaves)?;
-        manifest.durable_seq = u64_at(24);
-        manifest.stamp = FileStamp {
-            inode: u64_at(32),
-            size: u64_at(40),
-            mtime_ns: u64_at(48),
+        let summary = ManifestSummary {
+            geometry,
+            durable_seq: u64_at(24),
+            stamp: FileStamp {
+                inode: u64_at(32),
+                size: u64_at(40),
+                mtime_ns: u64_at(48),
+            },
         };
-        Ok(manifest)
+        Ok((summary, &body[HEADER_LEN..]))
     }
 
     /// Loads a manifest file.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(Error::file("read manifest", path))?;
         Self::from_bytes(&bytes, path)
+    }
+
+    /// Checks a manifest file as [`Manifest::load`] does and returns what it says of its
+    /// extent, without building the hash tree (for status reports).
+    pub fn load_summary(path: &Path) -> Result<ManifestSummary> {
+        let bytes = std::fs::read(path).map_err(Error::file("read manifest", path))?;
+        Self::parse(&bytes, path).map(|(summary, _)| summary)
     }
 
     /// Saves the manifest durably (temporary file, fsync, rename).
@@ -351,6 +380,27 @@ mod tests {
         ));
         assert!(Manifest::from_bytes(&bytes[..50], path).is_err());
         assert!(Manifest::from_bytes(b"garbage garbage garbage", path).is_err());
+    }
+
+    #[test]
+    fn a_summary_reads_the_header_of_a_checked_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        let mut m = Manifest::new(geometry(10), leaves(10, 1)).unwrap();
+        m.durable_seq = 42;
+        m.stamp.inode = 7;
+        m.save(&path).unwrap();
+        let summary = Manifest::load_summary(&path).unwrap();
+        assert_eq!(summary.geometry, geometry(10));
+        assert_eq!(summary.durable_seq, 42);
+        assert_eq!(summary.stamp, m.stamp);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[HEADER_LEN + 3] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        assert!(matches!(
+            Manifest::load_summary(&path),
+            Err(Error::Corrupt { .. })
+        ));
     }
 
     #[test]

@@ -179,7 +179,7 @@ fn disk_status(paths: &ReplicaPaths, id: &SafeName) -> Result<DiskStatus> {
         Some(file) => Some(FileStamp::of(file, &paths.extent)?),
         None => None,
     };
-    let (manifest, state) = match Manifest::load(&paths.manifest) {
+    let (manifest, state) = match Manifest::load_summary(&paths.manifest) {
         Ok(m) if Some(m.stamp) == stamp => (Some(m), ReplicaState::InSync),
         Ok(m) => (Some(m), ReplicaState::ChangedOutside),
         Err(Error::File { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {

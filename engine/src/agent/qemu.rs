@@ -348,13 +348,7 @@ async fn converse(
     disks: &[Fleece],
     started: Instant,
 ) -> Result<SyncReport> {
-    let mut session = Session::start(
-        &options.server,
-        tls,
-        &options.machine,
-        options.throttle.clone(),
-    )
-    .await?;
+    let mut session = options.connect(tls).await?;
     let mut reports = Vec::new();
     for disk in disks {
         let context = match disk.mode {

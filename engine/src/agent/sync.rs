@@ -58,6 +58,13 @@ pub struct SyncOptions {
     pub throttle: Option<Arc<Throttle>>,
 }
 
+impl SyncOptions {
+    /// Opens a session with the process server for this machine, throttled as asked.
+    pub(crate) async fn connect(&self, tls: Arc<rustls::ClientConfig>) -> Result<Session> {
+        Session::start(&self.server, tls, &self.machine, self.throttle.clone()).await
+    }
+}
+
 /// The recovery point a sync asks for once every disk is durable.
 #[derive(Debug, Clone)]
 pub struct PointRequest {
@@ -189,13 +196,7 @@ pub async fn sync(
 ) -> Result<SyncReport> {
     let started = Instant::now();
     progress.set_phase(Phase::Starting);
-    let mut session = Session::start(
-        &options.server,
-        tls,
-        &options.machine,
-        options.throttle.clone(),
-    )
-    .await?;
+    let mut session = options.connect(tls).await?;
     let mut disks = Vec::new();
     for (handle, disk) in options.disks.iter().enumerate() {
         let handle = u32::try_from(handle).map_err(|_| Error::Invalid("too many disks".into()))?;
