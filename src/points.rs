@@ -58,7 +58,8 @@ pub struct RecoverArgs {
     output: PathBuf,
 }
 
-fn time_text(ms: u64) -> String {
+/// A point's time as people read it: RFC 3339, UTC, to the second.
+pub fn time_text(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 

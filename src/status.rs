@@ -3,7 +3,7 @@
 //! exit status with `--max-age`).
 
 use std::path::PathBuf;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use engine::status::{datastore_status, MachineStatus, PointSummary};
@@ -106,5 +106,5 @@ fn age(p: &PointSummary) -> String {
 }
 
 fn time(p: &PointSummary) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(p.time_ms)).to_string()
+    crate::points::time_text(p.time_ms)
 }
