@@ -388,19 +388,7 @@ async fn send_disk(
 ) -> Result<DiskReport> {
     let geometry = Geometry::new(nbd.size(), options.block_size)?;
     let state = session.open_disk(handle, &disk.id, geometry).await?;
-    let mut report = DiskReport {
-        id: disk.id.to_string(),
-        size: geometry.size,
-        block_size: geometry.block_size.get(),
-        blocks: geometry.blocks(),
-        blocks_sent: 0,
-        zero_blocks: 0,
-        payload_bytes: 0,
-        fresh: state.fresh,
-        hashes_fetched: 0,
-        durable_seq: state.durable_seq,
-        change_source: "qemu-bitmap",
-    };
+    let mut report = DiskReport::new(&disk.id, geometry, &state, "qemu-bitmap");
     // What to read, as runs of consecutive blocks (first, count).
     let to_read: Vec<(u64, u64)> = match (&disk.mode, state.fresh) {
         (Mode::Incremental(_), false) => runs(&dirty_blocks(

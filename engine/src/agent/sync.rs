@@ -131,6 +131,30 @@ pub struct DiskReport {
     pub change_source: &'static str,
 }
 
+impl DiskReport {
+    /// The report of a disk just opened, before anything was sent.
+    pub(crate) fn new(
+        id: &SafeName,
+        geometry: Geometry,
+        state: &crate::protocol::DiskState,
+        change_source: &'static str,
+    ) -> Self {
+        Self {
+            id: id.to_string(),
+            size: geometry.size,
+            block_size: geometry.block_size.get(),
+            blocks: geometry.blocks(),
+            blocks_sent: 0,
+            zero_blocks: 0,
+            payload_bytes: 0,
+            fresh: state.fresh,
+            hashes_fetched: 0,
+            durable_seq: state.durable_seq,
+            change_source,
+        }
+    }
+}
+
 /// Like [`sync`], but retries transient failures (a cut connection, a restarting service,
 /// a busy or full disk on the far side) with exponential back-off, for up to `retry_for`
 /// after the first failure. Each attempt resumes from what the master target already holds:
@@ -232,19 +256,7 @@ async fn sync_disk(
     let file = Arc::new(file);
     let state = session.open_disk(handle, &disk.id, geometry).await?;
 
-    let mut report = DiskReport {
-        id: disk.id.to_string(),
-        size,
-        block_size: geometry.block_size.get(),
-        blocks: geometry.blocks(),
-        blocks_sent: 0,
-        zero_blocks: 0,
-        payload_bytes: 0,
-        fresh: state.fresh,
-        hashes_fetched: 0,
-        durable_seq: state.durable_seq,
-        change_source: "scan",
-    };
+    let mut report = DiskReport::new(&disk.id, geometry, &state, "scan");
     let selection = if state.fresh {
         // A new replica is all zeros: send every non-zero block, hashing as we go.
         progress.send_total.fetch_add(size, Ordering::Relaxed);
