@@ -4,13 +4,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use agent::{sync, DiskSpec, Progress, SyncOptions, SyncReport};
 use anyhow::{bail, Context};
 use bytesize::ByteSize;
-use engine::agent::{sync, DiskSpec, Progress, SyncOptions, SyncReport};
-use engine::geometry::{BlockSize, SafeName};
-use engine::relay::RelayConfig;
-use engine::target::TargetConfig;
-use engine::tls::{Identity, Role};
+use engine::block::geometry::{BlockSize, SafeName};
+use engine::wire::tls::{Identity, Role};
+use master_target::session::MasterTargetConfig;
+use process_server::relay::ProcessServerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -52,23 +52,23 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
     let datastore = dir.join("datastore");
     let image = dir.join("web01-disk0.img");
     println!("deltaback demo in {}", dir.display());
-    engine::pki::init(&pki, true)?;
+    engine::wire::pki::init(&pki, true)?;
     println!("1. PKI: CA and role certificates in {}", pki.display());
 
     let (stop_target, target_stopped) = oneshot::channel::<()>();
     let target_listener = TcpListener::bind("127.0.0.1:0").await?;
     let target_addr = target_listener.local_addr()?;
     let target_identity = Identity::load(&pki, Role::MasterTarget)?;
-    let target_config = TargetConfig {
+    let target_config = MasterTargetConfig {
         datastore: datastore.clone(),
         verify: false,
-        hash_threads: engine::scan::default_threads(),
+        hash_threads: engine::block::hashing::default_threads(),
         direct_io: true,
         retention: dir.join("retention"),
         retention_window: std::time::Duration::from_secs(24 * 3600),
     };
     let target = tokio::spawn(async move {
-        engine::target::serve(target_listener, &target_identity, target_config, async {
+        master_target::session::serve(target_listener, &target_identity, target_config, async {
             let _ = target_stopped.await;
         })
         .await
@@ -78,10 +78,10 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
     let relay_addr = relay_listener.local_addr()?;
     let relay_identity = Identity::load(&pki, Role::ProcessServer)?;
     let relay = tokio::spawn(async move {
-        engine::relay::serve(
+        process_server::relay::serve(
             relay_listener,
             &relay_identity,
-            RelayConfig {
+            ProcessServerConfig {
                 master_target: target_addr.to_string(),
                 groups: Vec::new(),
                 throttle: None,
@@ -114,7 +114,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
         }],
         block_size,
         compress: true,
-        threads: engine::scan::default_threads(),
+        threads: engine::block::hashing::default_threads(),
         point: Default::default(),
         throttle: None,
     };

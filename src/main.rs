@@ -79,7 +79,7 @@ enum PkiCommand {
         #[arg(long)]
         out: PathBuf,
         /// Days of validity.
-        #[arg(long, default_value_t = engine::pki::CERT_VALIDITY_DAYS)]
+        #[arg(long, default_value_t = engine::wire::pki::CERT_VALIDITY_DAYS)]
         days: i64,
     },
     /// Revokes a certificate by its serial (see DIR/issued.txt) and rewrites DIR/crl.pem.
@@ -105,14 +105,16 @@ fn main() -> ExitCode {
             out,
             days,
         }) => pki_issue(&dir, &role, &name, &out, days),
-        Command::Pki(PkiCommand::Revoke { dir, serial }) => engine::pki::revoke(&dir, &serial)
-            .map_err(Into::into)
-            .map(|()| {
-                println!(
-                    "revoked {serial}; copy {} to every service's PKI folder",
-                    dir.join("crl.pem").display()
-                );
-            }),
+        Command::Pki(PkiCommand::Revoke { dir, serial }) => {
+            engine::wire::pki::revoke(&dir, &serial)
+                .map_err(Into::into)
+                .map(|()| {
+                    println!(
+                        "revoked {serial}; copy {} to every service's PKI folder",
+                        dir.join("crl.pem").display()
+                    );
+                })
+        }
         Command::Demo(args) => demo::run(args),
         Command::Points(args) => points::list(args),
         Command::Recover(args) => points::recover_point(args),
@@ -129,7 +131,7 @@ fn main() -> ExitCode {
 }
 
 fn pki_init(dir: &std::path::Path, force: bool) -> anyhow::Result<()> {
-    engine::pki::init(dir, force)?;
+    engine::wire::pki::init(dir, force)?;
     println!(
         "wrote a CA and certificates for agent, process-server and master-target to {}",
         dir.display()
@@ -144,11 +146,11 @@ fn pki_issue(
     out: &std::path::Path,
     days: i64,
 ) -> anyhow::Result<()> {
-    let role = engine::tls::Role::ALL
+    let role = engine::wire::tls::Role::ALL
         .into_iter()
         .find(|r| r.name() == role)
         .ok_or_else(|| anyhow::anyhow!("unknown role {role}"))?;
-    let serial = engine::pki::issue(dir, role, name, days, out)?;
+    let serial = engine::wire::pki::issue(dir, role, name, days, out)?;
     println!(
         "issued {} certificate {serial:016x} for {name} into {}",
         role.name(),

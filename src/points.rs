@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Context;
-use engine::geometry::SafeName;
-use engine::retention::groups::group_points;
-use engine::retention::points::RecoveryPoint;
-use engine::retention::recover::{point_log, recover, PointSelector};
+use engine::block::geometry::SafeName;
+use master_target::retention::groups::group_points;
+use master_target::retention::points::RecoveryPoint;
+use master_target::retention::recover::{point_log, recover, PointSelector};
 
 #[derive(clap::Args, Debug)]
 pub struct Where {
@@ -33,7 +33,7 @@ impl Where {
     fn retention(&self) -> PathBuf {
         self.retention
             .clone()
-            .unwrap_or_else(|| self.datastore.join(".retention"))
+            .unwrap_or_else(|| master_target::datastore::default_retention(&self.datastore))
     }
 
     fn machine(&self) -> anyhow::Result<SafeName> {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use engine::status::{datastore_status, MachineStatus, PointSummary};
+use master_target::status::{datastore_status, MachineStatus, PointSummary};
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
@@ -29,8 +29,8 @@ pub fn show(args: StatusArgs) -> anyhow::Result<()> {
     let retention = args
         .retention
         .clone()
-        .unwrap_or_else(|| args.datastore.join(".retention"));
-    let machines = datastore_status(&args.datastore, &retention, engine::target::now_ms())
+        .unwrap_or_else(|| master_target::datastore::default_retention(&args.datastore));
+    let machines = datastore_status(&args.datastore, &retention, engine::clock::now_ms())
         .with_context(|| format!("cannot read datastore {}", args.datastore.display()))?;
     if args.json {
         println!("{}", serde_json::to_string(&machines)?);

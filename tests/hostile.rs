@@ -6,11 +6,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
-use engine::encoding::Encoding;
-use engine::protocol::message::append_record;
-use engine::protocol::{FrameCodec, Message};
+use engine::block::encoding::Encoding;
 use engine::sample::write_mixed_image;
-use engine::tls::{server_name, Identity, Role};
+use engine::wire::message::append_record;
+use engine::wire::tls::{server_name, Identity, Role};
+use engine::wire::{FrameCodec, Message};
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio_rustls::client::TlsStream;

@@ -6,17 +6,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
-use bytesize::ByteSize;
-use clap::{Parser, Subcommand};
-use engine::agent::{
+use agent::{
     replicate, sync_with_retry, ChangeSource, DiskSpec, PointRequest, Progress, QemuSource,
     ReplicateOptions, SyncOptions, SyncReport,
 };
-use engine::geometry::{BlockSize, SafeName};
-use engine::retention::points::PointKind;
-use engine::throttle::{RateSchedule, Throttle};
-use engine::tls::{Identity, Role};
+use anyhow::{bail, Context};
+use bytesize::ByteSize;
+use clap::{Parser, Subcommand};
+use engine::block::geometry::{BlockSize, SafeName};
+use engine::point::PointKind;
+use engine::wire::throttle::{RateSchedule, Throttle};
+use engine::wire::tls::{Identity, Role};
 
 /// The agent runs on the machine whose disks replicate (the cloud VM during failback).
 /// It finds which blocks differ from the replica and sends only those, zstd-compressed,
@@ -203,14 +203,14 @@ impl Connection {
             compress: !self.no_compress,
             threads: self
                 .threads
-                .unwrap_or_else(engine::scan::default_threads)
+                .unwrap_or_else(engine::block::hashing::default_threads)
                 .max(1),
             point,
             throttle: throttle(self.max_rate.as_deref(), self.rate_schedule.as_deref())?,
         })
     }
 
-    fn tls(&self) -> anyhow::Result<Arc<engine::tls::ClientConfig>> {
+    fn tls(&self) -> anyhow::Result<Arc<engine::wire::tls::ClientConfig>> {
         Ok(Identity::load(&self.pki, Role::Agent)?.client_config()?)
     }
 }
@@ -243,7 +243,7 @@ async fn run_sync(args: SyncArgs) -> anyhow::Result<()> {
     let tls = args.connection.tls()?;
     let progress = Arc::new(Progress::default());
     let bar = progress_bar::spawn(progress.clone());
-    let retry = engine::agent::Retry {
+    let retry = agent::Retry {
         give_up_after: args.retry_for.into(),
         first_delay: args.retry_delay.into(),
     };

@@ -102,7 +102,13 @@ pub enum Error {
     /// Certificate generation or loading failed.
     #[error("PKI: {0}")]
     Pki(String),
-    /// The far side answered with an error message.
+    /// The disk is being replicated by another session, here or on the far side.
+    #[error("{0}")]
+    Busy(String),
+    /// The two sides speak no common protocol version.
+    #[error("{0}")]
+    Version(String),
+    /// The far side answered with an error message (never built for our own failures).
     #[error("{peer} refused: {message}")]
     Remote {
         peer: &'static str,
@@ -156,6 +162,8 @@ impl Error {
             Error::Remote { code, .. } => *code,
             Error::Forbidden(_) => ErrorCode::Forbidden,
             Error::Unavailable(_) => ErrorCode::Unavailable,
+            Error::Busy(_) => ErrorCode::Busy,
+            Error::Version(_) => ErrorCode::Version,
             _ => ErrorCode::Internal,
         }
     }
@@ -164,7 +172,9 @@ impl Error {
     /// is restarting, a busy disk, a full disk being cleaned up): worth retrying.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Net { .. } | Error::Truncated(_) | Error::Unavailable(_) => true,
+            Error::Net { .. } | Error::Truncated(_) | Error::Unavailable(_) | Error::Busy(_) => {
+                true
+            }
             Error::Remote { code, .. } => matches!(
                 code,
                 ErrorCode::Busy | ErrorCode::Storage | ErrorCode::Unavailable | ErrorCode::Internal

@@ -1,31 +1,53 @@
-//! deltaback's engine: everything the agent, process server, master target and operator CLI
-//! share. The binaries only parse their command lines and call in here.
+//! # deltaback-engine: what every role shares
 //!
-//! See ARCHITECTURE.md at the repository root for how the parts fit together.
+//! The agent, the process server, the master target and the operator CLI each live in a crate
+//! of their own (`agent/`, `process-server/`, `master-target/`, and the root `deltaback`);
+//! this crate holds only what more than one of them needs. Nothing here knows which role it
+//! runs in.
+//!
+//! | module | what it holds |
+//! | --- | --- |
+//! | [`block`] | the block model: names, geometry, block hashes, runs of blocks, manifests (hash trees and their file format), payload encodings, parallel hashing of a file |
+//! | [`wire`] | frames and messages, the one conversation client ([`wire::client`]), the one server handshake ([`wire::handshake`]), framed TLS connections, roles and PKI, bandwidth throttling |
+//! | [`storage`] | local durability: atomic file replacement, sparse files, `O_DIRECT` writes |
+//! | [`point`] | what a recovery point claims (its kind) |
+//! | [`service`] | logging, bind-and-announce, SIGINT/SIGTERM |
+//! | [`clock`] | wall-clock milliseconds as the services record them |
+//! | [`sample`] | mixed-content sample images for the demo, tests and benchmarks |
+//! | [`error`] | the one public [`Error`] type and the wire's [`ErrorCode`]s |
+//!
+//! ## The journey of a block through the engine
+//! An agent reads a block and hashes it ([`block::geometry::hash_block`]; all-zero blocks
+//! get a known hash without hashing), encodes it ([`block::encoding::BlockEncoder`]: a zero
+//! marker, raw bytes, or zstd when smaller) and appends it to a `Blocks` record
+//! ([`wire::message::append_record`]). The record travels in a frame ([`wire::frame`])
+//! through a TLS connection ([`wire::transport`]) opened by the conversation client
+//! ([`wire::client::Conversation`]). The master target decodes it
+//! ([`block::encoding::BlockDecoder`]), checks its hash, writes it (through
+//! [`storage::direct`] for long runs) and records its hash in the disk's
+//! [`block::manifest::Manifest`], saved with [`storage::durable`].
+//!
+//! ## Files and formats defined here
+//! - the manifest (`block/manifest.rs`): magic `DBMANIF\0`, version, geometry, durable
+//!   sequence, file stamp, block hashes, blake3 checksum;
+//! - frames and messages (`wire/frame.rs`, `wire/message.rs`): big-endian, length-prefixed,
+//!   at most 8 MiB, the message table and versioning policy at the top of `wire/mod.rs`.
+//!
+//! ## Locks
+//! The engine holds no lock across calls. [`wire::throttle::Throttle`] keeps its token
+//! bucket behind a mutex (the bucket's level and last refill, held for a few arithmetic
+//! operations); [`block::hashing::hash_file`] shares its work cursor and first error between
+//! its threads behind mutexes held only to take the next chunk.
+//!
+//! ARCHITECTURE.md at the repository root draws the whole system and points into each crate.
 
-pub mod agent;
-pub mod direct;
-pub mod durable;
-pub mod encoding;
+pub mod block;
+pub mod clock;
 pub mod error;
-pub mod geometry;
-pub mod manifest;
-pub mod nbd;
-pub mod pki;
-pub mod protocol;
-pub mod qmp;
-pub mod relay;
-pub mod retention;
+pub mod point;
 pub mod sample;
-pub mod scan;
 pub mod service;
-pub mod sparse;
-pub mod spool;
-pub mod status;
-pub mod target;
-pub mod throttle;
-pub mod tls;
-pub mod transport;
-pub mod vmdk;
+pub mod storage;
+pub mod wire;
 
 pub use error::{Error, ErrorCode, Result};

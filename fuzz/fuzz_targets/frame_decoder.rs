@@ -2,7 +2,7 @@
 #![no_main]
 
 use bytes::BytesMut;
-use engine::protocol::FrameCodec;
+use engine::wire::FrameCodec;
 use libfuzzer_sys::fuzz_target;
 use tokio_util::codec::Decoder;
 
@@ -19,5 +19,5 @@ fuzz_target!(|data: &[u8]| {
             _ => break,
         }
     }
-    assert!(buf.capacity() <= engine::protocol::MAX_FRAME_LEN + 4 + data.len());
+    assert!(buf.capacity() <= engine::wire::MAX_FRAME_LEN + 4 + data.len());
 });

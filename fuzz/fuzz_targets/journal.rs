@@ -1,7 +1,7 @@
 //! The undo journal reader (and the writer's recovery scan) on arbitrary files.
 #![no_main]
 
-use engine::retention::journal::JournalReader;
+use master_target::retention::journal::JournalReader;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

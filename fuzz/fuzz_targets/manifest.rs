@@ -1,7 +1,7 @@
 //! The manifest file parser on arbitrary bytes.
 #![no_main]
 
-use engine::manifest::Manifest;
+use engine::block::manifest::Manifest;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

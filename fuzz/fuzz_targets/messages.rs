@@ -2,8 +2,8 @@
 #![no_main]
 
 use bytes::Bytes;
-use engine::protocol::message::records;
-use engine::protocol::{Frame, Message};
+use engine::wire::message::records;
+use engine::wire::{Frame, Message};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,7 +1,7 @@
 //! The recovery point log parser on arbitrary files.
 #![no_main]
 
-use engine::retention::points::PointLog;
+use master_target::retention::points::PointLog;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,7 +1,7 @@
 //! The spool segment reader on arbitrary files.
 #![no_main]
 
-use engine::spool::SegmentReader;
+use process_server::spool::SegmentReader;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use engine::target::{serve, TargetConfig};
-use engine::tls::{Identity, Role};
+use engine::wire::tls::{Identity, Role};
+use master_target::session::{serve, MasterTargetConfig};
 
 /// The on-premises end of deltaback: receives blocks from process servers, checks each
 /// block's blake3 hash, and writes them into VMDKs in a datastore folder.
@@ -67,11 +67,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = engine::service::bind(&args.listen, "master target").await?;
     let retention = args
         .retention
-        .unwrap_or_else(|| args.datastore.join(".retention"));
-    let config = TargetConfig {
+        .unwrap_or_else(|| master_target::datastore::default_retention(&args.datastore));
+    let config = MasterTargetConfig {
         datastore: args.datastore,
         verify: args.verify,
-        hash_threads: args.threads.unwrap_or_else(engine::scan::default_threads),
+        hash_threads: args
+            .threads
+            .unwrap_or_else(engine::block::hashing::default_threads),
         direct_io: !args.buffered_io,
         retention,
         retention_window: args.retention_window.into(),

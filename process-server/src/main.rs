@@ -7,11 +7,11 @@ use anyhow::Context;
 use clap::Parser;
 use std::sync::Arc;
 
-use engine::geometry::SafeName;
-use engine::relay::{serve, RelayConfig};
-use engine::spool::Spool;
-use engine::throttle::{RateSchedule, Throttle};
-use engine::tls::{Identity, Role};
+use engine::block::geometry::SafeName;
+use engine::wire::throttle::{RateSchedule, Throttle};
+use engine::wire::tls::{Identity, Role};
+use process_server::relay::{serve, ProcessServerConfig};
+use process_server::spool::Spool;
 
 /// The middle tier of deltaback: terminates the agents' TLS connections (agent certificates
 /// only) and relays their conversations to the master target (which must present a
@@ -98,7 +98,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let schedule = RateSchedule::new(args.max_rate.as_deref(), args.rate_schedule.as_deref())?;
-    let config = RelayConfig {
+    let config = ProcessServerConfig {
         master_target: args.master_target,
         groups,
         throttle: (!schedule.is_unlimited()).then(|| Arc::new(Throttle::new(schedule))),

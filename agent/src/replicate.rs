@@ -1,0 +1,148 @@
+//! Continuous replication: a sync every interval, each ending with a recovery point.
+//!
+//! Every cycle is a full conversation (see [`super::sync`]): with the `scan` change source
+//! the disks are hashed and compared with the replica's hash tree, so a cycle that fails
+//! loses nothing: the next one finds whatever the failed one did not make durable. Every
+//! `app_consistent_every`, the pre-hook freezes the application before the cycle reads the
+//! disks and the post-hook thaws it afterwards; if the pre-hook fails, the point is labelled
+//! crash-consistent and a warning says why, never the other way round.
+
+use std::future::Future;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::process::Command;
+
+use super::qemu::{qemu_cycle, QemuSource};
+use super::sync::{sync, PointRequest, SyncOptions, SyncReport};
+use super::Progress;
+use engine::error::{Error, Result};
+use engine::point::PointKind;
+
+/// How to replicate continuously.
+#[derive(Debug, Clone)]
+pub struct ReplicateOptions {
+    /// Connection, machine and disks, as for a one-shot sync.
+    pub sync: SyncOptions,
+    /// Time from the start of one cycle to the start of the next.
+    pub interval: Duration,
+    /// Make an app-consistent point this often (needs `pre_hook`).
+    pub app_consistent_every: Option<Duration>,
+    /// Shell command that freezes the application (e.g. `fsfreeze -f /data`).
+    pub pre_hook: Option<String>,
+    /// Shell command that thaws it again (e.g. `fsfreeze -u /data`).
+    pub post_hook: Option<String>,
+    /// Stop after this many cycles (default: until shutdown).
+    pub cycles: Option<u64>,
+    /// Where the changed blocks come from.
+    pub source: ChangeSource,
+}
+
+/// How a cycle finds the blocks that changed.
+#[derive(Debug, Clone)]
+pub enum ChangeSource {
+    /// Hash every block and compare with the replica's hash tree.
+    Scan,
+    /// QEMU persistent dirty bitmaps, read through a fleecing snapshot.
+    Qemu(QemuSource),
+}
+
+/// Runs cycles until `shutdown` completes or the cycle count is reached; `on_cycle` sees
+/// every cycle's outcome. Returns the number of cycles that failed.
+pub async fn replicate(
+    tls: Arc<rustls::ClientConfig>,
+    options: &ReplicateOptions,
+    mut on_cycle: impl FnMut(&Result<SyncReport>),
+    shutdown: impl Future<Output = ()>,
+) -> u64 {
+    tokio::pin!(shutdown);
+    let mut last_app: Option<Instant> = None;
+    let mut failed = 0;
+    let mut cycle = 0u64;
+    loop {
+        cycle += 1;
+        let started = Instant::now();
+        let want_app = match (options.app_consistent_every, &options.pre_hook) {
+            (Some(every), Some(_)) => last_app.is_none_or(|t| t.elapsed() >= every),
+            _ => false,
+        };
+        let outcome = run_cycle(&tls, options, want_app, cycle).await;
+        if let Ok(report) = &outcome {
+            if report.point.kind == PointKind::AppConsistent {
+                last_app = Some(started);
+            }
+        } else {
+            failed += 1;
+        }
+        on_cycle(&outcome);
+        if options.cycles.is_some_and(|n| cycle >= n) {
+            return failed;
+        }
+        let next = started + options.interval;
+        tokio::select! {
+            () = &mut shutdown => return failed,
+            () = tokio::time::sleep_until(next.into()) => {}
+        }
+    }
+}
+
+async fn run_cycle(
+    tls: &Arc<rustls::ClientConfig>,
+    options: &ReplicateOptions,
+    want_app: bool,
+    cycle: u64,
+) -> Result<SyncReport> {
+    let mut sync_options = options.sync.clone();
+    let mut frozen = false;
+    if want_app {
+        if let Some(pre) = &options.pre_hook {
+            match run_hook("pre-hook", pre).await {
+                Ok(()) => frozen = true,
+                Err(e) => tracing::warn!(
+                    error = %e.chain(),
+                    "pre-hook failed: this cycle's point will be crash-consistent"
+                ),
+            }
+        }
+    }
+    sync_options.point = PointRequest {
+        kind: if frozen {
+            PointKind::AppConsistent
+        } else {
+            PointKind::CrashConsistent
+        },
+        label: format!("cycle {cycle}"),
+    };
+    let outcome = match &options.source {
+        ChangeSource::Scan => sync(tls.clone(), &sync_options, Arc::new(Progress::default())).await,
+        ChangeSource::Qemu(qemu) => qemu_cycle(tls.clone(), &sync_options, qemu).await,
+    };
+    if frozen {
+        if let Some(post) = &options.post_hook {
+            if let Err(e) = run_hook("post-hook", post).await {
+                tracing::warn!(error = %e.chain(), "post-hook failed: the application may still be frozen");
+            }
+        }
+    }
+    outcome
+}
+
+/// Runs a hook with `sh -c`, failing on a non-zero exit.
+async fn run_hook(name: &'static str, command: &str) -> Result<()> {
+    let output = Command::new("sh")
+        .args(["-c", command])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| Error::Invalid(format!("{name} `{command}` could not start: {e}")))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "{name} `{command}` failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
+    }
+}

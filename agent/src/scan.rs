@@ -1,0 +1,140 @@
+//! The `scan` change source: finds what differs by hashing the whole disk and walking the
+//! hash trees with the master target, then sends those blocks through the send pipeline.
+//!
+//! Per disk: open it on the master target; unless the replica is new, hash the disk on all
+//! cores and compare the two trees top-down (one round trip per level, traffic grows with
+//! the difference); a new replica is all zeros, so every non-zero block is sent, hashed as
+//! it is read. Either way the blocks to send are runs, read by the pipeline's workers.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use engine::block::geometry::{Geometry, ZeroHashes};
+use engine::block::hashing;
+use engine::block::manifest::Manifest;
+use engine::block::ranges::Runs;
+use engine::error::{Error, Result};
+
+use crate::compare::differing_blocks;
+use crate::pipeline::{Pipeline, PipelineConfig, SourceFile};
+use crate::session::Session;
+use crate::sync::{DiskReport, DiskSpec, SyncOptions};
+use crate::{Phase, Progress};
+
+/// Opens a disk image or block device for reading and measures its size.
+pub fn open_source(path: &Path) -> Result<(File, u64)> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = File::open(path).map_err(Error::file("open disk", path))?;
+    // Seeking to the end measures regular files and block devices alike.
+    let size = file
+        .seek(SeekFrom::End(0))
+        .map_err(Error::file("measure disk", path))?;
+    Ok((file, size))
+}
+
+/// Replicates one disk in the open session; returns its report once it is durable.
+pub(crate) async fn sync_disk(
+    session: &mut Session,
+    handle: u32,
+    disk: &DiskSpec,
+    options: &SyncOptions,
+    progress: &Arc<Progress>,
+) -> Result<DiskReport> {
+    let (file, size) = open_source(&disk.path)?;
+    if size == 0 {
+        return Err(Error::Invalid(format!("{} is empty", disk.path.display())));
+    }
+    let geometry = Geometry::new(size, options.block_size)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", disk.path.display())))?;
+    let file = Arc::new(file);
+    let state = session.open_disk(handle, &disk.id, geometry).await?;
+
+    let mut report = DiskReport::new(&disk.id, geometry, &state, "scan");
+    let to_send = if state.fresh {
+        // A new replica is all zeros: send every non-zero block, hashing as we go.
+        progress.send_total.fetch_add(size, Ordering::Relaxed);
+        Runs::whole(geometry.blocks())
+    } else {
+        progress.set_phase(Phase::Hashing);
+        progress.hash_total.fetch_add(size, Ordering::Relaxed);
+        let manifest = hash_disk(
+            file.clone(),
+            disk.path.clone(),
+            geometry,
+            options.threads,
+            progress,
+        )
+        .await?;
+        report.zero_blocks = zero_blocks(&manifest);
+        if usize::from(state.depth) != manifest.depth() {
+            return Err(Error::Protocol(format!(
+                "master target's hash tree has {} levels, ours {}",
+                state.depth,
+                manifest.depth()
+            )));
+        }
+        progress.set_phase(Phase::Comparing);
+        let (runs, fetched) =
+            differing_blocks(&manifest, state.root, &mut session.tree(handle)).await?;
+        report.hashes_fetched = fetched;
+        let bytes: u64 = runs
+            .as_slice()
+            .iter()
+            .filter_map(|&(first, count)| geometry.run_span(first, count))
+            .map(|(_, len)| len as u64)
+            .sum();
+        progress.send_total.fetch_add(bytes, Ordering::Relaxed);
+        runs
+    };
+
+    progress.set_phase(Phase::Sending);
+    let (pipeline, batches) = Pipeline::start(PipelineConfig {
+        geometry,
+        compress: options.compress,
+        threads: options.threads,
+        skip_zero: state.fresh,
+        source: Some(SourceFile {
+            file,
+            path: disk.path.clone(),
+        }),
+        progress: progress.clone(),
+    })?;
+    let feed = async move {
+        for job in to_send.batches(pipeline.blocks_per_batch()) {
+            pipeline.read(job).await?;
+        }
+        Ok(())
+    };
+    session
+        .stream(handle, feed, batches, &mut report, progress)
+        .await?;
+    tracing::info!(disk = %disk.id, sent = report.blocks_sent, seq = report.durable_seq, "disk durable on the master target");
+    Ok(report)
+}
+
+/// All-zero blocks of a hashed disk, recognised by their known hashes.
+pub(crate) fn zero_blocks(manifest: &Manifest) -> u64 {
+    let zero = ZeroHashes::new(manifest.geometry());
+    (0..)
+        .zip(manifest.leaves())
+        .filter(|(i, h)| zero.of(*i) == **h)
+        .count() as u64
+}
+
+async fn hash_disk(
+    file: Arc<File>,
+    path: PathBuf,
+    geometry: Geometry,
+    threads: usize,
+    progress: &Arc<Progress>,
+) -> Result<Manifest> {
+    let progress = progress.clone();
+    tokio::task::spawn_blocking(move || {
+        let leaves = hashing::hash_file(&file, &path, geometry, threads, &progress.hashed)?;
+        Manifest::new(geometry, leaves)
+    })
+    .await
+    .map_err(|e| Error::Invalid(format!("hashing task failed: {e}")))?
+}

@@ -1,0 +1,155 @@
+//! The agent's side of one conversation with the master target (through a process server):
+//! hello, open disks, stream batches from the send pipeline with background flushes, flush,
+//! checkpoint, goodbye. Change sources (the scan in `scan.rs`, QEMU dirty bitmaps in
+//! `qemu/`) decide what to send; this module says it, over the engine's conversation
+//! client.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use engine::block::geometry::{BlockHash, Geometry, SafeName};
+use engine::error::Result;
+use engine::wire::client::Conversation;
+use engine::wire::throttle::Throttle;
+use engine::wire::tls::Role;
+use engine::wire::DiskState;
+
+use crate::compare::RemoteTree;
+use crate::pipeline::Batch;
+use crate::sync::{DiskReport, PointReport, PointRequest};
+use crate::Progress;
+
+/// Bytes sent between background flushes: an interrupted stream loses at most this much of
+/// its progress.
+pub const FLUSH_EVERY: u64 = 256 << 20;
+
+/// One open conversation.
+pub struct Session {
+    conversation: Conversation,
+}
+
+impl Session {
+    /// Connects to the process server and introduces `machine`.
+    pub async fn start(
+        server: &str,
+        tls: Arc<rustls::ClientConfig>,
+        machine: &SafeName,
+        throttle: Option<Arc<Throttle>>,
+    ) -> Result<Self> {
+        let conversation =
+            Conversation::open(server, tls, Role::ProcessServer, machine, throttle).await?;
+        Ok(Self { conversation })
+    }
+
+    /// Opens disk `id` under `handle`; returns what the master target holds of it.
+    pub async fn open_disk(
+        &mut self,
+        handle: u32,
+        id: &SafeName,
+        geometry: Geometry,
+    ) -> Result<DiskState> {
+        self.conversation.open_disk(handle, id, geometry).await
+    }
+
+    /// Access to the master target's hash tree of `handle`, for the top-down compare.
+    pub fn tree(&mut self, handle: u32) -> Tree<'_> {
+        Tree {
+            conversation: &mut self.conversation,
+            handle,
+        }
+    }
+
+    /// Sends every batch of a send pipeline as the next `Blocks` messages of `handle`
+    /// (numbered after `report.durable_seq`) while `feed` hands the pipeline its jobs,
+    /// flushing in the background every [`FLUSH_EVERY`] bytes, then flushes and waits until
+    /// the master target has made everything durable. The first failure of either side
+    /// ends both; dropping the channels stops the pipeline's threads.
+    pub async fn stream(
+        &mut self,
+        handle: u32,
+        feed: impl Future<Output = Result<()>>,
+        mut batches: mpsc::Receiver<Result<Batch>>,
+        report: &mut DiskReport,
+        progress: &Progress,
+    ) -> Result<()> {
+        let fresh = report.fresh;
+        let conversation = &mut self.conversation;
+        let mut seq = report.durable_seq;
+        let send_all = async {
+            let mut since_flush = 0u64;
+            loop {
+                let batch = tokio::select! {
+                    batch = batches.recv() => batch,
+                    failure = conversation.failure() => return Err(failure),
+                };
+                let Some(batch) = batch.transpose()? else {
+                    return Ok(());
+                };
+                if fresh {
+                    report.zero_blocks += batch.zero_blocks;
+                }
+                if batch.count == 0 {
+                    continue;
+                }
+                report.blocks_sent += u64::from(batch.count);
+                report.payload_bytes += batch.payload_bytes();
+                since_flush += batch.records.len() as u64;
+                seq += 1;
+                conversation
+                    .send_blocks(handle, seq, batch.count, batch.records.into())
+                    .await?;
+                progress
+                    .on_the_wire
+                    .fetch_add(batch.raw_bytes, Ordering::Relaxed);
+                if since_flush >= FLUSH_EVERY {
+                    conversation.flush_in_background(handle, seq).await?;
+                    since_flush = 0;
+                }
+            }
+        };
+        tokio::try_join!(feed, send_all)?;
+        progress.set_phase(crate::Phase::Flushing);
+        self.conversation.flush(handle, seq).await?;
+        report.durable_seq = seq;
+        Ok(())
+    }
+
+    /// Records the recovery point covering every disk opened in this session.
+    pub async fn checkpoint(&mut self, point: &PointRequest) -> Result<PointReport> {
+        let created = self
+            .conversation
+            .checkpoint(point.kind as u8, &point.label, "", Vec::new())
+            .await?;
+        tracing::info!(
+            point = created.seq,
+            kind = point.kind.name(),
+            "recovery point created"
+        );
+        Ok(PointReport {
+            seq: created.seq,
+            time_ms: created.time_ms,
+            kind: point.kind,
+            group_seq: created.group_seq,
+        })
+    }
+
+    /// Says goodbye and closes; returns the bytes written to the socket.
+    pub async fn finish(self) -> Result<u64> {
+        self.conversation.finish().await
+    }
+}
+
+/// The master target's hash tree of one disk.
+pub struct Tree<'a> {
+    conversation: &'a mut Conversation,
+    handle: u32,
+}
+
+impl RemoteTree for Tree<'_> {
+    async fn hashes(&mut self, level: u8, ranges: Vec<(u64, u32)>) -> Result<Vec<BlockHash>> {
+        self.conversation.hashes(self.handle, level, ranges).await
+    }
+}

@@ -1,0 +1,311 @@
+//! Framed, TLS-protected connections: connect, accept, send and receive messages.
+//!
+//! A [`Conn`] is a TCP stream wrapped in a byte counter (so callers can report exactly what
+//! crossed the socket), then in TLS 1.3, then in the frame codec. Received `Error` messages
+//! surface as [`Error::Remote`], so callers handle a refusal like any other failure.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use std::future::Future;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::error::{Error, Result};
+use crate::wire::throttle::Throttle;
+use crate::wire::tls::{check_peer_role, server_name, Identity, Role};
+use crate::wire::{Frame, FrameCodec, Message};
+
+/// How long a TLS handshake may take before the connection is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A stream that counts the bytes written through it.
+pub struct Counting<S> {
+    inner: S,
+    written: Arc<AtomicU64>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = result {
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+type Stream = TlsStream<Counting<TcpStream>>;
+
+/// One framed TLS connection.
+pub struct Conn {
+    reader: ConnReader,
+    writer: ConnWriter,
+}
+
+/// The receiving half of a [`Conn`].
+pub struct ConnReader {
+    frames: FramedRead<ReadHalf<Stream>, FrameCodec>,
+    peer: &'static str,
+}
+
+/// The sending half of a [`Conn`].
+pub struct ConnWriter {
+    frames: FramedWrite<WriteHalf<Stream>, FrameCodec>,
+    written: Arc<AtomicU64>,
+    throttle: Option<Arc<Throttle>>,
+}
+
+impl Conn {
+    fn new(stream: Stream, written: Arc<AtomicU64>, peer: &'static str) -> Self {
+        let (read, write) = tokio::io::split(stream);
+        Self {
+            reader: ConnReader {
+                frames: FramedRead::new(read, FrameCodec),
+                peer,
+            },
+            writer: ConnWriter {
+                frames: FramedWrite::new(write, FrameCodec),
+                written,
+                throttle: None,
+            },
+        }
+    }
+
+    /// Sends one message.
+    pub async fn send(&mut self, msg: &Message) -> Result<()> {
+        self.writer.send(msg).await
+    }
+
+    /// Receives one raw frame; `None` at a clean end of stream.
+    pub async fn recv_frame(&mut self) -> Result<Option<Frame>> {
+        self.reader.recv_frame().await
+    }
+
+    /// Receives one message; see [`ConnReader::recv`].
+    pub async fn recv(&mut self) -> Result<Message> {
+        self.reader.recv().await
+    }
+
+    /// Splits into halves that can be used from two tasks.
+    pub fn split(self) -> (ConnReader, ConnWriter) {
+        (self.reader, self.writer)
+    }
+
+    /// Bytes written to the TCP socket so far (TLS records included).
+    pub fn bytes_written(&self) -> u64 {
+        self.writer.bytes_written()
+    }
+
+    /// Closes the connection gracefully (TLS close_notify), after the conversation ended.
+    pub async fn close(mut self) {
+        let _ = self.writer.close().await;
+    }
+
+    /// Tells the peer why the conversation ends, then closes gracefully: the peer gets the
+    /// chance to read the error before the connection goes away.
+    pub async fn fail(mut self, err: &Error) {
+        let _ = self.writer.send(&Message::error(err)).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(self.writer.frames.get_mut()).await;
+        // Drain what the peer still sends for a moment, so our close does not reset the
+        // connection before the peer has read the error.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(_)) = self.reader.frames.next().await {}
+        })
+        .await;
+    }
+}
+
+impl ConnReader {
+    /// Receives one raw frame; `None` at a clean end of stream.
+    pub async fn recv_frame(&mut self) -> Result<Option<Frame>> {
+        self.frames.next().await.transpose()
+    }
+
+    /// Receives one message. An `Error` message from the peer becomes [`Error::Remote`]; an
+    /// end of stream becomes [`Error::Truncated`].
+    pub async fn recv(&mut self) -> Result<Message> {
+        let frame = self
+            .recv_frame()
+            .await?
+            .ok_or(Error::Truncated("before the conversation ended"))?;
+        match Message::from_frame(frame)? {
+            Message::Error { code, message } => Err(Error::Remote {
+                peer: self.peer,
+                code,
+                message,
+            }),
+            msg => Ok(msg),
+        }
+    }
+}
+
+impl ConnWriter {
+    /// Sends one message and flushes it.
+    pub async fn send(&mut self, msg: &Message) -> Result<()> {
+        self.send_frame(msg.to_frame()).await
+    }
+
+    /// Sends one raw frame and flushes it, at the pace the throttle allows.
+    pub async fn send_frame(&mut self, frame: Frame) -> Result<()> {
+        if let Some(throttle) = &self.throttle {
+            throttle.acquire(frame.body.len() as u64 + 5).await;
+        }
+        self.frames.send(frame).await
+    }
+
+    /// Limits what this writer sends (shared with other writers under the same limit).
+    pub fn set_throttle(&mut self, throttle: Option<Arc<Throttle>>) {
+        self.throttle = throttle;
+    }
+
+    /// Bytes written to the TCP socket so far (TLS records included).
+    pub fn bytes_written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Closes the sending direction (TLS close_notify).
+    pub async fn close(&mut self) -> Result<()> {
+        tokio::io::AsyncWriteExt::shutdown(self.frames.get_mut())
+            .await
+            .map_err(Error::net("close connection"))
+    }
+}
+
+/// Connects to `addr` and checks that the server holds a certificate for `role`.
+pub async fn connect(addr: &str, config: Arc<rustls::ClientConfig>, role: Role) -> Result<Conn> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| Error::Net {
+        op: "connect",
+        source: std::io::Error::new(e.kind(), format!("{addr}: {e}")),
+    })?;
+    tcp.set_nodelay(true)
+        .map_err(Error::net("set TCP_NODELAY"))?;
+    let written = Arc::new(AtomicU64::new(0));
+    let counting = Counting {
+        inner: tcp,
+        written: written.clone(),
+    };
+    let connector = TlsConnector::from(config);
+    let stream = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        connector.connect(server_name(role)?, counting),
+    )
+    .await
+    .map_err(|_| Error::Unavailable(format!("TLS handshake with {addr} timed out")))?
+    .map_err(|e| {
+        // InvalidData is rustls refusing the peer (certificate, protocol): permanent.
+        // Anything else is the connection going away during the handshake: transient.
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            Error::Tls(format!("handshake with {} at {addr}: {e}", role.name()))
+        } else {
+            Error::Net {
+                op: "TLS handshake",
+                source: e,
+            }
+        }
+    })?;
+    Ok(Conn::new(TlsStream::Client(stream), written, role.name()))
+}
+
+/// Completes the TLS handshake of an accepted connection and checks that the client holds a
+/// certificate for `client_role`. A client of the wrong role is told why before it is closed.
+pub async fn accept(tcp: TcpStream, acceptor: &TlsAcceptor, client_role: Role) -> Result<Conn> {
+    tcp.set_nodelay(true)
+        .map_err(Error::net("set TCP_NODELAY"))?;
+    let written = Arc::new(AtomicU64::new(0));
+    let counting = Counting {
+        inner: tcp,
+        written: written.clone(),
+    };
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(counting))
+        .await
+        .map_err(|_| Error::Tls("handshake timed out".into()))?
+        .map_err(|e| Error::Tls(format!("handshake failed: {e}")))?;
+    let role_check = check_peer_role(stream.get_ref().1.peer_certificates(), client_role);
+    let conn = Conn::new(TlsStream::Server(stream), written, client_role.name());
+    if let Err(err) = role_check {
+        let err = Error::Forbidden(format!(
+            "{}; this service accepts only {} certificates",
+            err,
+            client_role.name()
+        ));
+        conn.fail(&err).await;
+        return Err(err);
+    }
+    Ok(conn)
+}
+
+/// Accepts TLS clients of `client_role` on `listener` until `shutdown` completes, running
+/// `handle` for each on a task of its own. Refused handshakes and roles are logged; so is
+/// how each conversation ended (`handle` returns the machine it served).
+pub async fn serve<F, Fut>(
+    listener: TcpListener,
+    identity: &Identity,
+    client_role: Role,
+    shutdown: impl Future<Output = ()>,
+    handle: F,
+) -> Result<()>
+where
+    F: Fn(Conn) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<String>> + Send + 'static,
+{
+    let acceptor = TlsAcceptor::from(identity.server_config()?);
+    let handle = Arc::new(handle);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let conn = match accept(tcp, &acceptor, client_role).await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e.chain(), "refused connection");
+                    return;
+                }
+            };
+            match handle(conn).await {
+                Ok(machine) => tracing::info!(%peer, %machine, "session ended"),
+                Err(e) => tracing::warn!(%peer, error = %e.chain(), "session failed"),
+            }
+        });
+    }
+}

@@ -1,0 +1,88 @@
+//! Every path under the datastore and the retention folder, in one place.
+//!
+//! ```text
+//! <datastore>/<machine>/<id>.vmdk                   descriptor (monolithicFlat)
+//! <datastore>/<machine>/<id>-flat.vmdk              extent, sparse: zero blocks are holes
+//! <datastore>/<machine>/.deltaback/<id>.manifest    block hashes of the extent
+//! <retention>/<machine>/points.log                  recovery points
+//! <retention>/<machine>/<disk>/<P>.journal          undo journal of the cycle ending at P
+//! <retention>/.groups/<group>/points.log            consistency-group points
+//! ```
+//! Paths are built only from validated [`SafeName`]s (no separators, never starting with
+//! `.`), so every path lies inside its folder, and machine names cannot collide with
+//! `.groups` or `.deltaback`. The retention folder defaults to `<datastore>/.retention`.
+
+use std::path::{Path, PathBuf};
+
+use engine::block::geometry::SafeName;
+
+/// The retention folder used when none is given: `<datastore>/.retention`.
+pub fn default_retention(datastore: &Path) -> PathBuf {
+    datastore.join(".retention")
+}
+
+/// Where the files of one replica live.
+#[derive(Debug, Clone)]
+pub struct ReplicaPaths {
+    /// The VMDK descriptor.
+    pub descriptor: PathBuf,
+    /// The flat extent.
+    pub extent: PathBuf,
+    /// The manifest of the extent's block hashes.
+    pub manifest: PathBuf,
+}
+
+impl ReplicaPaths {
+    /// Paths of disk `id` of `machine` under `datastore`. Both names are validated, so
+    /// the result always lies inside the datastore.
+    pub fn new(datastore: &Path, machine: &SafeName, id: &SafeName) -> Self {
+        let dir = datastore.join(machine.as_str());
+        Self {
+            descriptor: dir.join(format!("{id}.vmdk")),
+            extent: dir.join(format!("{id}-flat.vmdk")),
+            manifest: dir.join(".deltaback").join(format!("{id}.manifest")),
+        }
+    }
+}
+
+/// The folder holding one machine's points and journals.
+pub fn machine_dir(retention: &Path, machine: &SafeName) -> PathBuf {
+    retention.join(machine.as_str())
+}
+
+/// The journal of `disk` for the cycle that ends with point `point`.
+pub fn journal_path(retention: &Path, machine: &SafeName, disk: &SafeName, point: u64) -> PathBuf {
+    machine_dir(retention, machine)
+        .join(disk.as_str())
+        .join(format!("{point:020}.journal"))
+}
+
+/// The journals of `disk`, as (point, path), sorted by point.
+pub fn journals(retention: &Path, machine: &SafeName, disk: &SafeName) -> Vec<(u64, PathBuf)> {
+    let dir = machine_dir(retention, machine).join(disk.as_str());
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let point = name.to_str()?.strip_suffix(".journal")?.parse().ok()?;
+            Some((point, entry.path()))
+        })
+        .collect();
+    found.sort_unstable();
+    found
+}
+
+/// The point log of `machine`.
+pub fn point_log_path(retention: &Path, machine: &SafeName) -> PathBuf {
+    machine_dir(retention, machine).join("points.log")
+}
+
+/// The log of `group`'s points.
+pub fn group_log_path(retention: &Path, group: &SafeName) -> PathBuf {
+    retention
+        .join(".groups")
+        .join(group.as_str())
+        .join("points.log")
+}

@@ -1,0 +1,50 @@
+//! # deltaback-master-target: where replicas are written
+//!
+//! The master target runs on premises beside the datastore. It accepts process servers
+//! (mutual TLS, process-server certificates only), writes the blocks they forward into
+//! VMDK replicas, checks every block's blake3, keeps undo journals and recovery points, and
+//! answers the operator's `points`, `recover` and `status`.
+//!
+//! | module | what it holds |
+//! | --- | --- |
+//! | [`session`] | `serve`: one conversation per connection, messages turned into writer commands |
+//! | [`writer`] | the writer thread of a session: opens replicas, writes batches, flushes, records points |
+//! | [`replica`] | one replica: extent, manifest, verified block writes, hole punching, undo capture |
+//! | [`vmdk`] | the monolithicFlat descriptor |
+//! | [`datastore`] | every path under the datastore and the retention folder |
+//! | [`retention`] | point logs, undo journals, recovery of a point, consistency groups |
+//! | [`status`] | each machine's replicas and point ages, read-only |
+//!
+//! ## The journey of a block
+//! A `Blocks` frame arrives on a session ([`session`]) and is queued (at most 4 deep, so a
+//! slow disk pushes back through TCP) to the session's writer thread ([`writer`]). The
+//! writer checks the sequence number, and the [`replica::Replica`] decodes each record,
+//! verifies its blake3 against the hash it came with, saves the block's old content in the
+//! cycle's undo journal (fdatasynced before the overwrite) once the machine has a point,
+//! and writes it: consecutive blocks as one run, long runs with `O_DIRECT`, zero blocks as
+//! holes. On `Flush` the extent is fdatasynced and the manifest saved with the durable
+//! sequence before `Ack`; on `Checkpoint` a point naming every disk of the session is
+//! appended to the point log and fsynced before `PointCreated`.
+//!
+//! ## Files and formats
+//! Paths: [`datastore`]. Formats: the manifest (`engine::block::manifest`), the point log
+//! ([`retention::points`]), the undo journal ([`retention::journal`]), the VMDK descriptor
+//! ([`vmdk`]); each module's header draws its layout.
+//!
+//! ## Locks
+//! | lock | protects |
+//! | --- | --- |
+//! | `DiskLocks` (mutex over a set of `machine/disk`) | one session per disk at a time; a second gets `Busy`. Held for a set insert or removal |
+//! | group commits (mutex over `()`) | one consistency-group commit at a time across sessions: the group log is read, checked and appended under it |
+//!
+//! Everything else belongs to one writer thread and needs no lock.
+
+pub mod datastore;
+pub mod replica;
+pub mod retention;
+pub mod session;
+pub mod status;
+pub mod vmdk;
+pub mod writer;
+
+pub use session::{serve, MasterTargetConfig};

@@ -1,0 +1,200 @@
+//! Producing a machine's disks as they were at a recovery point.
+//!
+//! For each disk the point names: copy the replica's extent as it is now (holes stay holes,
+//! data moves with `copy_file_range`, which shares blocks where the filesystem can), cut or
+//! grow it to the size the disk had at the point, then put back, from the journals of the
+//! later cycles in ascending order, the first old content recorded for each block. The
+//! replica and the journals are only read, so replication can go on meanwhile: a journal
+//! record is durable before its block is overwritten, and journals are read after the copy.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::journal::JournalReader;
+use super::points::{PointLog, RecoveryPoint};
+use crate::datastore::ReplicaPaths;
+use crate::datastore::{journals, point_log_path};
+use crate::vmdk;
+use engine::block::geometry::{is_zero, SafeName};
+use engine::error::{Error, Result};
+use engine::point::PointKind;
+use engine::storage::sparse::{copy_sparse, punch_hole};
+
+/// Which point to recover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PointSelector {
+    /// The newest point.
+    Latest,
+    /// The newest app-consistent point.
+    LatestApp,
+    /// The point with this sequence number.
+    Seq(u64),
+    /// The newest point taken at or before this time.
+    Time(SystemTime),
+}
+
+impl FromStr for PointSelector {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "latest" => Ok(Self::Latest),
+            "latest-app" => Ok(Self::LatestApp),
+            _ if s.bytes().all(|b| b.is_ascii_digit()) => s
+                .parse()
+                .map(Self::Seq)
+                .map_err(|_| Error::Invalid(format!("point {s} is out of range"))),
+            _ => humantime::parse_rfc3339_weak(s)
+                .map(Self::Time)
+                .map_err(|_| {
+                    Error::Invalid(format!(
+                        "point {s:?} is not latest, latest-app, a sequence number or a time \
+                     like 2026-11-25T09:30:00Z"
+                    ))
+                }),
+        }
+    }
+}
+
+/// Picks the point `selector` names.
+pub fn select<'a>(
+    points: &'a [RecoveryPoint],
+    selector: &PointSelector,
+) -> Result<&'a RecoveryPoint> {
+    let found = match selector {
+        PointSelector::Latest => points.last(),
+        PointSelector::LatestApp => points
+            .iter()
+            .rev()
+            .find(|p| p.kind == PointKind::AppConsistent),
+        PointSelector::Seq(seq) => points.iter().find(|p| p.seq == *seq),
+        PointSelector::Time(time) => {
+            let ms = time
+                .duration_since(UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0);
+            points.iter().rev().find(|p| p.time_ms <= ms)
+        }
+    };
+    found.ok_or_else(|| {
+        Error::Invalid(match points.first() {
+            None => "this machine has no recovery points".to_owned(),
+            Some(first) => format!(
+                "no such point in the retention window (points {} to {} are kept)",
+                first.seq,
+                points.last().map_or(first.seq, |l| l.seq)
+            ),
+        })
+    })
+}
+
+/// The point log of `machine`.
+pub fn point_log(retention: &Path, machine: &SafeName) -> Result<PointLog> {
+    PointLog::load(&point_log_path(retention, machine))
+}
+
+/// What a recovery wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecoveredDisk {
+    pub id: String,
+    pub size: u64,
+    /// Blocks put back from the journals.
+    pub blocks_restored: u64,
+    pub vmdk: PathBuf,
+}
+
+/// Writes the disks of `machine` as they were at the point `selector` names into `output`.
+pub fn recover(
+    datastore: &Path,
+    retention: &Path,
+    machine: &SafeName,
+    selector: &PointSelector,
+    output: &Path,
+) -> Result<(RecoveryPoint, Vec<RecoveredDisk>)> {
+    let log = point_log(retention, machine)?;
+    let point = select(log.points(), selector)?.clone();
+    std::fs::create_dir_all(output).map_err(Error::file("create folder", output))?;
+    let mut disks = Vec::new();
+    for disk in &point.disks {
+        let id = SafeName::new("disk id", &disk.id)?;
+        disks.push(recover_disk(
+            datastore, retention, machine, &id, disk.size, point.seq, output,
+        )?);
+    }
+    Ok((point, disks))
+}
+
+fn recover_disk(
+    datastore: &Path,
+    retention: &Path,
+    machine: &SafeName,
+    id: &SafeName,
+    size: u64,
+    point: u64,
+    output: &Path,
+) -> Result<RecoveredDisk> {
+    let replica = ReplicaPaths::new(datastore, machine, id);
+    let out = ReplicaPaths::new(output, machine, id);
+    let out_extent = output.join(out.extent.file_name().unwrap_or_default());
+    let out_descriptor = output.join(out.descriptor.file_name().unwrap_or_default());
+    if out_extent.exists() || out_descriptor.exists() {
+        return Err(Error::Invalid(format!(
+            "{} already exists; recover into an empty folder",
+            out_descriptor.display()
+        )));
+    }
+    let source =
+        File::open(&replica.extent).map_err(Error::file("open replica", &replica.extent))?;
+    let target = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&out_extent)
+        .map_err(Error::file("create", &out_extent))?;
+    copy_sparse(&source, &replica.extent, &target, &out_extent, size)?;
+
+    let mut restored = HashSet::new();
+    for (journal_point, path) in journals(retention, machine, id) {
+        if journal_point <= point {
+            continue;
+        }
+        let mut reader = JournalReader::open(&path)?;
+        let block = u64::from(reader.block_size().get());
+        while let Some(record) = reader.next_record()? {
+            let Some(offset) = record.index.checked_mul(block).filter(|&o| o < size) else {
+                continue;
+            };
+            if !restored.insert(record.index) {
+                continue;
+            }
+            let len = usize::try_from((size - offset).min(record.data.len() as u64)).unwrap_or(0);
+            let data = &record.data[..len];
+            if is_zero(data) {
+                punch_hole(&target, &out_extent, offset, len)?;
+            } else {
+                target
+                    .write_all_at(data, offset)
+                    .map_err(Error::file("write", &out_extent))?;
+            }
+        }
+        if reader.torn_tail {
+            tracing::warn!(journal = %path.display(), "journal ends in a torn record (a crash); its blocks were never overwritten");
+        }
+    }
+    target
+        .sync_all()
+        .map_err(Error::file("fsync", &out_extent))?;
+    vmdk::write_descriptor(&out_descriptor, &out_extent, size)?;
+    Ok(RecoveredDisk {
+        id: id.to_string(),
+        size,
+        blocks_restored: restored.len() as u64,
+        vmdk: out_descriptor,
+    })
+}

@@ -1,0 +1,249 @@
+//! The master target: accepts process servers' connections and writes replicas.
+//!
+//! Each connection is one agent's session, relayed by a process server. The async side
+//! parses messages; a writer thread per session ([`crate::writer`]) owns the session's replicas and does the
+//! CPU and disk work (decompress, verify, `pwrite`, `fdatasync`), so receiving the next
+//! batch overlaps writing the previous one. The command queue between them is bounded,
+//! which pushes back through TCP to the agent when the disk is slower than the network.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+use engine::block::geometry::{BlockSize, Geometry, SafeName};
+use engine::error::{Error, Result};
+use engine::wire::handshake;
+use engine::wire::tls::{Identity, Role};
+use engine::wire::transport::{self, Conn};
+use engine::wire::Message;
+
+use crate::datastore;
+use crate::retention::points::PointLog;
+use crate::writer::{Command, Writer};
+
+/// Batches queued between the network and the writer thread of one session.
+const WRITE_QUEUE: usize = 4;
+
+/// How the master target stores replicas.
+#[derive(Debug, Clone)]
+pub struct MasterTargetConfig {
+    /// The datastore folder: replicas go to `<datastore>/<machine>/<id>.vmdk`.
+    pub datastore: PathBuf,
+    /// Rehash existing extents even when their manifest could be trusted.
+    pub verify: bool,
+    /// Threads used to hash an existing extent.
+    pub hash_threads: usize,
+    /// Write long contiguous runs with `O_DIRECT` where the filesystem allows it.
+    pub direct_io: bool,
+    /// Folder of recovery points and undo journals.
+    pub retention: PathBuf,
+    /// How long recovery points are kept.
+    pub retention_window: Duration,
+}
+
+/// Disks being written right now, as `machine/id`: one session per disk at a time.
+pub(crate) type DiskLocks = Arc<Mutex<HashSet<String>>>;
+
+/// Serves process servers on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    identity: &Identity,
+    config: MasterTargetConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let config = Arc::new(config);
+    let locks = DiskLocks::default();
+    let group_commits = Arc::new(Mutex::new(()));
+    transport::serve(
+        listener,
+        identity,
+        Role::ProcessServer,
+        shutdown,
+        move |conn| session(conn, config.clone(), locks.clone(), group_commits.clone()),
+    )
+    .await
+}
+
+/// One agent's conversation; returns the machine name.
+async fn session(
+    mut conn: Conn,
+    config: Arc<MasterTargetConfig>,
+    locks: DiskLocks,
+    group_commits: Arc<Mutex<()>>,
+) -> Result<String> {
+    let opened = async {
+        let hello = handshake::read_hello(&mut conn, "master target").await?;
+        handshake::welcome(&mut conn).await?;
+        Ok::<_, Error>(hello.machine)
+    };
+    let machine = match opened.await {
+        Ok(machine) => machine,
+        Err(err) => {
+            conn.fail(&err).await;
+            return Err(err);
+        }
+    };
+    tracing::info!(%machine, "session started");
+    let (failures_tx, mut failures) = mpsc::channel(1);
+    let (commands, command_rx) = mpsc::channel(WRITE_QUEUE);
+    let points = match PointLog::load(&datastore::point_log_path(&config.retention, &machine)) {
+        Ok(points) => points,
+        Err(err) => {
+            conn.fail(&err).await;
+            return Err(err);
+        }
+    };
+    let writer = Writer::new(config, locks, machine.clone(), points, group_commits);
+    std::thread::Builder::new()
+        .name(format!("write-{machine}"))
+        .spawn(move || writer.run(command_rx, failures_tx))
+        .map_err(|e| Error::Invalid(format!("cannot start writer thread: {e}")))?;
+
+    let result = async {
+        loop {
+            let msg = tokio::select! {
+                msg = conn.recv() => msg?,
+                Some(err) = failures.recv() => return Err(err),
+            };
+            if let Message::Bye = msg {
+                return Ok(());
+            }
+            // If the writer stopped, the reason it stopped for is the error to report.
+            let reply = match handle(msg, &commands).await {
+                Ok(reply) => reply,
+                Err(err) => return Err(failures.try_recv().unwrap_or(err)),
+            };
+            if let Some(reply) = reply {
+                conn.send(&reply).await?;
+            }
+        }
+    }
+    .await;
+    drop(commands);
+    match result {
+        Ok(()) => {
+            conn.close().await;
+            Ok(machine.to_string())
+        }
+        Err(err) => {
+            conn.fail(&err).await;
+            Err(err)
+        }
+    }
+}
+
+/// Turns one message into a writer command; returns the reply to send, if any.
+async fn handle(msg: Message, commands: &mpsc::Sender<Command>) -> Result<Option<Message>> {
+    let gone = || Error::Invalid("the writer stopped".into());
+    match msg {
+        Message::OpenDisk {
+            handle,
+            id,
+            size,
+            block_size,
+        } => {
+            let id = SafeName::new("disk id", &id)?;
+            let geometry = Geometry::new(size, BlockSize::new(u64::from(block_size))?)?;
+            let (reply, answer) = oneshot::channel();
+            commands
+                .send(Command::Open {
+                    handle,
+                    id,
+                    geometry,
+                    reply,
+                })
+                .await
+                .map_err(|_| gone())?;
+            Ok(Some(Message::DiskState(answer.await.map_err(|_| gone())??)))
+        }
+        Message::HashQuery {
+            handle,
+            level,
+            ranges,
+        } => {
+            let (reply, answer) = oneshot::channel();
+            commands
+                .send(Command::Hashes {
+                    handle,
+                    level,
+                    ranges,
+                    reply,
+                })
+                .await
+                .map_err(|_| gone())?;
+            let hashes = answer.await.map_err(|_| gone())??;
+            Ok(Some(Message::HashAnswer {
+                handle,
+                level,
+                hashes,
+            }))
+        }
+        Message::Blocks {
+            handle,
+            seq,
+            count,
+            records,
+        } => {
+            commands
+                .send(Command::Blocks {
+                    handle,
+                    seq,
+                    count,
+                    records,
+                })
+                .await
+                .map_err(|_| gone())?;
+            Ok(None)
+        }
+        Message::Flush { handle, seq } => {
+            let (reply, answer) = oneshot::channel();
+            commands
+                .send(Command::Flush { handle, seq, reply })
+                .await
+                .map_err(|_| gone())?;
+            answer.await.map_err(|_| gone())??;
+            Ok(Some(Message::Ack { handle, seq }))
+        }
+        Message::Checkpoint {
+            kind,
+            label,
+            group,
+            members,
+        } => {
+            let group = if group.is_empty() {
+                None
+            } else {
+                let members = members
+                    .iter()
+                    .map(|m| SafeName::new("group member", m))
+                    .collect::<Result<Vec<_>>>()?;
+                Some((SafeName::new("group name", &group)?, members))
+            };
+            let (reply, answer) = oneshot::channel();
+            commands
+                .send(Command::Checkpoint {
+                    kind,
+                    label,
+                    group,
+                    reply,
+                })
+                .await
+                .map_err(|_| gone())?;
+            let (seq, time_ms, group_seq) = answer.await.map_err(|_| gone())??;
+            Ok(Some(Message::PointCreated {
+                seq,
+                time_ms,
+                group_seq,
+            }))
+        }
+        other => Err(Error::Protocol(format!(
+            "unexpected {} message from the agent",
+            other.name()
+        ))),
+    }
+}

@@ -1,0 +1,351 @@
+//! The writer thread of one session: owns the session's replicas and does the CPU and disk
+//! work (decode, verify, journal, `pwrite`, `fdatasync`, manifest saves, recovery points)
+//! while the async side receives the next batch.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use engine::block::geometry::{BlockHash, Geometry, SafeName};
+use engine::clock::now_ms;
+use engine::error::{Error, Result};
+use engine::point::PointKind;
+use engine::wire::message::records;
+use engine::wire::DiskState;
+
+use crate::datastore;
+use crate::replica::Replica;
+use crate::retention::{
+    groups,
+    points::{PointDisk, PointLog, RecoveryPoint},
+};
+use crate::session::{DiskLocks, MasterTargetConfig};
+
+/// What the async side asks of the writer.
+pub(crate) enum Command {
+    Open {
+        handle: u32,
+        id: SafeName,
+        geometry: Geometry,
+        reply: oneshot::Sender<Result<DiskState>>,
+    },
+    Hashes {
+        handle: u32,
+        level: u8,
+        ranges: Vec<(u64, u32)>,
+        reply: oneshot::Sender<Result<Vec<BlockHash>>>,
+    },
+    Blocks {
+        handle: u32,
+        seq: u64,
+        count: u32,
+        records: Bytes,
+    },
+    Flush {
+        handle: u32,
+        seq: u64,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Checkpoint {
+        kind: u8,
+        label: String,
+        /// The consistency group and its members, when the machine is in one.
+        group: Option<(SafeName, Vec<SafeName>)>,
+        /// (point, time, group point or 0)
+        reply: oneshot::Sender<Result<(u64, u64, u64)>>,
+    },
+}
+
+struct OpenDisk {
+    replica: Replica,
+    /// Highest sequence number received for this disk.
+    last_seq: u64,
+    /// True when everything received for this disk is durable.
+    flushed: bool,
+}
+
+/// Owns a session's replicas on a thread of its own.
+pub(crate) struct Writer {
+    config: Arc<MasterTargetConfig>,
+    locks: DiskLocks,
+    machine: SafeName,
+    replicas: HashMap<u32, OpenDisk>,
+    /// The machine's recovery points.
+    points: PointLog,
+    /// Serialises consistency-group commits across sessions.
+    group_commits: Arc<Mutex<()>>,
+    /// Lock keys this session holds, released when the writer ends.
+    held: Vec<String>,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        config: Arc<MasterTargetConfig>,
+        locks: DiskLocks,
+        machine: SafeName,
+        points: PointLog,
+        group_commits: Arc<Mutex<()>>,
+    ) -> Self {
+        Self {
+            config,
+            locks,
+            machine,
+            replicas: HashMap::new(),
+            points,
+            group_commits,
+            held: Vec::new(),
+        }
+    }
+
+    pub(crate) fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        failures: mpsc::Sender<Error>,
+    ) {
+        while let Some(command) = commands.blocking_recv() {
+            if let Command::Blocks {
+                handle,
+                seq,
+                count,
+                records,
+            } = command
+            {
+                if let Err(err) = self.write(handle, seq, count, &records) {
+                    let _ = failures.blocking_send(err);
+                    return;
+                }
+                continue;
+            }
+            self.answer(command);
+        }
+    }
+
+    fn answer(&mut self, command: Command) {
+        match command {
+            Command::Open {
+                handle,
+                id,
+                geometry,
+                reply,
+            } => {
+                let _ = reply.send(self.open(handle, &id, geometry));
+            }
+            Command::Hashes {
+                handle,
+                level,
+                ranges,
+                reply,
+            } => {
+                let _ = reply.send(
+                    self.disk(handle)
+                        .and_then(|d| d.replica.hashes(level, &ranges)),
+                );
+            }
+            Command::Flush { handle, seq, reply } => {
+                let _ = reply.send(self.flush(handle, seq));
+            }
+            Command::Checkpoint {
+                kind,
+                label,
+                group,
+                reply,
+            } => {
+                let _ = reply.send(self.checkpoint(kind, label, group));
+            }
+            Command::Blocks { .. } => {}
+        }
+    }
+
+    fn disk(&mut self, handle: u32) -> Result<&mut OpenDisk> {
+        self.replicas
+            .get_mut(&handle)
+            .ok_or_else(|| Error::Protocol(format!("disk handle {handle} was never opened")))
+    }
+
+    fn open(&mut self, handle: u32, id: &SafeName, geometry: Geometry) -> Result<DiskState> {
+        if self.replicas.contains_key(&handle) {
+            return Err(Error::Protocol(format!(
+                "disk handle {handle} opened twice"
+            )));
+        }
+        let key = format!("{}/{}", self.machine, id);
+        let newly_locked = self
+            .locks
+            .lock()
+            .map(|mut l| l.insert(key.clone()))
+            .unwrap_or(false);
+        if !newly_locked {
+            return Err(Error::Busy(format!(
+                "disk {key} is being replicated by another session"
+            )));
+        }
+        self.held.push(key);
+        let mut replica = Replica::open(
+            &self.config.datastore,
+            &self.machine,
+            id,
+            geometry,
+            self.config.verify,
+            self.config.hash_threads,
+            self.config.direct_io,
+        )?;
+        // Once a point exists, every overwrite must be undoable back to it.
+        if !self.points.points().is_empty() {
+            let next = self.points.next_seq();
+            let path = datastore::journal_path(&self.config.retention, &self.machine, id, next);
+            replica.journal_into(path, next);
+        }
+        let state = replica.state(handle);
+        tracing::info!(machine = %self.machine, disk = %id, fresh = state.fresh, "disk opened");
+        self.replicas.insert(
+            handle,
+            OpenDisk {
+                replica,
+                last_seq: state.durable_seq,
+                flushed: true,
+            },
+        );
+        Ok(state)
+    }
+
+    fn write(&mut self, handle: u32, seq: u64, count: u32, batch: &Bytes) -> Result<()> {
+        let disk = self.disk(handle)?;
+        if seq <= disk.last_seq {
+            return Err(Error::Protocol(format!(
+                "Blocks sequence {seq} does not follow {}",
+                disk.last_seq
+            )));
+        }
+        disk.last_seq = seq;
+        disk.flushed = false;
+        disk.replica.write_batch(records(count, batch))
+    }
+
+    fn flush(&mut self, handle: u32, seq: u64) -> Result<()> {
+        let disk = self.disk(handle)?;
+        if seq != disk.last_seq {
+            return Err(Error::Protocol(format!(
+                "Flush names sequence {seq}, the last received is {}",
+                disk.last_seq
+            )));
+        }
+        disk.replica.flush(seq)?;
+        disk.flushed = true;
+        Ok(())
+    }
+
+    /// Records a recovery point over every disk of the session, all flushed, then prunes
+    /// what fell out of the retention window and starts the next cycle's journals.
+    fn checkpoint(
+        &mut self,
+        kind: u8,
+        label: String,
+        group: Option<(SafeName, Vec<SafeName>)>,
+    ) -> Result<(u64, u64, u64)> {
+        if let Some((name, members)) = &group {
+            if !members.contains(&self.machine) {
+                return Err(Error::Protocol(format!(
+                    "machine {} is not a member of group {name}",
+                    self.machine
+                )));
+            }
+        }
+        let kind = PointKind::from_u8(kind)
+            .ok_or_else(|| Error::Protocol(format!("unknown recovery point kind {kind}")))?;
+        if self.replicas.is_empty() {
+            return Err(Error::Protocol(
+                "Checkpoint before any disk was opened".into(),
+            ));
+        }
+        let mut handles: Vec<u32> = self.replicas.keys().copied().collect();
+        handles.sort_unstable();
+        let mut disks = Vec::new();
+        for handle in &handles {
+            let disk = &self.replicas[handle];
+            if !disk.flushed {
+                return Err(Error::Protocol(format!(
+                    "Checkpoint before disk {} was flushed",
+                    disk.replica.id()
+                )));
+            }
+            disks.push(PointDisk {
+                id: disk.replica.id().to_string(),
+                size: disk.replica.manifest().geometry().size,
+            });
+        }
+        let time_ms = now_ms();
+        let seq = self.points.next_seq();
+        self.points.append(RecoveryPoint {
+            seq,
+            time_ms,
+            kind,
+            label,
+            group: group.as_ref().map(|(name, _)| name.to_string()),
+            disks,
+        })?;
+        tracing::info!(machine = %self.machine, point = seq, kind = kind.name(), "recovery point durable");
+        let window_ms = u64::try_from(self.config.retention_window.as_millis()).unwrap_or(u64::MAX);
+        if let Some(oldest) = self.points.prune(time_ms.saturating_sub(window_ms))? {
+            self.drop_journals_up_to(oldest);
+        }
+        let next = self.points.next_seq();
+        for disk in self.replicas.values_mut() {
+            let path = datastore::journal_path(
+                &self.config.retention,
+                &self.machine,
+                disk.replica.id(),
+                next,
+            );
+            disk.replica.journal_into(path, next);
+        }
+        let group_seq = match &group {
+            Some((name, members)) => {
+                // One group commit at a time across all sessions.
+                let _serial = self
+                    .group_commits
+                    .lock()
+                    .map_err(|_| Error::Invalid("group lock poisoned".into()))?;
+                let made = groups::try_commit(&self.config.retention, name, members, time_ms)?;
+                PointLog::load(&datastore::group_log_path(&self.config.retention, name))?
+                    .prune(time_ms.saturating_sub(window_ms))?;
+                made.unwrap_or(0)
+            }
+            None => 0,
+        };
+        Ok((seq, time_ms, group_seq))
+    }
+
+    /// Deletes the journals no kept point needs: those leading to `oldest` or earlier.
+    fn drop_journals_up_to(&self, oldest: u64) {
+        let dir = datastore::machine_dir(&self.config.retention, &self.machine);
+        let disks = std::fs::read_dir(&dir).into_iter().flatten().flatten();
+        for disk in disks.filter(|d| d.path().is_dir()) {
+            let Some(id) = disk
+                .file_name()
+                .to_str()
+                .and_then(|n| SafeName::new("disk id", n).ok())
+            else {
+                continue;
+            };
+            for (point, path) in datastore::journals(&self.config.retention, &self.machine, &id) {
+                if point <= oldest {
+                    if let Err(e) = std::fs::remove_file(&path) {
+                        tracing::warn!(journal = %path.display(), error = %e, "cannot prune journal");
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Ok(mut locks) = self.locks.lock() {
+            for key in &self.held {
+                locks.remove(key);
+            }
+        }
+    }
+}
