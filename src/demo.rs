@@ -9,8 +9,8 @@ use anyhow::{bail, Context};
 use bytesize::ByteSize;
 use engine::block::geometry::{BlockSize, SafeName};
 use engine::wire::tls::{Identity, Role};
-use master_target::session::MasterTargetConfig;
-use process_server::relay::ProcessServerConfig;
+use master_target::MasterTargetConfig;
+use process_server::ProcessServerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -68,7 +68,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
         retention_window: std::time::Duration::from_secs(24 * 3600),
     };
     let target = tokio::spawn(async move {
-        master_target::session::serve(target_listener, &target_identity, target_config, async {
+        master_target::serve(target_listener, &target_identity, target_config, async {
             let _ = target_stopped.await;
         })
         .await
@@ -78,7 +78,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
     let relay_addr = relay_listener.local_addr()?;
     let relay_identity = Identity::load(&pki, Role::ProcessServer)?;
     let relay = tokio::spawn(async move {
-        process_server::relay::serve(
+        process_server::serve(
             relay_listener,
             &relay_identity,
             ProcessServerConfig {

@@ -11,7 +11,9 @@
 //! | [`compare`] | the top-down walk of two hash trees (pure, unit-tested) |
 //! | [`pipeline`] | the one send pipeline: read, hash, compress and pack blocks on all cores |
 //! | [`session`] | the conversation: open disks, stream batches with background flushes, checkpoint |
-//! | [`sync`] | one-shot sync of a machine's disks, retries with back-off, reports |
+//! | [`options`] | what to replicate and how |
+//! | [`report`] | the point asked for and made, per-disk figures (`--json`) |
+//! | [`sync`] | one-shot sync of a machine's disks, retries with back-off |
 //! | [`replicate`] | continuous cycles, app-consistent points with hooks |
 //! | [`progress`] | counters a front end draws progress bars from |
 //!
@@ -40,17 +42,19 @@
 //! a few batches per worker whatever the disk size.
 
 pub mod compare;
+pub mod options;
 pub mod pipeline;
 pub mod progress;
 pub mod qemu;
 pub mod replicate;
+pub mod report;
 pub mod scan;
 pub mod session;
 pub mod sync;
 
+pub use options::{DiskSpec, SyncOptions};
 pub use progress::{Phase, Progress};
 pub use qemu::QemuSource;
 pub use replicate::{replicate, ChangeSource, ReplicateOptions};
-pub use sync::{
-    sync, sync_with_retry, DiskReport, DiskSpec, PointRequest, Retry, SyncOptions, SyncReport,
-};
+pub use report::{DiskReport, PointReport, PointRequest, SyncReport};
+pub use sync::{sync, sync_with_retry, Retry};

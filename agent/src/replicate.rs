@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 use tokio::process::Command;
 
 use super::qemu::{qemu_cycle, QemuSource};
-use super::sync::{sync, PointRequest, SyncOptions, SyncReport};
 use super::Progress;
+use crate::options::SyncOptions;
+use crate::report::{PointRequest, SyncReport};
+use crate::sync::sync;
 use engine::error::{Error, Result};
 use engine::point::PointKind;
 

@@ -18,9 +18,10 @@ use engine::block::ranges::Runs;
 use engine::error::{Error, Result};
 
 use crate::compare::differing_blocks;
+use crate::options::{DiskSpec, SyncOptions};
 use crate::pipeline::{Pipeline, PipelineConfig, SourceFile};
+use crate::report::DiskReport;
 use crate::session::Session;
-use crate::sync::{DiskReport, DiskSpec, SyncOptions};
 use crate::{Phase, Progress};
 
 /// Opens a disk image or block device for reading and measures its size.

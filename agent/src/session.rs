@@ -18,8 +18,9 @@ use engine::wire::tls::Role;
 use engine::wire::DiskState;
 
 use crate::compare::RemoteTree;
+use crate::options::SyncOptions;
 use crate::pipeline::Batch;
-use crate::sync::{DiskReport, PointReport, PointRequest};
+use crate::report::{DiskReport, PointReport, PointRequest};
 use crate::Progress;
 
 /// Bytes sent between background flushes: an interrupted stream loses at most this much of
@@ -42,6 +43,20 @@ impl Session {
         let conversation =
             Conversation::open(server, tls, Role::ProcessServer, machine, throttle).await?;
         Ok(Self { conversation })
+    }
+
+    /// Connects to the process server of `options` for its machine, throttled as asked.
+    pub async fn for_machine(
+        options: &SyncOptions,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Self> {
+        Self::start(
+            &options.server,
+            tls,
+            &options.machine,
+            options.throttle.clone(),
+        )
+        .await
     }
 
     /// Opens disk `id` under `handle`; returns what the master target holds of it.

@@ -7,6 +7,7 @@
 //!
 //! | module | what it holds |
 //! | --- | --- |
+//! | [`config`] | where replicas and points live, how the master target writes |
 //! | [`session`] | `serve`: one conversation per connection, messages turned into writer commands |
 //! | [`writer`] | the writer thread of a session: opens replicas, writes batches, flushes, records points |
 //! | [`replica`] | one replica: extent, manifest, verified block writes, hole punching, undo capture |
@@ -39,6 +40,7 @@
 //!
 //! Everything else belongs to one writer thread and needs no lock.
 
+pub mod config;
 pub mod datastore;
 pub mod replica;
 pub mod retention;
@@ -47,4 +49,5 @@ pub mod status;
 pub mod vmdk;
 pub mod writer;
 
-pub use session::{serve, MasterTargetConfig};
+pub use config::MasterTargetConfig;
+pub use session::serve;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use engine::wire::tls::{Identity, Role};
-use master_target::session::{serve, MasterTargetConfig};
+use master_target::{serve, MasterTargetConfig};
 
 /// The on-premises end of deltaback: receives blocks from process servers, checks each
 /// block's blake3 hash, and writes them into VMDKs in a datastore folder.

@@ -27,6 +27,7 @@ use engine::error::{Error, Result};
 use engine::storage::direct::DirectWriter;
 use engine::storage::durable;
 use engine::storage::sparse::punch_hole;
+use engine::wire::message::MAX_HASHES_PER_ANSWER;
 use engine::wire::{BlockRecord, DiskState};
 
 /// An open replica ready for hash queries and block writes.
@@ -379,6 +380,6 @@ impl Replica {
 
     /// The hashes of `ranges` of tree level `level`, for the agent's top-down compare.
     pub fn hashes(&self, level: u8, ranges: &[(u64, u32)]) -> Result<Vec<BlockHash>> {
-        self.manifest.hashes(level, ranges)
+        self.manifest.hashes(level, ranges, MAX_HASHES_PER_ANSWER)
     }
 }

@@ -6,11 +6,8 @@
 //! batch overlaps writing the previous one. The command queue between them is bounded,
 //! which pushes back through TCP to the agent when the disk is slower than the network.
 
-use std::collections::HashSet;
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -22,32 +19,13 @@ use engine::wire::tls::{Identity, Role};
 use engine::wire::transport::{self, Conn};
 use engine::wire::Message;
 
+use crate::config::MasterTargetConfig;
 use crate::datastore;
 use crate::retention::points::PointLog;
-use crate::writer::{Command, Writer};
+use crate::writer::{Command, DiskLocks, Writer};
 
 /// Batches queued between the network and the writer thread of one session.
 const WRITE_QUEUE: usize = 4;
-
-/// How the master target stores replicas.
-#[derive(Debug, Clone)]
-pub struct MasterTargetConfig {
-    /// The datastore folder: replicas go to `<datastore>/<machine>/<id>.vmdk`.
-    pub datastore: PathBuf,
-    /// Rehash existing extents even when their manifest could be trusted.
-    pub verify: bool,
-    /// Threads used to hash an existing extent.
-    pub hash_threads: usize,
-    /// Write long contiguous runs with `O_DIRECT` where the filesystem allows it.
-    pub direct_io: bool,
-    /// Folder of recovery points and undo journals.
-    pub retention: PathBuf,
-    /// How long recovery points are kept.
-    pub retention_window: Duration,
-}
-
-/// Disks being written right now, as `machine/id`: one session per disk at a time.
-pub(crate) type DiskLocks = Arc<Mutex<HashSet<String>>>;
 
 /// Serves process servers on `listener` until `shutdown` completes.
 pub async fn serve(

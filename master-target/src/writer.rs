@@ -2,7 +2,7 @@
 //! work (decode, verify, journal, `pwrite`, `fdatasync`, manifest saves, recovery points)
 //! while the async side receives the next batch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -15,13 +15,16 @@ use engine::point::PointKind;
 use engine::wire::message::records;
 use engine::wire::DiskState;
 
+use crate::config::MasterTargetConfig;
 use crate::datastore;
 use crate::replica::Replica;
 use crate::retention::{
     groups,
     points::{PointDisk, PointLog, RecoveryPoint},
 };
-use crate::session::{DiskLocks, MasterTargetConfig};
+
+/// Disks being written right now, as `machine/id`: one session per disk at a time.
+pub(crate) type DiskLocks = Arc<Mutex<HashSet<String>>>;
 
 /// What the async side asks of the writer.
 pub(crate) enum Command {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use engine::block::geometry::SafeName;
 use engine::wire::throttle::{RateSchedule, Throttle};
 use engine::wire::tls::{Identity, Role};
-use process_server::relay::{serve, ProcessServerConfig};
 use process_server::spool::Spool;
+use process_server::{serve, ProcessServerConfig};
 
 /// The middle tier of deltaback: terminates the agents' TLS connections (agent certificates
 /// only) and relays their conversations to the master target (which must present a

@@ -30,10 +30,11 @@ use engine::block::ranges::Runs;
 use engine::error::{Error, Result};
 
 use crate::compare::differing_blocks;
+use crate::options::SyncOptions;
 use crate::pipeline::{Pipeline, PipelineConfig};
+use crate::report::{DiskReport, SyncReport};
 use crate::scan::zero_blocks;
 use crate::session::Session;
-use crate::sync::{DiskReport, SyncOptions, SyncReport};
 use crate::Progress;
 use nbd::{dirty_runs, NbdClient, MAX_READ};
 use qmp::Qmp;
@@ -355,7 +356,7 @@ async fn converse(
     disks: &[Fleece],
     started: Instant,
 ) -> Result<SyncReport> {
-    let mut session = options.connect(tls).await?;
+    let mut session = Session::for_machine(options, tls).await?;
     let progress = Arc::new(Progress::default());
     let mut reports = Vec::new();
     for disk in disks {

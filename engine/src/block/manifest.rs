@@ -182,16 +182,19 @@ impl Manifest {
     }
 
     /// The hashes of `ranges` of tree level `level`, as a `HashAnswer` carries them:
-    /// every range checked against the level, the total against what fits one frame.
-    pub fn hashes(&self, level: u8, ranges: &[(u64, u32)]) -> Result<Vec<BlockHash>> {
+    /// every range checked against the level, the total against `max` (what fits one
+    /// answer: `engine::wire::message::MAX_HASHES_PER_ANSWER`).
+    pub fn hashes(&self, level: u8, ranges: &[(u64, u32)], max: u64) -> Result<Vec<BlockHash>> {
         let nodes = self.level(usize::from(level)).ok_or_else(|| {
             Error::Protocol(format!(
                 "hash level {level} does not exist (the tree has {})",
                 self.depth()
             ))
         })?;
-        let total: u64 = ranges.iter().map(|&(_, n)| u64::from(n)).sum();
-        let max = (crate::wire::MAX_FRAME_LEN as u64 - 64) / 32;
+        let total = ranges
+            .iter()
+            .map(|&(_, n)| u64::from(n))
+            .fold(0u64, u64::saturating_add);
         if total > max {
             return Err(Error::Protocol(format!(
                 "{total} hashes asked for at once; at most {max} fit an answer"
@@ -327,18 +330,6 @@ pub fn children(node: u64, below_len: u64) -> std::ops::Range<u64> {
     start..end
 }
 
-/// Merges sorted indices into `(start, count)` runs.
-pub fn runs(indices: &[u64]) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &i in indices {
-        match out.last_mut() {
-            Some((start, count)) if *start + *count == i => *count += 1,
-            _ => out.push((i, 1)),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -404,18 +395,17 @@ mod tests {
     }
 
     #[test]
+    fn children_of_the_last_node_stop_at_the_level_end() {
+        assert_eq!(children(2, 40), 32..40);
+    }
+
+    #[test]
     fn grow_keeps_old_hashes() {
         let mut m = Manifest::new(geometry(10), leaves(10, 1)).unwrap();
         m.grow(geometry(12), |_| [7; 32]).unwrap();
         assert_eq!(m.leaves().len(), 12);
         assert_eq!(m.leaves()[..9], leaves(10, 1)[..9]);
         assert_eq!(m.leaves()[9..], [[7; 32]; 3]);
-    }
-
-    #[test]
-    fn runs_merge_neighbours() {
-        assert_eq!(runs(&[1, 2, 3, 7, 9, 10]), vec![(1, 3), (7, 1), (9, 2)]);
-        assert_eq!(children(2, 40), 32..40);
     }
 
     proptest! {

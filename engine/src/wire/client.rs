@@ -33,10 +33,11 @@ use tokio::sync::mpsc;
 use crate::block::geometry::{BlockHash, BlockSize, Geometry, SafeName, ZeroHashes};
 use crate::block::manifest::Manifest;
 use crate::error::{Error, Result};
+use crate::wire::message::MAX_HASHES_PER_ANSWER;
 use crate::wire::throttle::Throttle;
 use crate::wire::tls::Role;
 use crate::wire::transport::{self, Conn, ConnWriter};
-use crate::wire::{DiskState, Frame, Message, MAX_FRAME_LEN, PROTOCOL_VERSION};
+use crate::wire::{DiskState, Frame, Message, PROTOCOL_VERSION};
 
 /// What the server answered to a `Checkpoint`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,7 +288,7 @@ impl Conversation {
             let zero = ZeroHashes::new(geometry);
             (0..blocks).map(|i| zero.of(i)).collect()
         } else {
-            let per_answer = u32::try_from((MAX_FRAME_LEN - 64) / 32).unwrap_or(u32::MAX);
+            let per_answer = u32::try_from(MAX_HASHES_PER_ANSWER).unwrap_or(u32::MAX);
             let mut leaves = Vec::new();
             let mut start = 0;
             while start < blocks {

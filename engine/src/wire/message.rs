@@ -41,6 +41,8 @@ pub const KIND_CHECKPOINT: u8 = 12;
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Bytes of a block record before its payload.
 pub const RECORD_HEADER_LEN: usize = 8 + 32 + 1 + 4;
+/// Most hashes one `HashAnswer` carries: what fits one frame with room for its header.
+pub const MAX_HASHES_PER_ANSWER: u64 = ((crate::wire::MAX_FRAME_LEN - 64) / 32) as u64;
 
 /// What the master target holds of one disk.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,7 +24,7 @@ use engine::block::geometry::{BlockSize, Geometry, SafeName};
 use engine::block::manifest::Manifest;
 use engine::clock::now_ms;
 use engine::error::{Error, ErrorCode, Result};
-use engine::wire::message::{records, KIND_OPEN_DISK};
+use engine::wire::message::{records, KIND_OPEN_DISK, MAX_HASHES_PER_ANSWER};
 use engine::wire::transport::Conn;
 use engine::wire::{DiskState, Frame, Message};
 
@@ -145,7 +145,7 @@ impl Held<'_> {
                         disk.tree.rebuild_tree();
                         disk.stale = false;
                     }
-                    let hashes = disk.tree.hashes(level, &ranges)?;
+                    let hashes = disk.tree.hashes(level, &ranges, MAX_HASHES_PER_ANSWER)?;
                     agent
                         .send(&Message::HashAnswer {
                             handle,

@@ -1,0 +1,98 @@
+//! What the agent asks for and what it did: the recovery point requested and made, and the
+//! per-disk figures that `--json` prints.
+
+use serde::Serialize;
+
+use engine::block::geometry::{Geometry, SafeName};
+use engine::point::PointKind;
+use engine::wire::DiskState;
+
+/// The recovery point a sync asks for once every disk is durable.
+#[derive(Debug, Clone)]
+pub struct PointRequest {
+    pub kind: PointKind,
+    pub label: String,
+}
+
+impl Default for PointRequest {
+    fn default() -> Self {
+        Self {
+            kind: PointKind::CrashConsistent,
+            label: String::new(),
+        }
+    }
+}
+
+/// The recovery point a sync created.
+#[derive(Debug, Clone, Serialize)]
+pub struct PointReport {
+    pub seq: u64,
+    pub time_ms: u64,
+    pub kind: PointKind,
+    /// The consistency-group point this point completed, if it completed one.
+    pub group_seq: Option<u64>,
+}
+
+/// What a sync did, as printed by `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncReport {
+    pub machine: String,
+    pub seconds: f64,
+    /// Bytes the agent wrote to its TCP socket, TLS included.
+    pub wire_bytes: u64,
+    pub disks: Vec<DiskReport>,
+    /// The recovery point covering every disk of this sync.
+    pub point: PointReport,
+    /// Attempts it took (more than one after transient failures).
+    pub attempts: u32,
+    /// Block bytes handed to the network over all attempts, before compression:
+    /// what an interrupted attempt sent again shows here.
+    pub block_bytes_all_attempts: u64,
+}
+
+/// Per-disk figures of a sync.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskReport {
+    pub id: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub blocks: u64,
+    /// Block records sent (data or zero markers).
+    pub blocks_sent: u64,
+    /// All-zero blocks on the source disk.
+    pub zero_blocks: u64,
+    /// Encoded payload bytes sent.
+    pub payload_bytes: u64,
+    /// True when the replica did not exist before.
+    pub fresh: bool,
+    /// Tree hashes fetched from the master target for the compare.
+    pub hashes_fetched: u64,
+    /// Sequence number the master target acknowledged as durable.
+    pub durable_seq: u64,
+    /// How the blocks to send were found: `scan`, `qemu-bitmap` or `qemu-full-compare`.
+    pub change_source: &'static str,
+}
+
+impl DiskReport {
+    /// The report of a disk just opened, before anything was sent.
+    pub(crate) fn new(
+        id: &SafeName,
+        geometry: Geometry,
+        state: &DiskState,
+        change_source: &'static str,
+    ) -> Self {
+        Self {
+            id: id.to_string(),
+            size: geometry.size,
+            block_size: geometry.block_size.get(),
+            blocks: geometry.blocks(),
+            blocks_sent: 0,
+            zero_blocks: 0,
+            payload_bytes: 0,
+            fresh: state.fresh,
+            hashes_fetched: 0,
+            durable_seq: state.durable_seq,
+            change_source,
+        }
+    }
+}
