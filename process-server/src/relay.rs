@@ -25,7 +25,7 @@ use engine::wire::{client, handshake, Frame, Message};
 use crate::master_target::MasterTarget;
 use crate::spool::conversation::hold;
 use crate::spool::replay::replay_machine;
-use crate::spool::Spool;
+use crate::spool::{disk_work, Spool};
 
 /// Where the relay forwards to.
 #[derive(Debug, Clone, Default)]
@@ -100,7 +100,7 @@ pub async fn serve(
         let spool = spool.clone();
         tokio::spawn(async move {
             loop {
-                if let Err(e) = spool.write_status() {
+                if let Err(e) = disk_work(|| spool.write_status()) {
                     tracing::warn!(error = %e.chain(), "cannot write the spool status");
                 }
                 tokio::time::sleep(std::time::Duration::from_secs(5)).await;
@@ -206,7 +206,7 @@ async fn hold_conversation(
     tracing::info!(%machine, live, "holding the conversation");
     let stamp = |frame| config.stamp(machine.as_str(), frame);
     let held = hold(&mut agent, &machine, spool, &target, upstream, stamp).await;
-    let _ = spool.write_status();
+    let _ = disk_work(|| spool.write_status());
     if spool.has_backlog(&machine) {
         tokio::spawn(replay_machine(spool.clone(), machine.clone(), target));
     }

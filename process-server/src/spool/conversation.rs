@@ -18,7 +18,7 @@ use std::sync::Arc;
 use super::replay::replay_machine;
 use engine::wire::client::Conversation;
 
-use super::{DiskLock, SegmentWriter, Spool};
+use super::{disk_work, DiskLock, SegmentWriter, Spool};
 use crate::master_target::MasterTarget;
 use engine::block::geometry::{BlockSize, Geometry, SafeName};
 use engine::block::manifest::Manifest;
@@ -80,7 +80,7 @@ pub async fn hold(
     upstream: Option<Conversation>,
     stamp: impl Fn(Frame) -> Result<Frame>,
 ) -> Result<()> {
-    let (n, segment) = spool.new_segment(machine)?;
+    let (n, segment) = disk_work(|| spool.new_segment(machine))?;
     let mut held = Held {
         spool,
         machine,
@@ -163,7 +163,7 @@ impl Held<'_> {
                 Message::Flush { handle, seq } => {
                     self.disk(handle)?;
                     self.append(&frame)?;
-                    self.segment.sync()?;
+                    disk_work(|| self.segment.sync())?;
                     agent.send(&Message::Ack { handle, seq }).await?;
                     self.forward(frame).await;
                     if self.upstream.is_some() {
@@ -175,7 +175,7 @@ impl Held<'_> {
                 Message::Checkpoint { .. } => {
                     let frame = stamp(frame)?;
                     self.append(&frame)?;
-                    self.segment.sync()?;
+                    disk_work(|| self.segment.sync())?;
                     let point = self.checkpoint(frame).await;
                     if let Some(refusal) = self.refusal() {
                         return Err(refusal);
@@ -184,7 +184,7 @@ impl Held<'_> {
                 }
                 Message::Bye => {
                     self.append(&frame)?;
-                    self.segment.sync()?;
+                    disk_work(|| self.segment.sync())?;
                     return Ok(());
                 }
                 other => {
@@ -269,15 +269,17 @@ impl Held<'_> {
                 return Ok(None);
             }
         };
-        let ours = self.spool.load_tree(self.machine, id, Some(self.n - 1))?;
+        let ours = disk_work(|| self.spool.load_tree(self.machine, id, Some(self.n - 1)))?;
         let tree = match ours {
             Some(tree) if tree.root() == state.root && same_geometry(&tree, &state) => tree,
             _ => {
                 tracing::info!(machine = %self.machine, disk = %id, "fetching the disk's hashes from the master target");
                 match upstream.fetch_tree(&state).await {
                     Ok(mut tree) => {
-                        self.spool
-                            .save_tree(self.machine, id, &mut tree, self.n - 1)?;
+                        disk_work(|| {
+                            self.spool
+                                .save_tree(self.machine, id, &mut tree, self.n - 1)
+                        })?;
                         tree
                     }
                     Err(e) => {
@@ -298,15 +300,14 @@ impl Held<'_> {
         geometry: Geometry,
     ) -> Result<(DiskState, Manifest)> {
         let machine = self.machine;
-        let tree = self
-            .spool
-            .load_tree(machine, id, Some(self.n - 1))?
-            .ok_or_else(|| {
+        let tree = disk_work(|| self.spool.load_tree(machine, id, Some(self.n - 1)))?.ok_or_else(
+            || {
                 Error::Unavailable(format!(
                     "the master target is away and this process server does not know disk \
                      {machine}/{id} yet: its first replication needs the master target"
                 ))
-            })?;
+            },
+        )?;
         if tree.geometry() != geometry {
             return Err(Error::Unavailable(format!(
                 "disk {machine}/{id} changed size or block size; that needs the master target"
@@ -407,7 +408,7 @@ impl Held<'_> {
     fn append(&mut self, frame: &Frame) -> Result<()> {
         self.holds_data |= frame.kind != KIND_OPEN_DISK;
         let before = self.segment.len;
-        let appended = self.segment.append(frame);
+        let appended = disk_work(|| self.segment.append(frame));
         self.spool.account(self.segment.len - before);
         appended
     }
@@ -433,7 +434,7 @@ impl Held<'_> {
 
     /// Finishes the current segment and starts the next, which opens the same disks again.
     async fn rotate(&mut self) -> Result<()> {
-        self.segment.sync()?;
+        disk_work(|| self.segment.sync())?;
         self.save_trees()?;
         let mut needs = Vec::new();
         let handles: Vec<u32> = self.disks.keys().copied().collect();
@@ -472,7 +473,7 @@ impl Held<'_> {
         } else {
             self.hand_over(&sealed.path);
         }
-        let (n, segment) = self.spool.new_segment(self.machine)?;
+        let (n, segment) = disk_work(|| self.spool.new_segment(self.machine))?;
         self.n = n;
         self.segment = segment;
         self.holds_data = false;
@@ -486,11 +487,13 @@ impl Held<'_> {
     /// Saves every open disk's tree as including the current segment (which must be
     /// synced: a tree never names blocks the spool could still lose).
     fn save_trees(&mut self) -> Result<()> {
-        for disk in self.disks.values_mut() {
-            self.spool
-                .save_tree(self.machine, &disk.id, &mut disk.tree, self.n)?;
-        }
-        Ok(())
+        disk_work(|| {
+            for disk in self.disks.values_mut() {
+                self.spool
+                    .save_tree(self.machine, &disk.id, &mut disk.tree, self.n)?;
+            }
+            Ok(())
+        })
     }
 
     /// Deletes the sealed segments the master target has acknowledged in full.
@@ -517,10 +520,10 @@ impl Held<'_> {
     }
 
     fn release(&self, sealed: &Sealed) {
-        match self
-            .spool
-            .release(self.machine, sealed.n, &sealed.path, &sealed.disks)
-        {
+        match disk_work(|| {
+            self.spool
+                .release(self.machine, sealed.n, &sealed.path, &sealed.disks)
+        }) {
             Ok(()) => {}
             Err(e) => {
                 tracing::error!(error = %e.chain(), "cannot delete a forwarded spool segment; it will be forwarded again");
@@ -568,7 +571,7 @@ impl Held<'_> {
         let disks = self.disks.values().map(|d| d.id.clone()).collect();
         segments.push((self.segment.path().to_owned(), disks));
         for (path, disks) in segments {
-            if let Err(e) = self.spool.set_aside(self.machine, &path, &disks) {
+            if let Err(e) = disk_work(|| self.spool.set_aside(self.machine, &path, &disks)) {
                 tracing::error!(error = %e.chain(), "cannot set a refused segment aside");
             }
         }
@@ -584,19 +587,19 @@ impl Held<'_> {
         }
         if !self.holds_data && self.sealed.is_empty() {
             // Nothing but disks opened: nothing to forward.
-            if let Err(e) = self
-                .spool
-                .release(self.machine, self.n, self.segment.path(), &[])
-            {
+            if let Err(e) = disk_work(|| {
+                self.spool
+                    .release(self.machine, self.n, self.segment.path(), &[])
+            }) {
                 tracing::warn!(error = %e.chain(), "cannot delete an empty spool segment");
             }
             return;
         }
-        let durable = self.segment.sync().and_then(|()| self.save_trees());
+        let durable = disk_work(|| self.segment.sync()).and_then(|()| self.save_trees());
         if let Err(e) = durable {
             tracing::error!(error = %e.chain(), "cannot make the spool durable; forgetting this machine's trees");
             for disk in self.disks.values() {
-                let _ = self.spool.forget_tree(self.machine, &disk.id);
+                let _ = disk_work(|| self.spool.forget_tree(self.machine, &disk.id));
             }
             self.lose_upstream(&e);
         }

@@ -39,6 +39,19 @@ use engine::error::{Error, Result};
 use engine::storage::durable;
 pub use segment::{SegmentReader, SegmentWriter};
 
+/// Runs the spool's disk work (appends, checksums, fdatasync, tree loads and saves,
+/// segment reads and deletions) so that it does not hold up the async runtime: on a
+/// multi-threaded runtime the calling worker hands its other tasks to another thread for
+/// the duration (`block_in_place`), so one conversation's fdatasync never stalls the
+/// others. On a single-threaded runtime (tests, the demo) it simply runs.
+pub fn disk_work<T>(work: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
 /// Usage at which the spool warns.
 pub const WARN_PERCENT: u64 = 70;
 /// Usage at which the spool reports an error.

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{SegmentReader, Spool};
+use super::{disk_work, SegmentReader, Spool};
 use crate::master_target::MasterTarget;
 use engine::block::geometry::SafeName;
 use engine::error::{Error, Result};
@@ -32,18 +32,18 @@ pub async fn replay_machine(spool: Arc<Spool>, machine: SafeName, target: Master
         let mut disks = Vec::new();
         match replay_segment(&machine, &segment, &target, &mut disks).await {
             Ok(()) => {
-                if let Err(e) = spool.release(&machine, n, &segment, &disks) {
+                if let Err(e) = disk_work(|| spool.release(&machine, n, &segment, &disks)) {
                     tracing::error!(error = %e.chain(), "cannot delete a forwarded spool segment");
                     break;
                 }
-                let _ = spool.write_status();
+                let _ = disk_work(|| spool.write_status());
                 tracing::info!(%machine, segment = %segment.display(), "spooled conversation forwarded");
                 delay = Duration::from_secs(1);
             }
             Err(e) if is_refusal(&e) => {
                 tracing::error!(%machine, segment = %segment.display(), error = %e.chain(),
                     "damaged spool segment kept aside as .rejected, not forwarded");
-                if let Err(e) = spool.set_aside(&machine, &segment, &disks) {
+                if let Err(e) = disk_work(|| spool.set_aside(&machine, &segment, &disks)) {
                     tracing::error!(error = %e.chain(), "cannot set the segment aside");
                     break;
                 }
@@ -79,7 +79,7 @@ async fn replay_segment(
     target: &MasterTarget,
     disks: &mut Vec<SafeName>,
 ) -> Result<()> {
-    let mut reader = SegmentReader::open(path)?;
+    let mut reader = disk_work(|| SegmentReader::open(path))?;
     let mut mt = target.open(machine).await?;
     // Per disk handle: the last sequence sent (starting at the master target's durable one).
     let mut last_seq: HashMap<u32, u64> = HashMap::new();
@@ -88,7 +88,7 @@ async fn replay_segment(
         reason: reason.to_owned(),
     };
     let mut ended = false;
-    while let Some(frame) = reader.next_frame()? {
+    while let Some(frame) = disk_work(|| reader.next_frame())? {
         match Message::from_frame(frame.clone()).map_err(|e| corrupt(&e.to_string()))? {
             Message::OpenDisk { handle, id, .. } => {
                 disks.push(SafeName::new("disk id", &id).map_err(|e| corrupt(&e.to_string()))?);
