@@ -13,8 +13,8 @@
 //! | [`session`] | the conversation: open disks, stream batches with background flushes, checkpoint |
 //! | [`options`] | what to replicate and how |
 //! | [`report`] | the point asked for and made, per-disk figures (`--json`) |
-//! | [`sync`] | one-shot sync of a machine's disks, retries with back-off |
-//! | [`replicate`] | continuous cycles, app-consistent points with hooks |
+//! | [`sync`](mod@sync) | one-shot sync of a machine's disks, retries with back-off |
+//! | [`replicate`](mod@replicate) | continuous cycles, app-consistent points with hooks |
 //! | [`progress`] | counters a front end draws progress bars from |
 //!
 //! ## The journey of a block

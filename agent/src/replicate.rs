@@ -1,6 +1,6 @@
 //! Continuous replication: a sync every interval, each ending with a recovery point.
 //!
-//! Every cycle is a full conversation (see [`super::sync`]): with the `scan` change source
+//! Every cycle is a full conversation (see [`crate::sync()`]): with the `scan` change source
 //! the disks are hashed and compared with the replica's hash tree, so a cycle that fails
 //! loses nothing: the next one finds whatever the failed one did not make durable. Every
 //! `app_consistent_every`, the pre-hook freezes the application before the cycle reads the

@@ -11,8 +11,8 @@ use master_target::{serve, MasterTargetConfig};
 /// The on-premises end of deltaback: receives blocks from process servers, checks each
 /// block's blake3 hash, and writes them into VMDKs in a datastore folder.
 ///
-/// Each disk lands in DATASTORE/<machine>/<disk>.vmdk (a monolithicFlat descriptor) with its
-/// data in <disk>-flat.vmdk, a sparse file whose zero blocks are holes. Existing VMDKs are
+/// Each disk lands in DATASTORE/MACHINE/DISK.vmdk (a monolithicFlat descriptor) with its
+/// data in DISK-flat.vmdk, a sparse file whose zero blocks are holes. Existing VMDKs are
 /// updated in place (failback to the original location): only differing blocks travel.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
