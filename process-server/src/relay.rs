@@ -81,7 +81,7 @@ pub async fn serve(
     config: ProcessServerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let upstream_tls = identity.client_config()?;
+    let master_target_tls = identity.client_config()?;
     if let Some(spool) = &config.spool {
         for machine in spool.machines() {
             if spool.has_backlog(&machine) {
@@ -91,7 +91,7 @@ pub async fn serve(
                     machine,
                     MasterTarget {
                         address: config.master_target.clone(),
-                        tls: upstream_tls.clone(),
+                        tls: master_target_tls.clone(),
                         throttle: config.throttle.clone(),
                     },
                 ));
@@ -110,8 +110,8 @@ pub async fn serve(
     let config = Arc::new(config);
     transport::serve(listener, identity, Role::Agent, shutdown, move |agent| {
         let config = config.clone();
-        let upstream_tls = upstream_tls.clone();
-        async move { relay(agent, &config, upstream_tls).await }
+        let master_target_tls = master_target_tls.clone();
+        async move { relay(agent, &config, master_target_tls).await }
     })
     .await
 }
@@ -120,7 +120,7 @@ pub async fn serve(
 async fn relay(
     mut agent: Conn,
     config: &ProcessServerConfig,
-    upstream_tls: Arc<rustls::ClientConfig>,
+    master_target_tls: Arc<rustls::ClientConfig>,
 ) -> Result<String> {
     let machine = match handshake::read_hello(&mut agent, "process server").await {
         Ok(hello) => hello.machine,
@@ -132,18 +132,18 @@ async fn relay(
     if let Some(spool) = &config.spool {
         let target = MasterTarget {
             address: config.master_target.clone(),
-            tls: upstream_tls,
+            tls: master_target_tls,
             throttle: config.throttle.clone(),
         };
         return hold_conversation(agent, config, spool, target, machine).await;
     }
     let opened = async {
-        let conn = open_master_target(config, upstream_tls, &machine).await?;
+        let conn = open_master_target(config, master_target_tls, &machine).await?;
         handshake::welcome(&mut agent).await?;
         Ok::<_, Error>(conn)
     };
-    let upstream = match opened.await {
-        Ok(upstream) => upstream,
+    let master_target = match opened.await {
+        Ok(master_target) => master_target,
         Err(err) => {
             agent.fail(&err).await;
             return Err(err);
@@ -151,14 +151,14 @@ async fn relay(
     };
     tracing::info!(%machine, "relaying");
     let (agent_rx, mut agent_tx) = agent.split();
-    let (upstream_rx, mut upstream_tx) = upstream.split();
-    upstream_tx.set_throttle(config.throttle.clone());
+    let (master_target_rx, mut master_target_tx) = master_target.split();
+    master_target_tx.set_throttle(config.throttle.clone());
     let stamp = |frame: Frame| config.stamp(machine.as_str(), frame);
     let outcome = pump_both(
         agent_rx,
         &mut agent_tx,
-        upstream_rx,
-        &mut upstream_tx,
+        master_target_rx,
+        &mut master_target_tx,
         stamp,
     )
     .await;
@@ -170,7 +170,7 @@ async fn relay(
             let _ = agent_tx.close().await;
             Err(err)
         }
-        Err(Failure::Upstream(err)) => {
+        Err(Failure::MasterTarget(err)) => {
             let err =
                 Error::Unavailable(format!("master target connection failed: {}", err.chain()));
             let _ = agent_tx.send(&Message::error(&err)).await;
@@ -189,23 +189,23 @@ async fn hold_conversation(
     target: MasterTarget,
     machine: SafeName,
 ) -> Result<String> {
-    let upstream = if spool.has_backlog(&machine) {
+    let master_target = if spool.has_backlog(&machine) {
         tracing::info!(%machine, "earlier conversations are still in the spool: spooling this one behind them");
         None
     } else {
         match target.open(&machine).await {
-            Ok(upstream) => Some(upstream),
+            Ok(master_target) => Some(master_target),
             Err(why) => {
                 tracing::warn!(%machine, reason = %why.chain(), "spooling this conversation");
                 None
             }
         }
     };
-    let live = upstream.is_some();
+    let live = master_target.is_some();
     handshake::welcome(&mut agent).await?;
     tracing::info!(%machine, live, "holding the conversation");
     let stamp = |frame| config.stamp(machine.as_str(), frame);
-    let held = hold(&mut agent, &machine, spool, &target, upstream, stamp).await;
+    let held = hold(&mut agent, &machine, spool, &target, master_target, stamp).await;
     let _ = disk_work(|| spool.write_status());
     if spool.has_backlog(&machine) {
         tokio::spawn(replay_machine(spool.clone(), machine.clone(), target));
@@ -249,30 +249,34 @@ async fn open_master_target(
 
 enum Failure {
     Agent(Error),
-    Upstream(Error),
+    MasterTarget(Error),
 }
 
 /// Passes frames both ways until both directions have ended.
 async fn pump_both(
     mut agent_rx: ConnReader,
     agent_tx: &mut ConnWriter,
-    mut upstream_rx: ConnReader,
-    upstream_tx: &mut ConnWriter,
+    mut master_target_rx: ConnReader,
+    master_target_tx: &mut ConnWriter,
     stamp: impl Fn(Frame) -> Result<Frame>,
 ) -> Result<(), Failure> {
     let up = async {
         while let Some(frame) = agent_rx.recv_frame().await.map_err(Failure::Agent)? {
             let frame = stamp(frame).map_err(Failure::Agent)?;
-            upstream_tx
+            master_target_tx
                 .send_frame(frame)
                 .await
-                .map_err(Failure::Upstream)?;
+                .map_err(Failure::MasterTarget)?;
         }
-        let _ = upstream_tx.close().await;
+        let _ = master_target_tx.close().await;
         Ok(())
     };
     let down = async {
-        while let Some(frame) = upstream_rx.recv_frame().await.map_err(Failure::Upstream)? {
+        while let Some(frame) = master_target_rx
+            .recv_frame()
+            .await
+            .map_err(Failure::MasterTarget)?
+        {
             agent_tx.send_frame(frame).await.map_err(Failure::Agent)?;
         }
         let _ = agent_tx.close().await;

@@ -56,7 +56,7 @@ pub struct Held<'a> {
     spool: &'a Arc<Spool>,
     machine: &'a SafeName,
     target: &'a MasterTarget,
-    upstream: Option<Conversation>,
+    live: Option<Conversation>,
     n: u64,
     segment: SegmentWriter,
     sealed: VecDeque<Sealed>,
@@ -69,7 +69,7 @@ pub struct Held<'a> {
 }
 
 /// Holds `agent`'s conversation (its `Hello` was answered already) until it ends. With
-/// `upstream`, the conversation is forwarded live; segments it leaves behind are
+/// `live`, the conversation is forwarded live; segments it leaves behind are
 /// forwarded by a replayer talking to `target`. `stamp` adds the consistency group to
 /// checkpoints, as the plain relay does.
 pub async fn hold(
@@ -77,7 +77,7 @@ pub async fn hold(
     machine: &SafeName,
     spool: &Arc<Spool>,
     target: &MasterTarget,
-    upstream: Option<Conversation>,
+    live: Option<Conversation>,
     stamp: impl Fn(Frame) -> Result<Frame>,
 ) -> Result<()> {
     let (n, segment) = disk_work(|| spool.new_segment(machine))?;
@@ -85,7 +85,7 @@ pub async fn hold(
         spool,
         machine,
         target,
-        upstream,
+        live,
         n,
         segment,
         sealed: VecDeque::new(),
@@ -112,11 +112,11 @@ impl Held<'_> {
             }
             // Between the agent's frames, watch the master target too: a refusal must reach
             // the agent now, not after its next frame.
-            let frame = match self.upstream.as_mut() {
-                Some(upstream) => tokio::select! {
+            let frame = match self.live.as_mut() {
+                Some(live) => tokio::select! {
                     frame = agent.recv_frame() => frame?,
-                    failure = upstream.failure() => {
-                        self.lose_upstream(&failure);
+                    failure = live.failure() => {
+                        self.lose_master_target(&failure);
                         continue;
                     }
                 },
@@ -166,7 +166,7 @@ impl Held<'_> {
                     disk_work(|| self.segment.sync())?;
                     agent.send(&Message::Ack { handle, seq }).await?;
                     self.forward(frame).await;
-                    if self.upstream.is_some() {
+                    if self.live.is_some() {
                         if let Some(disk) = self.disks.get_mut(&handle) {
                             disk.flushed = seq;
                         }
@@ -256,16 +256,16 @@ impl Held<'_> {
         frame: Frame,
         id: &SafeName,
     ) -> Result<Option<(DiskState, Manifest)>> {
-        let Some(upstream) = self.upstream.as_mut() else {
+        let Some(live) = self.live.as_mut() else {
             return Ok(None);
         };
-        let state = match upstream.open_disk_frame(frame).await {
+        let state = match live.open_disk_frame(frame).await {
             Ok(state) => state,
             // The master target refused the disk (a smaller source, a busy disk): the
             // agent must hear why.
             Err(e @ Error::Remote { .. }) => return Err(e),
             Err(e) => {
-                self.lose_upstream(&e);
+                self.lose_master_target(&e);
                 return Ok(None);
             }
         };
@@ -274,7 +274,7 @@ impl Held<'_> {
             Some(tree) if tree.root() == state.root && same_geometry(&tree, &state) => tree,
             _ => {
                 tracing::info!(machine = %self.machine, disk = %id, "fetching the disk's hashes from the master target");
-                match upstream.fetch_tree(&state).await {
+                match live.fetch_tree(&state).await {
                     Ok(mut tree) => {
                         disk_work(|| {
                             self.spool
@@ -283,7 +283,7 @@ impl Held<'_> {
                         tree
                     }
                     Err(e) => {
-                        self.lose_upstream(&e);
+                        self.lose_master_target(&e);
                         return Ok(None);
                     }
                 }
@@ -367,13 +367,13 @@ impl Held<'_> {
 
     /// Sends a frame on to the master target when live; false if not sent.
     async fn forward(&mut self, frame: Frame) -> bool {
-        let Some(upstream) = self.upstream.as_mut() else {
+        let Some(live) = self.live.as_mut() else {
             return false;
         };
-        match upstream.send_frame(frame).await {
+        match live.send_frame(frame).await {
             Ok(()) => true,
             Err(e) => {
-                self.lose_upstream(&e);
+                self.lose_master_target(&e);
                 false
             }
         }
@@ -381,20 +381,19 @@ impl Held<'_> {
 
     /// The point for a checkpoint: the master target's when live, else a pending one.
     async fn checkpoint(&mut self, frame: Frame) -> Message {
-        if let Some(upstream) = self.upstream.as_mut() {
+        if let Some(live) = self.live.as_mut() {
             let made = async {
-                upstream.send_frame(frame).await?;
-                match upstream.reply().await? {
-                    point @ Message::PointCreated { .. } => Ok(point),
-                    other => Err(Error::Protocol(format!(
-                        "the master target answered a Checkpoint with {}",
-                        other.name()
-                    ))),
-                }
+                live.send_frame(frame).await?;
+                let point = live.point_created().await?;
+                Ok::<_, Error>(Message::PointCreated {
+                    seq: point.seq,
+                    time_ms: point.time_ms,
+                    group_seq: point.group_seq.unwrap_or(0),
+                })
             };
             match made.await {
                 Ok(point) => return point,
-                Err(e) => self.lose_upstream(&e),
+                Err(e) => self.lose_master_target(&e),
             }
         }
         // The point is made when the segment reaches the master target.
@@ -417,14 +416,14 @@ impl Held<'_> {
     /// for the replayer.
     async fn make_room(&mut self, need: u64) -> Result<()> {
         if !self.spool.fits(need) {
-            if let Some(upstream) = self.upstream.as_mut() {
+            if let Some(live) = self.live.as_mut() {
                 let needs: Vec<(u32, u64)> = self
                     .sealed
                     .iter()
                     .flat_map(|s| s.needs.iter().copied())
                     .collect();
-                if let Err(e) = upstream.wait_acks(&needs).await {
-                    self.lose_upstream(&e);
+                if let Err(e) = live.wait_acks(&needs).await {
+                    self.lose_master_target(&e);
                 }
                 self.release_acknowledged();
             }
@@ -468,7 +467,7 @@ impl Held<'_> {
             needs,
             disks: self.disks.values().map(|d| d.id.clone()).collect(),
         };
-        if self.upstream.is_some() {
+        if self.live.is_some() {
             self.sealed.push_back(sealed);
         } else {
             self.hand_over(&sealed.path);
@@ -498,16 +497,16 @@ impl Held<'_> {
 
     /// Deletes the sealed segments the master target has acknowledged in full.
     fn release_acknowledged(&mut self) {
-        let Some(upstream) = self.upstream.as_mut() else {
+        let Some(live) = self.live.as_mut() else {
             return;
         };
-        if let Err(e) = upstream.poll_acks() {
-            self.lose_upstream(&e);
+        if let Err(e) = live.poll_acks() {
+            self.lose_master_target(&e);
             return;
         }
         while let Some(front) = self.sealed.front() {
             let done = self
-                .upstream
+                .live
                 .as_ref()
                 .is_some_and(|u| front.needs.iter().all(|&(h, s)| u.is_acked(h, s)));
             if !done {
@@ -534,16 +533,16 @@ impl Held<'_> {
 
     /// The master target went away: the rest of the conversation goes into the spool, and
     /// what it had not acknowledged waits for the replayer.
-    fn lose_upstream(&mut self, why: &Error) {
+    fn lose_master_target(&mut self, why: &Error) {
         if let Error::Remote { code, message, .. } = why {
             if !why.is_transient() {
                 tracing::error!(machine = %self.machine, error = %why.chain(), "the master target refused this conversation");
                 self.refused = Some((*code, message.clone()));
-                self.upstream = None;
+                self.live = None;
                 return;
             }
         }
-        if self.upstream.take().is_some() {
+        if self.live.take().is_some() {
             tracing::warn!(machine = %self.machine, error = %why.chain(), "lost the master target; spooling the rest of this conversation");
         }
         let sealed: Vec<Sealed> = self.sealed.drain(..).collect();
@@ -601,14 +600,14 @@ impl Held<'_> {
             for disk in self.disks.values() {
                 let _ = disk_work(|| self.spool.forget_tree(self.machine, &disk.id));
             }
-            self.lose_upstream(&e);
+            self.lose_master_target(&e);
         }
-        if let Some(mut upstream) = self.upstream.take() {
+        if let Some(mut live) = self.live.take() {
             let mut needs = Vec::new();
             let mut flushed = Ok(());
             for (&handle, disk) in &self.disks {
                 if disk.forwarded > disk.flushed && flushed.is_ok() {
-                    flushed = upstream
+                    flushed = live
                         .send(&Message::Flush {
                             handle,
                             seq: disk.forwarded,
@@ -618,12 +617,12 @@ impl Held<'_> {
                 needs.push((handle, disk.forwarded));
             }
             let acked = match flushed {
-                Ok(()) => upstream.wait_acks(&needs).await,
+                Ok(()) => live.wait_acks(&needs).await,
                 Err(e) => Err(e),
             };
             match acked {
                 Ok(()) => {
-                    self.upstream = Some(upstream);
+                    self.live = Some(live);
                     self.release_acknowledged();
                     let current = Sealed {
                         n: self.n,
@@ -633,13 +632,13 @@ impl Held<'_> {
                     };
                     self.release(&current);
                     // Also after a cut: what arrived is flushed, and no point is made.
-                    if let Some(upstream) = self.upstream.take() {
-                        let _ = upstream.finish().await;
+                    if let Some(live) = self.live.take() {
+                        let _ = live.finish().await;
                     }
                 }
                 Err(e) => {
-                    self.upstream = Some(upstream);
-                    self.lose_upstream(&e);
+                    self.live = Some(live);
+                    self.lose_master_target(&e);
                 }
             }
         }

@@ -121,17 +121,8 @@ async fn replay_segment(
             }
             Message::Checkpoint { .. } => {
                 mt.send_frame(frame).await?;
-                match mt.reply().await? {
-                    Message::PointCreated { seq, .. } => {
-                        tracing::info!(%machine, point = seq, "spooled recovery point made on the master target");
-                    }
-                    other => {
-                        return Err(Error::Protocol(format!(
-                            "expected PointCreated, got {}",
-                            other.name()
-                        )))
-                    }
-                }
+                let point = mt.point_created().await?;
+                tracing::info!(%machine, point = point.seq, "spooled recovery point made on the master target");
             }
             Message::Bye => {
                 ended = true;
