@@ -1,5 +1,6 @@
 //! deltaback: the operator's command line.
 
+mod check;
 mod demo;
 mod points;
 mod status;
@@ -42,6 +43,12 @@ enum Command {
     /// its newest recovery point is. With --max-age, exits with status 1 when a machine has
     /// no point that recent, so monitoring can run it.
     Status(status::StatusArgs),
+    /// Says, without writing anything, what the master target would do with each disk of a
+    /// machine: create a new replica, resync a replica deltaback made, adopt an existing
+    /// VMware flat disk (failback to the original VM), or refuse it and why (sparse or split
+    /// disks, snapshot chains, extents outside the machine folder, name collisions,
+    /// symbolic links). Exits 1 when any disk would be refused.
+    Check(check::CheckArgs),
     /// Shows a process server's spool: usage, health and what waits to be forwarded.
     Spool {
         /// The process server's --cache folder.
@@ -120,6 +127,7 @@ fn main() -> ExitCode {
         Command::Recover(args) => points::recover_point(args),
         Command::Status(args) => status::show(args),
         Command::Spool { cache } => spool_status(&cache),
+        Command::Check(args) => check::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@
 mod failback;
 mod faults;
 mod hostile;
+mod ownership;
 mod proxy;
 mod qemu;
 mod recovery;

@@ -102,6 +102,14 @@ pub enum Error {
     /// Certificate generation or loading failed.
     #[error("PKI: {0}")]
     Pki(String),
+    /// A file is not ours to write: what it is, and how the operator can proceed. Nothing
+    /// was written.
+    #[error("refusing {}: {reason}; {fix}", path.display())]
+    Refused {
+        path: PathBuf,
+        reason: String,
+        fix: String,
+    },
     /// The disk is being replicated by another session, here or on the far side.
     #[error("{0}")]
     Busy(String),
@@ -154,7 +162,7 @@ impl Error {
     pub fn code(&self) -> ErrorCode {
         match self {
             Error::File { .. } => ErrorCode::Storage,
-            Error::Invalid(_) => ErrorCode::Invalid,
+            Error::Invalid(_) | Error::Refused { .. } => ErrorCode::Invalid,
             Error::Protocol(_) | Error::FrameTooLarge { .. } | Error::Truncated(_) => {
                 ErrorCode::Protocol
             }

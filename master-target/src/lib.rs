@@ -11,7 +11,8 @@
 //! | [`session`] | `serve`: one conversation per connection, messages turned into writer commands |
 //! | [`writer`] | the writer thread of a session: opens replicas, writes batches, flushes, records points |
 //! | [`replica`] | one replica: extent, manifest, verified block writes, hole punching, undo capture |
-//! | [`vmdk`] | the monolithicFlat descriptor |
+//! | [`vmdk`] | VMDK descriptors: the one we write, parsing the ones we find, CID renewal |
+//! | [`ownership`] | whose disk is it: create, resync ours, adopt a VMware flat disk, or refuse |
 //! | [`datastore`] | every path under the datastore and the retention folder |
 //! | [`retention`] | point logs, undo journals, recovery of a point, consistency groups |
 //! | [`status`] | each machine's replicas and point ages, read-only |
@@ -42,6 +43,7 @@
 
 pub mod config;
 pub mod datastore;
+pub mod ownership;
 pub mod replica;
 pub mod retention;
 pub mod session;

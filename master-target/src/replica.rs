@@ -82,13 +82,12 @@ impl Replica {
             Ok(file) => {
                 let manifest =
                     Self::existing_manifest(&file, &paths, id, geometry, verify, threads)?;
-                // A crash right after creating the extent leaves it without its descriptor.
-                if !paths.descriptor.exists() {
-                    vmdk::write_descriptor(&paths.descriptor, &paths.extent, geometry.size)?;
-                }
                 (file, manifest, false)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // The descriptor first: a crash before the extent exists leaves a descriptor
+                // that says it is ours, never an extent nobody can tell from a stranger's.
+                vmdk::write_descriptor(&paths.descriptor, &paths.extent, geometry.size)?;
                 let file = OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -99,7 +98,6 @@ impl Replica {
                     .and_then(|()| file.sync_all())
                     .map_err(Error::file("size extent", &paths.extent))?;
                 let leaves = (0..geometry.blocks()).map(|i| zero.of(i)).collect();
-                vmdk::write_descriptor(&paths.descriptor, &paths.extent, geometry.size)?;
                 (file, Manifest::new(geometry, leaves)?, true)
             }
             Err(e) => return Err(Error::file("open extent", &paths.extent)(e)),
@@ -274,6 +272,8 @@ impl Replica {
         self.save_old_content(&changes)?;
         if !self.dirty {
             durable::remove(&self.paths.manifest)?;
+            // The content changes: VMware tools expect a new content id.
+            vmdk::renew_cid(&self.paths.descriptor)?;
             self.dirty = true;
         }
         let mut rest = changes.as_slice();

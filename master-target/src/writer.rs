@@ -17,6 +17,7 @@ use engine::wire::DiskState;
 
 use crate::config::MasterTargetConfig;
 use crate::datastore;
+use crate::ownership;
 use crate::replica::Replica;
 use crate::retention::{
     groups,
@@ -185,6 +186,8 @@ impl Writer {
             )));
         }
         self.held.push(key);
+        let verdict = ownership::inspect(&self.config.datastore, &self.machine, id)?;
+        tracing::info!(machine = %self.machine, disk = %id, verdict = verdict.word(), "{}", verdict.explain());
         let mut replica = Replica::open(
             &self.config.datastore,
             &self.machine,

@@ -84,7 +84,7 @@ impl PointLog {
 
     /// The sequence number the next point gets.
     pub fn next_seq(&self) -> u64 {
-        self.points.last().map_or(1, |p| p.seq + 1)
+        self.points.last().map_or(1, |p| p.seq.saturating_add(1))
     }
 
     /// Appends `point` durably.
