@@ -39,11 +39,11 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
                     Verdict::Ours => "resync",
                     Verdict::Adopt(_) => "adopt",
                 };
-                println!("{machine}/{id}: {word}: {}", verdict.explain());
+                engine::say!("{machine}/{id}: {word}: {}", verdict.explain());
             }
             Err(engine::Error::Refused { path, reason, fix }) => {
                 refused += 1;
-                println!(
+                engine::say!(
                     "{machine}/{id}: refuse: {}: {reason}\n    fix: {fix}",
                     path.display()
                 );

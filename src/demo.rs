@@ -51,10 +51,12 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
     let pki = dir.join("pki");
     let datastore = dir.join("datastore");
     let image = dir.join("web01-disk0.img");
-    println!("deltaback demo in {}", dir.display());
+    engine::say!("deltaback demo in {}", dir.display());
     engine::wire::pki::init(&pki, true)?;
-    println!("1. PKI: CA and role certificates in {}", pki.display());
+    engine::say!("1. PKI: CA and role certificates in {}", pki.display());
 
+    std::fs::create_dir_all(&datastore)?;
+    let datastore_lock = master_target::datastore::DatastoreLock::acquire(&datastore)?;
     let (stop_target, target_stopped) = oneshot::channel::<()>();
     let target_listener = TcpListener::bind("127.0.0.1:0").await?;
     let target_addr = target_listener.local_addr()?;
@@ -66,6 +68,8 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
         direct_io: true,
         retention: dir.join("retention"),
         retention_window: std::time::Duration::from_secs(24 * 3600),
+        limits: Default::default(),
+        max_disk_size: master_target::config::DEFAULT_MAX_DISK_SIZE,
     };
     let target = tokio::spawn(async move {
         master_target::serve(target_listener, &target_identity, target_config, async {
@@ -86,6 +90,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
                 groups: Vec::new(),
                 throttle: None,
                 spool: None,
+                limits: Default::default(),
             },
             async {
                 let _ = relay_stopped.await;
@@ -93,13 +98,13 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
         )
         .await
     });
-    println!(
+    engine::say!(
         "2. master target on {target_addr} (datastore {}), process server on {relay_addr}",
         datastore.display()
     );
 
     engine::sample::write_mixed_image(&image, size, 2026)?;
-    println!(
+    engine::say!(
         "3. source disk {}: {} of zeros, text and random data",
         image.display(),
         human(size)
@@ -123,7 +128,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
     report("4. full failback (new replica)", &full);
 
     let changed = engine::sample::change_blocks(&image, block_size.get(), args.change, 7)?;
-    println!(
+    engine::say!(
         "5. changed {} blocks of the source ({:.1}%)",
         changed.len(),
         args.change * 100.0
@@ -146,7 +151,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
         &vmdk,
     )?;
     let saved = 100.0 * (1.0 - delta.wire_bytes as f64 / full.wire_bytes.max(1) as f64);
-    println!(
+    engine::say!(
         "8. the delta failback moved {} instead of {} ({saved:.1}% less)",
         human(delta.wire_bytes),
         human(full.wire_bytes)
@@ -155,12 +160,13 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
     let _ = stop_target.send(());
     relay.await??;
     target.await??;
+    drop(datastore_lock);
     Ok(())
 }
 
 fn report(title: &str, r: &SyncReport) {
     let d = &r.disks[0];
-    println!(
+    engine::say!(
         "{title}: {} of {} blocks sent, {} payload, {} on the wire, {} zero blocks on the disk, {:.2} s",
         d.blocks_sent,
         d.blocks,
@@ -183,10 +189,10 @@ fn verify(image: &Path, extent: &Path, vmdk: &Path) -> anyhow::Result<()> {
         .status();
     match qemu {
         Ok(status) if status.success() => {
-            println!("7. verified: the VMDK matches the source byte for byte (also per qemu-img compare)")
+            engine::say!("7. verified: the VMDK matches the source byte for byte (also per qemu-img compare)")
         }
         Ok(status) => bail!("qemu-img compare reports a difference ({status})"),
-        Err(_) => println!("7. verified: the VMDK extent matches the source byte for byte (qemu-img not installed)"),
+        Err(_) => engine::say!("7. verified: the VMDK extent matches the source byte for byte (qemu-img not installed)"),
     }
     Ok(())
 }

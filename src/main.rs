@@ -116,7 +116,7 @@ fn main() -> ExitCode {
             engine::wire::pki::revoke(&dir, &serial)
                 .map_err(Into::into)
                 .map(|()| {
-                    println!(
+                    engine::say!(
                         "revoked {serial}; copy {} to every service's PKI folder",
                         dir.join("crl.pem").display()
                     );
@@ -140,7 +140,7 @@ fn main() -> ExitCode {
 
 fn pki_init(dir: &std::path::Path, force: bool) -> anyhow::Result<()> {
     engine::wire::pki::init(dir, force)?;
-    println!(
+    engine::say!(
         "wrote a CA and certificates for agent, process-server and master-target to {}",
         dir.display()
     );
@@ -159,7 +159,7 @@ fn pki_issue(
         .find(|r| r.name() == role)
         .ok_or_else(|| anyhow::anyhow!("unknown role {role}"))?;
     let serial = engine::wire::pki::issue(dir, role, name, days, out)?;
-    println!(
+    engine::say!(
         "issued {} certificate {serial:016x} for {name} into {}",
         role.name(),
         out.display()
@@ -174,7 +174,7 @@ fn spool_status(cache: &std::path::Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read {} (is this a --cache folder?)", path.display()))?;
     print!("{text}");
     if !text.ends_with('\n') {
-        println!();
+        engine::say!("");
     }
     Ok(())
 }

@@ -36,13 +36,42 @@ impl Where {
             .unwrap_or_else(|| master_target::datastore::default_retention(&self.datastore))
     }
 
+    /// The machine asked for, which must be known to the datastore or the retention folder
+    /// (a typo lists the machines there are).
     fn machine(&self) -> anyhow::Result<SafeName> {
         let name = self
             .machine
             .as_deref()
             .context("name the machine with --machine")?;
-        Ok(SafeName::new("machine name", name)?)
+        let machine = SafeName::new("machine name", name)?;
+        let known = known_machines(&self.datastore, &self.retention());
+        if !known.contains(&machine.to_string()) {
+            anyhow::bail!(
+                "unknown machine {machine} in datastore {}; known machines: {}",
+                self.datastore.display(),
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            );
+        }
+        Ok(machine)
     }
+}
+
+/// Machines with a folder in the datastore or in the retention folder, sorted.
+fn known_machines(datastore: &std::path::Path, retention: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = [datastore, retention]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(dir).into_iter().flatten().flatten())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|n| SafeName::new("machine name", n).is_ok())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 #[derive(clap::Args, Debug)]
@@ -72,20 +101,24 @@ pub fn list(args: Where) -> anyhow::Result<()> {
     let mut points: Vec<&RecoveryPoint> = log.points().iter().collect();
     points.reverse();
     if args.json {
-        println!("{}", serde_json::to_string(&points)?);
+        engine::say!("{}", serde_json::to_string(&points)?);
         return Ok(());
     }
     if points.is_empty() {
-        println!("machine {machine} has no recovery points");
+        engine::say!("machine {machine} has no recovery points");
         return Ok(());
     }
-    println!(
+    engine::say!(
         "{:>6}  {:<20}  {:<16}  {:<10}  {:<20}  DISKS",
-        "SEQ", "TIME (UTC)", "KIND", "GROUP", "LABEL"
+        "SEQ",
+        "TIME (UTC)",
+        "KIND",
+        "GROUP",
+        "LABEL"
     );
     for p in points {
         let disks: Vec<&str> = p.disks.iter().map(|d| d.id.as_str()).collect();
-        println!(
+        engine::say!(
             "{:>6}  {:<20}  {:<16}  {:<10}  {:<20}  {}",
             p.seq,
             time_text(p.time_ms),
@@ -102,20 +135,22 @@ fn list_group(args: &Where, group: &SafeName) -> anyhow::Result<()> {
     let mut points = group_points(&args.retention(), group)?;
     points.reverse();
     if args.json {
-        println!("{}", serde_json::to_string(&points)?);
+        engine::say!("{}", serde_json::to_string(&points)?);
         return Ok(());
     }
     if points.is_empty() {
-        println!("group {group} has no points yet: not every member has made one durable");
+        engine::say!("group {group} has no points yet: not every member has made one durable");
         return Ok(());
     }
-    println!(
+    engine::say!(
         "{:>6}  {:<20}  {:<16}  MEMBERS (machine:point)",
-        "SEQ", "TIME (UTC)", "KIND"
+        "SEQ",
+        "TIME (UTC)",
+        "KIND"
     );
     for p in points {
         let members: Vec<String> = p.members.iter().map(|(m, s)| format!("{m}:{s}")).collect();
-        println!(
+        engine::say!(
             "{:>6}  {:<20}  {:<16}  {}",
             p.seq,
             time_text(p.time_ms),
@@ -137,10 +172,10 @@ pub fn recover_point(args: RecoverArgs) -> anyhow::Result<()> {
         &args.output,
     )?;
     if args.at.json {
-        println!("{}", serde_json::json!({ "point": point, "disks": disks }));
+        engine::say!("{}", serde_json::json!({ "point": point, "disks": disks }));
         return Ok(());
     }
-    println!(
+    engine::say!(
         "recovered {} at point {} ({}, {}){}",
         machine,
         point.seq,
@@ -153,7 +188,7 @@ pub fn recover_point(args: RecoverArgs) -> anyhow::Result<()> {
         }
     );
     for d in disks {
-        println!(
+        engine::say!(
             "  {}: {} ({} blocks rolled back)",
             d.vmdk.display(),
             bytesize::ByteSize(d.size),

@@ -33,15 +33,20 @@ pub fn show(args: StatusArgs) -> anyhow::Result<()> {
     let machines = datastore_status(&args.datastore, &retention, engine::clock::now_ms())
         .with_context(|| format!("cannot read datastore {}", args.datastore.display()))?;
     if args.json {
-        println!("{}", serde_json::to_string(&machines)?);
+        engine::say!("{}", serde_json::to_string(&machines)?);
     } else if machines.is_empty() {
-        println!("no machines in {}", args.datastore.display());
+        engine::say!("no machines in {}", args.datastore.display());
     } else {
         for machine in &machines {
             print_machine(machine);
         }
     }
     if let Some(max_age) = args.max_age {
+        anyhow::ensure!(
+            !machines.is_empty(),
+            "no machine in datastore {} has replicated yet, so none has a recent point",
+            args.datastore.display()
+        );
         let limit = u64::try_from(Duration::from(max_age).as_millis()).unwrap_or(u64::MAX);
         let behind: Vec<String> = machines
             .iter()
@@ -78,12 +83,12 @@ fn print_machine(m: &MachineStatus) {
         1 => "1 point".to_owned(),
         n => format!("{n} points"),
     };
-    println!("{}: {points}, {newest}", m.machine);
+    engine::say!("{}: {points}, {newest}", m.machine);
     if let Some(p) = &m.latest_app_consistent {
-        println!("  newest app-consistent: {} old (point {})", age(p), p.seq);
+        engine::say!("  newest app-consistent: {} old (point {})", age(p), p.seq);
     }
     if let Some(p) = &m.oldest {
-        println!(
+        engine::say!(
             "  window from {} (point {}); retention uses {}",
             time(p),
             p.seq,
@@ -91,7 +96,7 @@ fn print_machine(m: &MachineStatus) {
         );
     }
     for d in &m.disks {
-        println!(
+        engine::say!(
             "  {:<16} {:>10}  {:<15}  durable seq {}",
             d.id,
             bytesize::ByteSize(d.size).to_string(),

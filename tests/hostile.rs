@@ -19,7 +19,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use crate::util::{disk0, make_pki, qemu_img_same, Cluster};
 
 /// A normal sync still works: the services survived whatever came before.
-fn still_serving(cluster: &Cluster) {
+pub(crate) fn still_serving(cluster: &Cluster) {
     let image = cluster.path("healthy.img");
     write_mixed_image(&image, 2 << 20, 99).unwrap();
     let report = cluster
@@ -32,7 +32,7 @@ fn still_serving(cluster: &Cluster) {
 type Tls = TlsStream<tokio::net::TcpStream>;
 
 /// A hand-driven agent: real TLS with the agent's certificate, frames written by the test.
-struct RawAgent {
+pub(crate) struct RawAgent {
     rx: FramedRead<ReadHalf<Tls>, FrameCodec>,
     tx: WriteHalf<Tls>,
 }
@@ -51,7 +51,7 @@ async fn connect_as_agent(cluster: &Cluster, addr: &str, server: Role) -> Tls {
 }
 
 impl RawAgent {
-    async fn connect(cluster: &Cluster) -> RawAgent {
+    pub(crate) async fn connect(cluster: &Cluster) -> RawAgent {
         let tls = connect_as_agent(cluster, &cluster.relay.addr, Role::ProcessServer).await;
         let (r, w) = tokio::io::split(tls);
         RawAgent {
@@ -60,12 +60,12 @@ impl RawAgent {
         }
     }
 
-    async fn send(&mut self, msg: &Message) {
+    pub(crate) async fn send(&mut self, msg: &Message) {
         let mut w = FramedWrite::new(&mut self.tx, FrameCodec);
         w.send(msg.to_frame()).await.unwrap();
     }
 
-    async fn recv(&mut self) -> Option<Message> {
+    pub(crate) async fn recv(&mut self) -> Option<Message> {
         match self.rx.next().await {
             Some(Ok(frame)) => Some(Message::from_frame(frame).unwrap()),
             _ => None,
@@ -73,7 +73,7 @@ impl RawAgent {
     }
 
     /// Connects and says Hello as `machine`; returns after Welcome.
-    async fn hello(cluster: &Cluster, machine: &str) -> RawAgent {
+    pub(crate) async fn hello(cluster: &Cluster, machine: &str) -> RawAgent {
         let mut agent = RawAgent::connect(cluster).await;
         agent
             .send(&Message::Hello {
@@ -90,7 +90,7 @@ impl RawAgent {
     }
 
     /// Hello, then OpenDisk of a fresh 1 MiB disk; returns after DiskState.
-    async fn open_disk(cluster: &Cluster, machine: &str) -> RawAgent {
+    pub(crate) async fn open_disk(cluster: &Cluster, machine: &str) -> RawAgent {
         let mut agent = RawAgent::hello(cluster, machine).await;
         agent
             .send(&Message::OpenDisk {
@@ -105,7 +105,7 @@ impl RawAgent {
     }
 
     /// Reads until an Error message arrives and returns its text.
-    async fn error_text(&mut self) -> String {
+    pub(crate) async fn error_text(&mut self) -> String {
         while let Some(msg) = self.recv().await {
             if let Message::Error { message, .. } = msg {
                 return message;
@@ -115,11 +115,11 @@ impl RawAgent {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
 }
 
-fn blocks(index: u64, hash: [u8; 32], data: &[u8]) -> Message {
+pub(crate) fn blocks(index: u64, hash: [u8; 32], data: &[u8]) -> Message {
     let mut records = Vec::new();
     append_record(&mut records, index, &hash, |out| {
         out.extend_from_slice(data);

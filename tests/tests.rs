@@ -8,6 +8,8 @@
 mod failback;
 mod faults;
 mod hostile;
+mod limits;
+mod mistakes;
 mod ownership;
 mod proxy;
 mod qemu;

@@ -74,6 +74,11 @@ impl Service {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// kill -9, then start again on the same address.
     pub fn crash_and_restart(&mut self) {
         self.kill();
@@ -173,6 +178,7 @@ impl Cluster {
             Some(i) => PathBuf::from(target_args[i + 1]),
             None => dir.path().join("datastore"),
         };
+        std::fs::create_dir_all(&datastore).expect("datastore folder");
         let mut args = vec![
             "--listen",
             "127.0.0.1:0",

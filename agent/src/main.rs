@@ -239,6 +239,7 @@ async fn run_sync(args: SyncArgs) -> anyhow::Result<()> {
             label: args.label.clone(),
         }
     };
+    engine::point::check_label(&point.label)?;
     let options = args.connection.options(point)?;
     let tls = args.connection.tls()?;
     let progress = Arc::new(Progress::default());
@@ -251,7 +252,7 @@ async fn run_sync(args: SyncArgs) -> anyhow::Result<()> {
     bar.finish();
     let report = report?;
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        engine::say!("{}", serde_json::to_string(&report)?);
     } else {
         print_summary(&report);
     }
@@ -284,7 +285,7 @@ async fn run_replicate(args: ReplicateArgs) -> anyhow::Result<()> {
         &options,
         |outcome| match outcome {
             Ok(report) if json => match serde_json::to_string(report) {
-                Ok(line) => println!("{line}"),
+                Ok(line) => engine::say!("{line}"),
                 Err(e) => tracing::warn!(error = %e, "cannot print the cycle as JSON"),
             },
             Ok(report) => print_summary(report),
@@ -301,7 +302,7 @@ async fn run_replicate(args: ReplicateArgs) -> anyhow::Result<()> {
 
 fn print_summary(report: &SyncReport) {
     for disk in &report.disks {
-        println!(
+        engine::say!(
             "{}/{}: {} in {} blocks, {} sent ({} payload), {} zero, durable at sequence {}{}",
             report.machine,
             disk.id,
@@ -314,7 +315,7 @@ fn print_summary(report: &SyncReport) {
             if disk.fresh { " (new replica)" } else { "" }
         );
     }
-    println!(
+    engine::say!(
         "recovery point {} ({}) in {:.2} s, {} on the wire",
         report.point.seq,
         report.point.kind.name(),

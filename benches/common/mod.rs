@@ -135,6 +135,7 @@ impl Services {
                 .arg(&pki),
         );
         let datastore = dir.join("datastore");
+        std::fs::create_dir_all(&datastore).expect("datastore folder");
         let target = Service::start(
             &bins.join("deltaback-master-target"),
             &[

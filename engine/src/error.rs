@@ -110,6 +110,9 @@ pub enum Error {
         reason: String,
         fix: String,
     },
+    /// The peer said nothing for too long; the connection was closed.
+    #[error("the peer was silent for {}s; closing the connection", .0.as_secs())]
+    Idle(std::time::Duration),
     /// The disk is being replicated by another session, here or on the far side.
     #[error("{0}")]
     Busy(String),

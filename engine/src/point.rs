@@ -5,6 +5,28 @@
 
 use serde::Serialize;
 
+use crate::error::{Error, Result};
+
+/// Longest recovery point label, in bytes.
+pub const MAX_LABEL_LEN: usize = 128;
+
+/// Checks a recovery point label: short printable text (no control characters), at most
+/// [`MAX_LABEL_LEN`] bytes. Labels come from operators and peers and end up in tables.
+pub fn check_label(label: &str) -> Result<()> {
+    if label.len() > MAX_LABEL_LEN {
+        return Err(Error::Invalid(format!(
+            "recovery point label of {} bytes; at most {MAX_LABEL_LEN}",
+            label.len()
+        )));
+    }
+    if label.chars().any(char::is_control) {
+        return Err(Error::Invalid(
+            "recovery point labels are printable text: no control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// How consistent a point is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -31,5 +53,21 @@ impl PointKind {
             Self::CrashConsistent => "crash-consistent",
             Self::AppConsistent => "app-consistent",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_short_printable_text() {
+        assert!(check_label("").is_ok());
+        assert!(check_label("before upgrade — v2.1").is_ok());
+        assert!(check_label(&"x".repeat(MAX_LABEL_LEN)).is_ok());
+        assert!(check_label(&"x".repeat(MAX_LABEL_LEN + 1)).is_err());
+        assert!(check_label("two\nlines").is_err());
+        assert!(check_label("bell\u{7}").is_err());
+        assert!(check_label("esc\u{1b}[31m").is_err());
     }
 }

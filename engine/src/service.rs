@@ -5,6 +5,34 @@ use std::io::{IsTerminal, Write};
 use tokio::net::TcpListener;
 
 use crate::error::{Error, Result};
+use crate::wire::transport::Limits;
+
+/// The limits a service puts on its clients, as command-line flags (shared by the process
+/// server and the master target).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitArgs {
+    /// Most connections served at once; further ones are closed at once.
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    pub max_connections: usize,
+    /// Most connections from one IP address at once.
+    #[arg(long, default_value_t = Limits::default().max_per_address)]
+    pub max_connections_per_address: usize,
+    /// A client silent for this long is disconnected, and the disks it was writing are
+    /// released (e.g. 10m, 1h).
+    #[arg(long, default_value = "1h")]
+    pub idle_timeout: humantime::Duration,
+}
+
+impl LimitArgs {
+    /// The limits these flags ask for.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_connections: self.max_connections,
+            max_per_address: self.max_connections_per_address,
+            idle_timeout: self.idle_timeout.into(),
+        }
+    }
+}
 
 /// Sends tracing output to stderr. `RUST_LOG` overrides the default level given.
 pub fn init_logging(default_level: &str) {
@@ -60,4 +88,26 @@ async fn wait_for(
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// Writes one line on stdout. A reader that went away (`deltaback points | head -1`) ends
+/// the program quietly with status 0 instead of a panic; other write errors are reported
+/// on stderr once and end it with status 1. Use through [`say!`](crate::say).
+pub fn say_line(line: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` for command-line output that may go into a pipe: see [`say_line`].
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::service::say_line(format_args!($($arg)*))
+    };
 }

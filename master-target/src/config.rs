@@ -3,6 +3,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use engine::wire::transport::Limits;
+
+/// Largest disk an `OpenDisk` may announce unless configured otherwise: 64 TiB.
+pub const DEFAULT_MAX_DISK_SIZE: u64 = 64 << 40;
+
 /// How the master target stores replicas.
 #[derive(Debug, Clone)]
 pub struct MasterTargetConfig {
@@ -18,4 +23,8 @@ pub struct MasterTargetConfig {
     pub retention: PathBuf,
     /// How long recovery points are kept.
     pub retention_window: Duration,
+    /// Bounds on connections.
+    pub limits: Limits,
+    /// Largest disk an `OpenDisk` may announce.
+    pub max_disk_size: u64,
 }

@@ -86,3 +86,60 @@ pub fn group_log_path(retention: &Path, group: &SafeName) -> PathBuf {
         .join(group.as_str())
         .join("points.log")
 }
+
+/// The master target's claim on its datastore: `<datastore>/.deltaback.lock`, locked
+/// (`flock`) for as long as this value lives, so two master targets never write one
+/// datastore. Taken at start, which also refuses a missing or read-only datastore there
+/// instead of in every session.
+pub struct DatastoreLock {
+    _file: std::fs::File,
+}
+
+impl DatastoreLock {
+    /// Checks the datastore and takes the lock.
+    pub fn acquire(datastore: &Path) -> engine::Result<Self> {
+        use engine::Error;
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        let shown = datastore.display();
+        match std::fs::metadata(datastore) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Err(Error::Invalid(format!("datastore {shown} is not a folder"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::Invalid(format!(
+                    "datastore {shown} does not exist: create it (mkdir -p {shown}) or give \
+                     the right --datastore"
+                )))
+            }
+            Err(e) => return Err(Error::file("open datastore", datastore)(e)),
+        }
+        let path = datastore.join(".deltaback.lock");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(i32::try_from(rustix::fs::OFlags::NOFOLLOW.bits()).unwrap_or(0))
+            .open(&path)
+            .map_err(|e| {
+                Error::Invalid(format!(
+                    "datastore {shown} is not writable ({e}): the master target needs a \
+                     writable datastore"
+                ))
+            })?;
+        if let Err(e) =
+            rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(Error::Invalid(format!(
+                "another master target ({}) uses datastore {shown} ({e}): one master target \
+                 per datastore",
+                holder.trim()
+            )));
+        }
+        let me = format!("pid {}\n", std::process::id());
+        file.set_len(0)
+            .and_then(|()| file.write_all_at(me.as_bytes(), 0))
+            .map_err(|e| Error::Invalid(format!("datastore {shown} is not writable ({e})")))?;
+        Ok(Self { _file: file })
+    }
+}

@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
 use engine::wire::tls::{Identity, Role};
 use master_target::{serve, MasterTargetConfig};
@@ -20,7 +19,8 @@ struct Args {
     /// Address to listen on for process servers; port 0 picks a free port (printed on stdout).
     #[arg(long, default_value = "0.0.0.0:9444")]
     listen: String,
-    /// Datastore folder that receives the VMDKs (created if missing).
+    /// Datastore folder that receives the VMDKs. It must exist and be writable; one master
+    /// target per datastore (a lock file keeps a second one out).
     #[arg(long)]
     datastore: PathBuf,
     /// PKI folder from `deltaback pki init` (uses ca.pem, master-target.pem, master-target-key.pem).
@@ -45,6 +45,11 @@ struct Args {
     /// How long recovery points are kept (e.g. 30m, 24h, 7d); the newest is always kept.
     #[arg(long, default_value = "24h")]
     retention_window: humantime::Duration,
+    /// Largest disk a source may announce; larger ones are refused when opened.
+    #[arg(long, default_value = "64TiB")]
+    max_disk_size: bytesize::ByteSize,
+    #[command(flatten)]
+    limits: engine::service::LimitArgs,
 }
 
 #[tokio::main]
@@ -60,8 +65,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.datastore)
-        .with_context(|| format!("cannot create datastore {}", args.datastore.display()))?;
+    let _lock = master_target::datastore::DatastoreLock::acquire(&args.datastore)?;
     let identity = Identity::load(&args.pki, Role::MasterTarget)?;
     let shutdown = engine::service::shutdown_signal();
     let listener = engine::service::bind(&args.listen, "master target").await?;
@@ -77,6 +81,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         direct_io: !args.buffered_io,
         retention,
         retention_window: args.retention_window.into(),
+        limits: args.limits.limits(),
+        max_disk_size: args.max_disk_size.as_u64(),
     };
     serve(listener, &identity, config, shutdown).await?;
     Ok(())

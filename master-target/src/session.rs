@@ -41,6 +41,7 @@ pub async fn serve(
         listener,
         identity,
         Role::ProcessServer,
+        config.limits,
         shutdown,
         move |conn| session(conn, config.clone(), locks.clone(), group_commits.clone()),
     )
@@ -76,6 +77,7 @@ async fn session(
             return Err(err);
         }
     };
+    let max_disk_size = config.max_disk_size;
     let writer = Writer::new(config, locks, machine.clone(), points, group_commits);
     std::thread::Builder::new()
         .name(format!("write-{machine}"))
@@ -92,7 +94,7 @@ async fn session(
                 return Ok(());
             }
             // If the writer stopped, the reason it stopped for is the error to report.
-            let reply = match handle(msg, &commands).await {
+            let reply = match handle(msg, &commands, max_disk_size).await {
                 Ok(reply) => reply,
                 Err(err) => return Err(failures.try_recv().unwrap_or(err)),
             };
@@ -116,7 +118,11 @@ async fn session(
 }
 
 /// Turns one message into a writer command; returns the reply to send, if any.
-async fn handle(msg: Message, commands: &mpsc::Sender<Command>) -> Result<Option<Message>> {
+async fn handle(
+    msg: Message,
+    commands: &mpsc::Sender<Command>,
+    max_disk_size: u64,
+) -> Result<Option<Message>> {
     let gone = || Error::Invalid("the writer stopped".into());
     match msg {
         Message::OpenDisk {
@@ -126,6 +132,14 @@ async fn handle(msg: Message, commands: &mpsc::Sender<Command>) -> Result<Option
             block_size,
         } => {
             let id = SafeName::new("disk id", &id)?;
+            if size > max_disk_size {
+                return Err(Error::Invalid(format!(
+                    "disk {id} of {} is larger than this master target accepts \
+                     (--max-disk-size {})",
+                    bytesize::ByteSize(size),
+                    bytesize::ByteSize(max_disk_size)
+                )));
+            }
             let geometry = Geometry::new(size, BlockSize::new(u64::from(block_size))?)?;
             let (reply, answer) = oneshot::channel();
             commands

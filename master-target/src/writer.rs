@@ -82,6 +82,8 @@ pub(crate) struct Writer {
     group_commits: Arc<Mutex<()>>,
     /// Lock keys this session holds, released when the writer ends.
     held: Vec<String>,
+    /// This conversation made its recovery point.
+    made_point: bool,
 }
 
 impl Writer {
@@ -100,6 +102,7 @@ impl Writer {
             points,
             group_commits,
             held: Vec::new(),
+            made_point: false,
         }
     }
 
@@ -218,9 +221,9 @@ impl Writer {
 
     fn write(&mut self, handle: u32, seq: u64, count: u32, batch: &Bytes) -> Result<()> {
         let disk = self.disk(handle)?;
-        if seq <= disk.last_seq {
+        if disk.last_seq.checked_add(1) != Some(seq) {
             return Err(Error::Protocol(format!(
-                "Blocks sequence {seq} does not follow {}",
+                "Blocks sequence {seq} does not follow {} (sequences go up by one)",
                 disk.last_seq
             )));
         }
@@ -260,6 +263,12 @@ impl Writer {
         }
         let kind = PointKind::from_u8(kind)
             .ok_or_else(|| Error::Protocol(format!("unknown recovery point kind {kind}")))?;
+        engine::point::check_label(&label)?;
+        if self.made_point {
+            return Err(Error::Protocol(
+                "one recovery point per conversation: this one made its point already".into(),
+            ));
+        }
         if self.replicas.is_empty() {
             return Err(Error::Protocol(
                 "Checkpoint before any disk was opened".into(),
@@ -292,6 +301,7 @@ impl Writer {
             disks,
         })?;
         tracing::info!(machine = %self.machine, point = seq, kind = kind.name(), "recovery point durable");
+        self.made_point = true;
         let window_ms = u64::try_from(self.config.retention_window.as_millis()).unwrap_or(u64::MAX);
         if let Some(oldest) = self.points.prune(time_ms.saturating_sub(window_ms))? {
             self.drop_journals_up_to(oldest);

@@ -54,6 +54,8 @@ struct Args {
     /// is a warning and over 80% an error (log and CACHE/status.json).
     #[arg(long, default_value = "10GiB")]
     cache_limit: bytesize::ByteSize,
+    #[command(flatten)]
+    limits: engine::service::LimitArgs,
 }
 
 fn parse_group(spec: &str) -> anyhow::Result<(SafeName, Vec<SafeName>)> {
@@ -106,6 +108,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(dir) => Some(Arc::new(Spool::open(dir, args.cache_limit.as_u64())?)),
             None => None,
         },
+        limits: args.limits.limits(),
     };
     serve(listener, &identity, config, shutdown).await?;
     Ok(())

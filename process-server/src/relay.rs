@@ -19,7 +19,7 @@ use engine::error::{Error, Result};
 use engine::wire::message::KIND_CHECKPOINT;
 use engine::wire::throttle::Throttle;
 use engine::wire::tls::{Identity, Role};
-use engine::wire::transport::{self, Conn, ConnReader, ConnWriter};
+use engine::wire::transport::{self, Conn, ConnReader, ConnWriter, Limits};
 use engine::wire::{client, handshake, Frame, Message};
 
 use crate::master_target::MasterTarget;
@@ -38,6 +38,8 @@ pub struct ProcessServerConfig {
     pub throttle: Option<Arc<Throttle>>,
     /// Where conversations go while the master target is away.
     pub spool: Option<Arc<Spool>>,
+    /// Bounds on agent connections.
+    pub limits: Limits,
 }
 
 impl ProcessServerConfig {
@@ -108,11 +110,19 @@ pub async fn serve(
         });
     }
     let config = Arc::new(config);
-    transport::serve(listener, identity, Role::Agent, shutdown, move |agent| {
-        let config = config.clone();
-        let master_target_tls = master_target_tls.clone();
-        async move { relay(agent, &config, master_target_tls).await }
-    })
+    let limits = config.limits;
+    transport::serve(
+        listener,
+        identity,
+        Role::Agent,
+        limits,
+        shutdown,
+        move |agent| {
+            let config = config.clone();
+            let master_target_tls = master_target_tls.clone();
+            async move { relay(agent, &config, master_target_tls).await }
+        },
+    )
     .await
 }
 

@@ -88,6 +88,7 @@ pub fn init(dir: &Path, force: bool) -> Result<()> {
             role.name(),
             CERT_VALIDITY_DAYS,
             dir,
+            false,
         )?;
     }
     write_file(&dir.join("ca-key.pem"), &ca_key.serialize_pem(), 0o600)?;
@@ -109,27 +110,49 @@ fn load_ca(dir: &Path) -> Result<(Certificate, KeyPair)> {
 
 /// Issues a certificate for `role`, named `name`, valid for `days` from now (0: it expires
 /// at once, for testing rotation), into `out` (created) with `ca.pem` and `crl.pem` beside
-/// it. Returns its serial number.
+/// it. Returns its serial number. An agent certificate is bound to machine `name`: it can
+/// speak only as that machine. `name` is checked like a machine name, and `out` must be
+/// another folder than the PKI and must not hold that role's certificate already.
 pub fn issue(dir: &Path, role: Role, name: &str, days: i64, out: &Path) -> Result<u64> {
     if !(0..=CA_VALIDITY_DAYS).contains(&days) {
         return Err(Error::Invalid(format!(
             "--days {days} is outside 0 to {CA_VALIDITY_DAYS}"
         )));
     }
+    crate::block::geometry::SafeName::new("certificate name", name)?;
+    let same_folder = match (fs::canonicalize(dir), fs::canonicalize(out)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same_folder {
+        return Err(Error::Invalid(format!(
+            "--out {} is the PKI folder itself: issuing there would replace its {} \
+             certificate; give a new folder",
+            out.display(),
+            role.name()
+        )));
+    }
+    let existing = out.join(format!("{}.pem", role.name()));
+    if existing.exists() {
+        return Err(Error::Invalid(format!(
+            "{} exists already; deltaback never overwrites a certificate: give a new folder",
+            existing.display()
+        )));
+    }
     let (ca_cert, ca_key) = load_ca(dir)?;
     fs::create_dir_all(out).map_err(Error::file("create folder", out))?;
-    let serial = issue_into(dir, &ca_cert, &ca_key, role, name, days, out)?;
-    if out != dir {
-        for file in ["ca.pem", "crl.pem"] {
-            let from = dir.join(file);
-            if from.exists() {
-                fs::copy(&from, out.join(file)).map_err(Error::file("copy", &from))?;
-            }
+    let bind = role == Role::Agent;
+    let serial = issue_into(dir, &ca_cert, &ca_key, role, name, days, out, bind)?;
+    for file in ["ca.pem", "crl.pem"] {
+        let from = dir.join(file);
+        if from.exists() {
+            fs::copy(&from, out.join(file)).map_err(Error::file("copy", &from))?;
         }
     }
     Ok(serial)
 }
 
+#[allow(clippy::too_many_arguments)] // one call site each in init and issue, all plain values
 fn issue_into(
     dir: &Path,
     ca_cert: &Certificate,
@@ -138,6 +161,7 @@ fn issue_into(
     name: &str,
     days: i64,
     out: &Path,
+    bind_machine: bool,
 ) -> Result<u64> {
     let now = OffsetDateTime::now_utc();
     let serial = loop {
@@ -146,7 +170,11 @@ fn issue_into(
             break candidate;
         }
     };
-    let mut params = CertificateParams::new(vec![role.dns_name().to_owned()]).map_err(pki_err)?;
+    let mut names = vec![role.dns_name().to_owned()];
+    if bind_machine {
+        names.push(crate::wire::tls::machine_dns_name(name)?);
+    }
+    let mut params = CertificateParams::new(names).map_err(pki_err)?;
     params.distinguished_name.push(
         DnType::CommonName,
         format!("deltaback {} {name}", role.name()),

@@ -175,6 +175,35 @@ pub fn server_name(role: Role) -> Result<ServerName<'static>> {
 
 /// Checks that the peer's end-entity certificate names `expected` (its chain was already
 /// verified against the CA during the handshake).
+/// The DNS suffix of the name that binds an agent certificate to one machine:
+/// `<machine>.machine.deltaback`.
+pub const MACHINE_SUFFIX: &str = ".machine.deltaback";
+
+/// The subject-alternative DNS name that binds an agent certificate to `machine`, refused
+/// when the machine name cannot be one.
+pub fn machine_dns_name(machine: &str) -> Result<String> {
+    let name = format!("{machine}{MACHINE_SUFFIX}");
+    rustls::pki_types::DnsName::try_from(name.as_str()).map_err(|_| {
+        Error::Invalid(format!(
+            "{machine} cannot name a machine in a certificate: use letters, digits and \
+             hyphens, not at the start or end of a dot-separated part"
+        ))
+    })?;
+    Ok(name)
+}
+
+/// The machine an agent certificate is bound to (`pki issue --role agent --name M`), or
+/// `None` for a fleet certificate that may speak for any machine (`pki init`'s). Call only
+/// on a certificate the TLS handshake verified.
+pub fn bound_machine(peer_certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
+    let cert = peer_certs.and_then(|c| c.first())?;
+    let end_entity = webpki::EndEntityCert::try_from(cert).ok()?;
+    let machine = end_entity
+        .valid_dns_names()
+        .find_map(|name| name.strip_suffix(MACHINE_SUFFIX).map(str::to_owned));
+    machine
+}
+
 pub fn check_peer_role(peer_certs: Option<&[CertificateDer<'_>]>, expected: Role) -> Result<()> {
     let cert = peer_certs
         .and_then(|c| c.first())

@@ -20,7 +20,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::error::{Error, Result};
 use crate::wire::throttle::Throttle;
-use crate::wire::tls::{check_peer_role, server_name, Identity, Role};
+use crate::wire::tls::{bound_machine, check_peer_role, server_name, Identity, Role};
 use crate::wire::{Frame, FrameCodec, Message};
 
 /// How long a TLS handshake may take before the connection is dropped.
@@ -70,12 +70,16 @@ type Stream = TlsStream<Counting<TcpStream>>;
 pub struct Conn {
     reader: ConnReader,
     writer: ConnWriter,
+    /// The machine the peer's certificate is bound to, if it is a bound agent certificate.
+    bound_machine: Option<String>,
 }
 
 /// The receiving half of a [`Conn`].
 pub struct ConnReader {
     frames: FramedRead<ReadHalf<Stream>, FrameCodec>,
     peer: &'static str,
+    /// A peer silent for longer is cut off (servers set this; clients wait).
+    idle_timeout: Option<Duration>,
 }
 
 /// The sending half of a [`Conn`].
@@ -92,13 +96,21 @@ impl Conn {
             reader: ConnReader {
                 frames: FramedRead::new(read, FrameCodec),
                 peer,
+                idle_timeout: None,
             },
             writer: ConnWriter {
                 frames: FramedWrite::new(write, FrameCodec),
                 written,
                 throttle: None,
             },
+            bound_machine: None,
         }
+    }
+
+    /// The machine the client's certificate is bound to; `None` for a certificate that may
+    /// speak for any machine.
+    pub fn bound_machine(&self) -> Option<&str> {
+        self.bound_machine.as_deref()
     }
 
     /// Sends one message.
@@ -148,7 +160,13 @@ impl Conn {
 impl ConnReader {
     /// Receives one raw frame; `None` at a clean end of stream.
     pub async fn recv_frame(&mut self) -> Result<Option<Frame>> {
-        self.frames.next().await.transpose()
+        match self.idle_timeout {
+            None => self.frames.next().await.transpose(),
+            Some(limit) => match tokio::time::timeout(limit, self.frames.next()).await {
+                Ok(frame) => frame.transpose(),
+                Err(_) => Err(Error::Idle(limit)),
+            },
+        }
     }
 
     /// Receives one message. An `Error` message from the peer becomes [`Error::Remote`]; an
@@ -251,7 +269,9 @@ pub async fn accept(tcp: TcpStream, acceptor: &TlsAcceptor, client_role: Role) -
         .map_err(|_| Error::Tls("handshake timed out".into()))?
         .map_err(|e| Error::Tls(format!("handshake failed: {e}")))?;
     let role_check = check_peer_role(stream.get_ref().1.peer_certificates(), client_role);
-    let conn = Conn::new(TlsStream::Server(stream), written, client_role.name());
+    let bound = bound_machine(stream.get_ref().1.peer_certificates());
+    let mut conn = Conn::new(TlsStream::Server(stream), written, client_role.name());
+    conn.bound_machine = bound;
     if let Err(err) = role_check {
         let err = Error::Forbidden(format!(
             "{}; this service accepts only {} certificates",
@@ -264,13 +284,106 @@ pub async fn accept(tcp: TcpStream, acceptor: &TlsAcceptor, client_role: Role) -
     Ok(conn)
 }
 
+/// Bounds on what clients may hold of a service.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; more are closed at once (and logged at a bounded rate).
+    pub max_connections: usize,
+    /// Connections from one IP address at once.
+    pub max_per_address: usize,
+    /// A connection silent for this long is closed (what it held, such as disk locks, is
+    /// released).
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 512,
+            max_per_address: 64,
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Logs a recurring warning at most once per interval, with how many were left out.
+struct Bounded {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl Bounded {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn new() -> Self {
+        Self {
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// True when this occurrence should be logged; `suppressed` says how many were not.
+    fn should_log(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Self::EVERY)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// Connections held per IP address, released when a connection's guard drops.
+#[derive(Default)]
+struct PerAddress(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+struct AddressGuard {
+    table: Arc<PerAddress>,
+    ip: std::net::IpAddr,
+}
+
+impl PerAddress {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<AddressGuard> {
+        let mut table = self.0.lock().ok()?;
+        let held = table.entry(ip).or_default();
+        if *held >= max {
+            return None;
+        }
+        *held += 1;
+        Some(AddressGuard {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressGuard {
+    fn drop(&mut self) {
+        if let Ok(mut table) = self.table.0.lock() {
+            if let Some(held) = table.get_mut(&self.ip) {
+                *held = held.saturating_sub(1);
+                if *held == 0 {
+                    table.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
 /// Accepts TLS clients of `client_role` on `listener` until `shutdown` completes, running
-/// `handle` for each on a task of its own. Refused handshakes and roles are logged; so is
-/// how each conversation ended (`handle` returns the machine it served).
+/// `handle` for each on a task of its own, within `limits`. Refused handshakes and roles
+/// are logged; so is how each conversation ended (`handle` returns the machine it served).
+/// Accept failures (such as running out of file descriptors) back off instead of
+/// spinning, and are logged at a bounded rate.
 pub async fn serve<F, Fut>(
     listener: TcpListener,
     identity: &Identity,
     client_role: Role,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
     handle: F,
 ) -> Result<()>
@@ -280,28 +393,55 @@ where
 {
     let acceptor = TlsAcceptor::from(identity.server_config()?);
     let handle = Arc::new(handle);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let per_address = Arc::new(PerAddress::default());
+    let mut accept_errors = Bounded::new();
+    let mut over_limit = Bounded::new();
+    let mut backoff = Duration::from_millis(10);
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
             () = &mut shutdown => return Ok(()),
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff = Duration::from_millis(10);
+                    a
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    if let Some(suppressed) = accept_errors.should_log() {
+                        tracing::error!(error = %e, suppressed, retry_in = ?backoff, "accept failed");
+                    }
+                    tokio::select! {
+                        () = &mut shutdown => return Ok(()),
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             },
         };
+        let slot = slots.clone().try_acquire_owned().ok();
+        let guard = per_address.take(peer.ip(), limits.max_per_address);
+        let (Some(slot), Some(guard)) = (slot, guard) else {
+            if let Some(suppressed) = over_limit.should_log() {
+                tracing::warn!(%peer, suppressed, max = limits.max_connections,
+                    per_address = limits.max_per_address, "too many connections: closing this one");
+            }
+            drop(tcp);
+            continue;
+        };
         let acceptor = acceptor.clone();
         let handle = handle.clone();
         tokio::spawn(async move {
-            let conn = match accept(tcp, &acceptor, client_role).await {
+            let _held = (slot, guard);
+            let mut conn = match accept(tcp, &acceptor, client_role).await {
                 Ok(conn) => conn,
                 Err(e) => {
                     tracing::warn!(%peer, error = %e.chain(), "refused connection");
                     return;
                 }
             };
+            conn.reader.idle_timeout = Some(limits.idle_timeout);
             match handle(conn).await {
                 Ok(machine) => tracing::info!(%peer, %machine, "session ended"),
                 Err(e) => tracing::warn!(%peer, error = %e.chain(), "session failed"),

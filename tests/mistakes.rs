@@ -1,0 +1,169 @@
+//! Mistakes look like mistakes: machine-bound certificates, names and folders checked when
+//! certificates are issued, labels, unknown machines, an empty datastore, a closed pipe.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+
+use engine::sample::write_mixed_image;
+
+use crate::hostile::still_serving;
+use crate::util::{bin, disk0, Cluster};
+
+fn pki(args: &[&str]) -> std::process::Output {
+    Command::new(bin("deltaback"))
+        .arg("pki")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn an_agent_certificate_issued_for_one_machine_speaks_only_for_it() {
+    let cluster = Cluster::start();
+    let image = cluster.path("x.img");
+    write_mixed_image(&image, 1 << 20, 4).unwrap();
+    let disk = [format!("{}=disk0", image.display())];
+    let web01 = cluster.path("web01-pki");
+    let dir = cluster.pki.to_str().unwrap();
+    let out = pki(&[
+        "issue",
+        "--dir",
+        dir,
+        "--role",
+        "agent",
+        "--name",
+        "web01",
+        "--out",
+        web01.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let report = cluster.sync_with("web01", &disk, &web01, &[]).unwrap();
+    assert!(disk0(&report)["blocks_sent"].as_u64().unwrap() > 0);
+    let err = cluster
+        .sync_with("db01", &disk, &web01, &["--retry-for", "0s"])
+        .unwrap_err();
+    assert!(err.contains("belongs to machine web01"), "{err}");
+    assert!(!cluster.datastore.join("db01").exists());
+    // The fleet certificate of `pki init` still speaks for any machine.
+    cluster.sync("db01", &disk).unwrap();
+    still_serving(&cluster);
+}
+
+#[test]
+fn pki_issue_checks_the_name_and_never_overwrites_a_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    assert!(pki(&["init", "--dir", pki_dir.to_str().unwrap()])
+        .status
+        .success());
+    let fleet = std::fs::read(pki_dir.join("agent.pem")).unwrap();
+    let d = pki_dir.to_str().unwrap();
+
+    let out = pki(&[
+        "issue", "--dir", d, "--role", "agent", "--name", "web01", "--out", d,
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PKI folder itself"));
+    assert_eq!(std::fs::read(pki_dir.join("agent.pem")).unwrap(), fleet);
+
+    let target = dir.path().join("x");
+    let t = target.to_str().unwrap();
+    for bad in ["../evil", "a b", "", ".hidden"] {
+        let out = pki(&[
+            "issue", "--dir", d, "--role", "agent", "--name", bad, "--out", t,
+        ]);
+        assert!(!out.status.success(), "{bad:?} accepted");
+    }
+    let out = pki(&[
+        "issue", "--dir", d, "--role", "agent", "--name", "web01", "--out", t,
+    ]);
+    assert!(out.status.success());
+    let first = std::fs::read(target.join("agent.pem")).unwrap();
+    let out = pki(&[
+        "issue", "--dir", d, "--role", "agent", "--name", "web02", "--out", t,
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("never overwrites"));
+    assert_eq!(std::fs::read(target.join("agent.pem")).unwrap(), first);
+}
+
+#[test]
+fn labels_unknown_machines_and_an_empty_datastore_are_clear_errors() {
+    let cluster = Cluster::start();
+    // An empty datastore has no recent point.
+    let err = cluster
+        .operator(&["status", "--max-age", "15m"])
+        .unwrap_err();
+    assert!(err.contains("no machine"), "{err}");
+
+    let image = cluster.path("x.img");
+    write_mixed_image(&image, 1 << 20, 6).unwrap();
+    let disk = [format!("{}=disk0", image.display())];
+    let long = "x".repeat(200);
+    for bad in [long.as_str(), "two\nlines"] {
+        let err = cluster
+            .sync_with("m1", &disk, &cluster.pki, &["--label", bad])
+            .unwrap_err();
+        assert!(err.contains("label"), "{err}");
+    }
+    cluster
+        .sync_with("m1", &disk, &cluster.pki, &["--label", "before upgrade"])
+        .unwrap();
+
+    let err = cluster
+        .operator(&["points", "--machine", "m2"])
+        .unwrap_err();
+    assert!(
+        err.contains("unknown machine m2") && err.contains("m1"),
+        "{err}"
+    );
+    let err = cluster
+        .operator(&[
+            "recover",
+            "--machine",
+            "m2",
+            "--output",
+            cluster.path("out").to_str().unwrap(),
+        ])
+        .unwrap_err();
+    assert!(err.contains("unknown machine m2"), "{err}");
+    assert!(cluster
+        .operator(&["points", "--machine", "m1"])
+        .unwrap()
+        .contains("before upgrade"));
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let cluster = Cluster::start();
+    let image = cluster.path("x.img");
+    write_mixed_image(&image, 1 << 20, 8).unwrap();
+    for i in 0..3 {
+        let disk = [format!("{}=disk{i}", image.display())];
+        cluster.sync("m1", &disk).unwrap();
+    }
+    let mut child = Command::new(bin("deltaback"))
+        .args(["points", "--machine", "m1", "--datastore"])
+        .arg(&cluster.datastore)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the reading end before the command writes.
+    drop(child.stdout.take());
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(status.code().is_some(), "killed by a signal: {status:?}");
+}
