@@ -3,7 +3,7 @@
 use engine::sample::{change_blocks, write_mixed_image};
 
 use crate::util::{
-    allocated_bytes, disk0, nonzero_block_bytes, qemu_img_same, random_image, Cluster,
+    allocated_bytes, disk0, nonzero_block_bytes, qemu_img_same, random_image, Cluster, LoopDevice,
 };
 
 const MIB: u64 = 1 << 20;
@@ -241,33 +241,6 @@ fn services_stop_cleanly_on_sigterm() {
     assert!(cluster.target.terminate().success());
     assert!(cluster.relay.log_text().contains("SIGTERM received"));
     assert!(cluster.target.log_text().contains("SIGTERM received"));
-}
-
-/// A loop device over an image, detached when dropped (the tests run as root).
-struct LoopDevice(String);
-
-impl LoopDevice {
-    fn attach(image: &std::path::Path) -> LoopDevice {
-        let out = std::process::Command::new("losetup")
-            .args(["--find", "--show", "--read-only"])
-            .arg(image)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup (needs root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        LoopDevice(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .args(["-d", &self.0])
-            .status();
-    }
 }
 
 #[test]

@@ -167,3 +167,66 @@ fn output_into_a_closed_pipe_ends_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(status.code().is_some(), "killed by a signal: {status:?}");
 }
+
+#[test]
+fn a_crl_that_is_not_the_cas_stops_the_service_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let datastore = dir.path().join("datastore");
+    std::fs::create_dir_all(&datastore).unwrap();
+    let ours = dir.path().join("pki");
+    let theirs = dir.path().join("other-pki");
+    for p in [&ours, &theirs] {
+        assert!(pki(&["init", "--dir", p.to_str().unwrap()])
+            .status
+            .success());
+    }
+    // A real CRL, but from another CA.
+    let issued = theirs.join("x");
+    assert!(pki(&[
+        "issue",
+        "--dir",
+        theirs.to_str().unwrap(),
+        "--role",
+        "agent",
+        "--name",
+        "x",
+        "--out",
+        issued.to_str().unwrap(),
+    ])
+    .status
+    .success());
+    let serial = std::fs::read_to_string(theirs.join("issued.txt")).unwrap();
+    let serial = serial.split_whitespace().next().unwrap().to_owned();
+    assert!(pki(&[
+        "revoke",
+        "--dir",
+        theirs.to_str().unwrap(),
+        "--serial",
+        &serial
+    ])
+    .status
+    .success());
+    let start = || {
+        Command::new(bin("deltaback-master-target"))
+            .args(["--listen", "127.0.0.1:0", "--pki"])
+            .arg(&ours)
+            .arg("--datastore")
+            .arg(&datastore)
+            .output()
+            .unwrap()
+    };
+    for (what, crl) in [
+        (
+            "another CA's list",
+            std::fs::read(theirs.join("crl.pem")).unwrap(),
+        ),
+        ("no list at all", b"# nothing here\n".to_vec()),
+    ] {
+        std::fs::write(ours.join("crl.pem"), crl).unwrap();
+        let out = start();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: started anyway");
+        assert!(err.contains("crl.pem"), "{what}: {err}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+    }
+}

@@ -15,6 +15,7 @@ mod proxy;
 mod qemu;
 mod recovery;
 mod spool;
+mod stale;
 mod status;
 mod storage_daemon;
 mod util;

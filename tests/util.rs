@@ -457,3 +457,39 @@ pub fn stdout_ok(cmd: &mut Command) -> String {
 pub fn run_ok(cmd: &mut Command) -> Value {
     serde_json::from_str(&stdout_ok(cmd)).unwrap()
 }
+
+/// A loop device over an image, detached when dropped (the tests run as root).
+pub struct LoopDevice(pub String);
+
+impl LoopDevice {
+    /// Attaches `image` read-only.
+    pub fn attach(image: &Path) -> LoopDevice {
+        LoopDevice::attach_with(image, &["--read-only"])
+    }
+
+    /// Attaches `image` for reading and writing.
+    pub fn attach_writable(image: &Path) -> LoopDevice {
+        LoopDevice::attach_with(image, &[])
+    }
+
+    fn attach_with(image: &Path, flags: &[&str]) -> LoopDevice {
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .args(flags)
+            .arg(image)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup (needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopDevice(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}

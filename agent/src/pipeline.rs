@@ -9,7 +9,8 @@
 //! ```
 //! A source hands jobs of at most one batch of blocks: runs for the workers to read from a
 //! file or device themselves ([`Pipeline::read`], the scan source: reads happen on every
-//! core), or blocks it read already ([`Pipeline::pack`], the QEMU source, which reads one
+//! core, into aligned buffers so that a block device opened with `O_DIRECT` is read as the
+//! device holds it), or blocks it read already ([`Pipeline::pack`], the QEMU source, which reads one
 //! NBD connection in order). Workers hash each block (zero blocks by their known hash),
 //! encode it (zstd where smaller) and append it to a batch; finished batches go to the
 //! session on a bounded channel. Both channels are bounded, so memory stays at a few
@@ -28,6 +29,7 @@ use engine::block::encoding::BlockEncoder;
 use engine::block::geometry::{hash_block, is_zero, Geometry, ZeroHashes};
 use engine::block::ranges::Run;
 use engine::error::{Error, Result};
+use engine::storage::direct::AlignedBuf;
 use engine::wire::message::{append_record, RECORD_HEADER_LEN};
 
 use crate::Progress;
@@ -128,7 +130,7 @@ impl Pipeline {
             std::thread::Builder::new()
                 .name("pack".into())
                 .spawn(move || {
-                    let mut buf = Vec::new();
+                    let mut buf = AlignedBuf::default();
                     loop {
                         let job = match jobs.lock() {
                             Ok(mut rx) => rx.blocking_recv(),
@@ -184,7 +186,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(&self, job: Job, encoder: &mut BlockEncoder, buf: &mut Vec<u8>) -> Result<Batch> {
+    fn run(&self, job: Job, encoder: &mut BlockEncoder, buf: &mut AlignedBuf) -> Result<Batch> {
         let mut batch = Batch::default();
         match job {
             Job::Read(runs) => {
@@ -199,12 +201,12 @@ impl Worker {
                                 source.path.display()
                             ))
                         })?;
-                    buf.resize(len, 0);
+                    let data = buf.get(len);
                     source
                         .file
-                        .read_exact_at(buf, offset)
+                        .read_exact_at(data, offset)
                         .map_err(Error::file("read", &source.path))?;
-                    self.pack(first, buf, &mut batch, encoder);
+                    self.pack(first, data, &mut batch, encoder);
                 }
             }
             Job::Data(blocks) => {

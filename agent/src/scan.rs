@@ -16,6 +16,7 @@ use engine::block::hashing;
 use engine::block::manifest::Manifest;
 use engine::block::ranges::Runs;
 use engine::error::{Error, Result};
+use engine::storage::direct::open_for_reading;
 
 use crate::compare::differing_blocks;
 use crate::options::{DiskSpec, SyncOptions};
@@ -24,10 +25,13 @@ use crate::report::DiskReport;
 use crate::session::Session;
 use crate::{Phase, Progress};
 
-/// Opens a disk image or block device for reading and measures its size.
+/// Opens a disk image or block device for reading and measures its size. A block device is
+/// read with `O_DIRECT`: its page cache may hold blocks a mounted filesystem has overwritten
+/// since (see `engine::storage::direct`).
 pub fn open_source(path: &Path) -> Result<(File, u64)> {
     use std::io::{Seek, SeekFrom};
-    let mut file = File::open(path).map_err(Error::file("open disk", path))?;
+    let (mut file, direct) = open_for_reading(path).map_err(Error::file("open disk", path))?;
+    tracing::debug!(disk = %path.display(), direct, "source opened");
     // Seeking to the end measures regular files and block devices alike.
     let size = file
         .seek(SeekFrom::End(0))

@@ -2,8 +2,9 @@
 //! target's check of an existing replica.
 //!
 //! Worker threads (one per core by default) take 1 MiB chunks in order from a shared
-//! cursor, read them with positioned reads (no mmap: the file may be a live block device,
-//! and mapped pages would count against the process's memory), and hash each block. A
+//! cursor, read them with positioned reads into aligned buffers (no mmap: the file may be a
+//! live block device, opened with `O_DIRECT` by `storage::direct::open_for_reading`, and
+//! mapped pages would count against the process's memory), and hash each block. A
 //! block that is all zeros is recognised without hashing and gets the well-known zero hash.
 //! Memory stays at one chunk buffer per thread plus 32 bytes per block for the result.
 
@@ -15,6 +16,7 @@ use std::sync::Mutex;
 
 use crate::block::geometry::{hash_block, is_zero, BlockHash, Geometry, ZeroHashes};
 use crate::error::{Error, Result};
+use crate::storage::direct::AlignedBuf;
 
 /// Bytes each worker reads at a time.
 pub const CHUNK_BYTES: usize = 1 << 20;
@@ -45,7 +47,8 @@ pub fn hash_file(
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
             scope.spawn(|| {
-                let mut buf = vec![0u8; blocks_per_chunk * block_bytes];
+                let mut aligned = AlignedBuf::default();
+                let buf = aligned.get(blocks_per_chunk * block_bytes);
                 loop {
                     let next = work.lock().ok().and_then(|mut w| w.next());
                     let Some((chunk, out)) = next else { break };

@@ -123,13 +123,62 @@ impl Identity {
         } else {
             Vec::new()
         };
-        Ok(Self {
+        let identity = Self {
             role,
             chain,
             key,
             roots: Arc::new(roots),
             crls,
-        })
+        };
+        if crl_path.exists() {
+            identity.check_crls(&crl_path)?;
+        }
+        Ok(identity)
+    }
+
+    /// A `crl.pem` must hold at least one revocation list signed by the CA: one that does
+    /// not would make every peer's revocation status unknown (every connection refused), or
+    /// hide a real list. Checked by verifying this identity's own certificate against it,
+    /// which also catches a service whose own certificate was revoked.
+    fn check_crls(&self, path: &Path) -> Result<()> {
+        if self.crls.is_empty() {
+            return Err(Error::Pki(format!(
+                "{} holds no certificate revocation list; restore it from the CA folder \
+                 (deltaback pki revoke writes it) or remove it",
+                path.display()
+            )));
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .with_crls(self.crls.clone())
+            .build()
+            .map_err(|e| Error::Pki(format!("{}: {e}", path.display())))?;
+        let (own, intermediates) = self
+            .chain
+            .split_first()
+            .ok_or_else(|| Error::Pki("no certificate to check the revocation list with".into()))?;
+        let now = rustls::pki_types::UnixTime::now();
+        match verifier.verify_client_cert(own, intermediates, now) {
+            Ok(_) => Ok(()),
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) => {
+                Err(Error::Pki(format!(
+                    "this {}'s own certificate is revoked by {}; issue it a new one",
+                    self.role.title(),
+                    path.display()
+                )))
+            }
+            // Expiry is checked on every connection; here only the list matters.
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Expired
+                | rustls::CertificateError::ExpiredContext { .. }
+                | rustls::CertificateError::NotValidYet
+                | rustls::CertificateError::NotValidYetContext { .. },
+            )) => Ok(()),
+            Err(e) => Err(Error::Pki(format!(
+                "{} is not a revocation list signed by this CA ({e}); restore it from the CA \
+                 folder or remove it",
+                path.display()
+            ))),
+        }
     }
 
     /// The role this identity stands for.
