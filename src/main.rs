@@ -172,9 +172,21 @@ fn spool_status(cache: &std::path::Path) -> anyhow::Result<()> {
     let path = cache.join("status.json");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {} (is this a --cache folder?)", path.display()))?;
-    print!("{text}");
-    if !text.ends_with('\n') {
-        engine::say!("");
+    engine::say!("{}", text.trim_end());
+    let status: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
+    if status["health"] == "error" {
+        anyhow::bail!(
+            "the spool needs an operator: {}",
+            if status["rejected"]
+                .as_object()
+                .is_some_and(|r| !r.is_empty())
+            {
+                "segments were set aside (rejected); inspect and remove them"
+            } else {
+                "it is over 80% full"
+            }
+        );
     }
     Ok(())
 }

@@ -238,3 +238,97 @@ fn a_full_spool_filesystem_is_reported_and_replication_completes_once_freed() {
     wait_until_forwarded(&cache, "full");
     assert!(qemu_img_same(&image, &cluster.vmdk("full", "disk0")));
 }
+
+#[test]
+fn a_spool_smaller_than_one_batch_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::util::make_pki(&dir.path().join("pki"));
+    let out = std::process::Command::new(crate::util::bin("deltaback-process-server"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--master-target",
+            "127.0.0.1:9",
+            "--pki",
+        ])
+        .arg(dir.path().join("pki"))
+        .args(["--cache"])
+        .arg(dir.path().join("cache"))
+        .args(["--cache-limit", "1MiB"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--cache-limit"), "{err}");
+}
+
+#[test]
+fn a_segment_the_master_target_refuses_is_set_aside_and_reported_without_blocking_the_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let args = cache_args(&cache, "64MiB");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cluster = Cluster::start_full(&[], &args);
+    let image = cluster.path("disk0.img");
+    write_mixed_image(&image, 2 * MIB, 31).unwrap();
+    let disk = [format!("{}=disk0", image.display())];
+    cluster.sync("m", &disk).unwrap();
+
+    // The master target goes away; a change is spooled.
+    cluster.target.kill();
+    write_block(&image, 3, &[0x5a; BLOCK as usize]);
+    let spooled = cluster.sync("m", &disk).unwrap();
+    assert_eq!(spooled["point"]["seq"], 0);
+    assert_eq!(segments(&cache, "m"), 1);
+
+    // It comes back refusing disks of that size: the segment can never be forwarded.
+    cluster.target.restart_with(&["--max-disk-size", "1MiB"]);
+    for _ in 0..600 {
+        if segments(&cache, "m") == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        segments(&cache, "m"),
+        0,
+        "the refused segment still blocks the machine"
+    );
+    let kept: Vec<String> = std::fs::read_dir(cache.join("m"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(kept.iter().any(|f| f.ends_with(".rejected")), "{kept:?}");
+    cluster.relay.wait_for_log("set aside");
+
+    // Reported as a health error: in status.json and by `deltaback spool` (exit 1).
+    let mut reported = false;
+    for _ in 0..100 {
+        let status: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(cache.join("status.json")).unwrap_or_default())
+                .unwrap_or_default();
+        if status["health"] == "error" && status["rejected"]["m"].is_array() {
+            reported = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(reported, "status.json does not report the rejected segment");
+    let out = std::process::Command::new(crate::util::bin("deltaback"))
+        .args(["spool", "--cache"])
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("set aside"));
+
+    // The machine's next conversations are not held behind it.
+    let small = cluster.path("small.img");
+    write_mixed_image(&small, MIB / 2, 32).unwrap();
+    let report = cluster
+        .sync("m", &[format!("{}=disk1", small.display())])
+        .unwrap();
+    assert!(report["point"]["seq"].as_u64().unwrap() > 0, "{report}");
+    assert!(qemu_img_same(&small, &cluster.vmdk("m", "disk1")));
+}

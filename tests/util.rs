@@ -91,6 +91,12 @@ impl Service {
         self.child.wait().expect("wait");
     }
 
+    /// Starts the (killed) service again on the same address, with `extra` arguments added.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.args.extend(extra.iter().map(|a| a.to_string()));
+        self.restart();
+    }
+
     /// Starts the (killed) service again on the same address.
     pub fn restart(&mut self) {
         let mut args = self.args.clone();

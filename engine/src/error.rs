@@ -194,6 +194,16 @@ impl Error {
         }
     }
 
+    /// True for faults that will not go away without an operator: damaged files, disks
+    /// deltaback refuses to write, local storage failures, certificates. Services log these
+    /// at ERROR.
+    pub fn needs_operator(&self) -> bool {
+        matches!(
+            self,
+            Error::Corrupt { .. } | Error::Refused { .. } | Error::File { .. } | Error::Pki(_)
+        )
+    }
+
     /// The message with its whole source chain, for logs and protocol `Error` messages.
     pub fn chain(&self) -> String {
         let mut text = self.to_string();

@@ -86,6 +86,9 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let identity = Identity::load(&args.pki, Role::ProcessServer)?;
+    engine::wire::transport::resolve(&args.master_target)
+        .await
+        .context("--master-target")?;
     let shutdown = engine::service::shutdown_signal();
     let listener = engine::service::bind(&args.listen, "process server").await?;
     let groups = args

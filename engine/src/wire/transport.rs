@@ -219,12 +219,36 @@ impl ConnWriter {
     }
 }
 
+/// Resolves `HOST:PORT`. A malformed address or a host that does not resolve is a
+/// mistake to fix, not an outage to wait out: [`Error::Invalid`], never retried.
+pub async fn resolve(addr: &str) -> Result<Vec<std::net::SocketAddr>> {
+    let well_formed = addr
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !well_formed {
+        return Err(Error::Invalid(format!(
+            "{addr:?} is not an address: write HOST:PORT (for example ps.example:9443)"
+        )));
+    }
+    let found: Vec<_> = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| Error::Invalid(format!("cannot resolve {addr}: {e}")))?
+        .collect();
+    if found.is_empty() {
+        return Err(Error::Invalid(format!("{addr} resolves to no address")));
+    }
+    Ok(found)
+}
+
 /// Connects to `addr` and checks that the server holds a certificate for `role`.
 pub async fn connect(addr: &str, config: Arc<rustls::ClientConfig>, role: Role) -> Result<Conn> {
-    let tcp = TcpStream::connect(addr).await.map_err(|e| Error::Net {
-        op: "connect",
-        source: std::io::Error::new(e.kind(), format!("{addr}: {e}")),
-    })?;
+    let resolved = resolve(addr).await?;
+    let tcp = TcpStream::connect(&resolved[..])
+        .await
+        .map_err(|e| Error::Net {
+            op: "connect",
+            source: std::io::Error::new(e.kind(), format!("{addr}: {e}")),
+        })?;
     tcp.set_nodelay(true)
         .map_err(Error::net("set TCP_NODELAY"))?;
     let written = Arc::new(AtomicU64::new(0));
@@ -444,6 +468,9 @@ where
             conn.reader.idle_timeout = Some(limits.idle_timeout);
             match handle(conn).await {
                 Ok(machine) => tracing::info!(%peer, %machine, "session ended"),
+                Err(e) if e.needs_operator() => {
+                    tracing::error!(%peer, error = %e.chain(), "session failed; this needs an operator");
+                }
                 Err(e) => tracing::warn!(%peer, error = %e.chain(), "session failed"),
             }
         });

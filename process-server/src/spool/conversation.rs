@@ -18,7 +18,7 @@ use std::sync::Arc;
 use super::replay::replay_machine;
 use engine::wire::client::Conversation;
 
-use super::{disk_work, DiskLock, SegmentWriter, Spool};
+use super::{disk_work, DiskLock, SegmentWriter, Spool, SPACE_WAIT};
 use crate::master_target::MasterTarget;
 use engine::block::geometry::{BlockSize, Geometry, SafeName};
 use engine::block::manifest::Manifest;
@@ -422,8 +422,13 @@ impl Held<'_> {
                     .iter()
                     .flat_map(|s| s.needs.iter().copied())
                     .collect();
-                if let Err(e) = live.wait_acks(&needs).await {
-                    self.lose_master_target(&e);
+                // Bounded: a master target that stops acknowledging must not hang the agent.
+                match tokio::time::timeout(SPACE_WAIT, live.wait_acks(&needs)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => self.lose_master_target(&e),
+                    Err(_) => self.lose_master_target(&Error::Unavailable(
+                        "the master target did not acknowledge in time to free spool space".into(),
+                    )),
                 }
                 self.release_acknowledged();
             }

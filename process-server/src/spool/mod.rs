@@ -69,6 +69,10 @@ pub struct SpoolStatus {
     pub health: &'static str,
     /// Bytes waiting to be forwarded, per machine.
     pub backlog: BTreeMap<String, u64>,
+    /// Segments set aside (damaged, or refused by the master target), per machine: they
+    /// will not be forwarded, count against the limit, and make the health `error` until an
+    /// operator removes them.
+    pub rejected: BTreeMap<String, Vec<String>>,
 }
 
 /// The spool of one process server.
@@ -88,6 +92,33 @@ pub struct Spool {
     /// Serialises everything that reads or writes tree files or deletes segments, so a tree
     /// file always covers every segment already deleted.
     trees: Mutex<()>,
+}
+
+/// The smallest `--cache-limit`: one frame of the largest batch agents send (4 MiB of
+/// blocks, their record headers and the segment's framing). A smaller spool could never take
+/// a batch, and every agent would wait on it forever.
+pub const MIN_LIMIT: u64 = (4 << 20) + (512 << 10);
+
+/// A set-aside segment's number, from its file name `<n>.rejected`.
+fn rejected_number(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_suffix(".rejected")?
+        .parse()
+        .ok()
+}
+
+/// The set-aside segments of a machine folder.
+fn rejected_in(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| rejected_number(p).is_some())
+        .collect();
+    found.sort();
+    found
 }
 
 /// A segment's number, from its file name `<n>.seg`.
@@ -128,6 +159,14 @@ impl Drop for DiskLock {
 impl Spool {
     /// Opens (or creates) the spool in `dir`, limited to `limit` bytes.
     pub fn open(dir: &Path, limit: u64) -> Result<Self> {
+        if limit < MIN_LIMIT {
+            return Err(Error::Invalid(format!(
+                "--cache-limit {} is smaller than one batch of blocks ({}): the spool could \
+                 never take one",
+                bytesize::ByteSize(limit),
+                bytesize::ByteSize(MIN_LIMIT)
+            )));
+        }
         std::fs::create_dir_all(dir).map_err(Error::file("create spool folder", dir))?;
         let spool = Self {
             dir: dir.to_owned(),
@@ -149,6 +188,11 @@ impl Spool {
             for (n, path) in segments_in(&folder) {
                 used += std::fs::metadata(&path).map_or(0, |m| m.len());
                 highest = highest.max(n);
+            }
+            // Set-aside segments stay until an operator removes them, and count.
+            for path in rejected_in(&folder) {
+                used += std::fs::metadata(&path).map_or(0, |m| m.len());
+                highest = highest.max(rejected_number(&path).unwrap_or(0));
             }
             highest = highest.max(tree::highest_through(&folder));
         }
@@ -329,8 +373,9 @@ impl Spool {
         std::fs::rename(path, &aside).map_err(Error::file("set aside spool segment", path))?;
         durable::sync_dir(&self.machine_dir(machine))?;
         self.disown(path);
-        let len = std::fs::metadata(&aside).map_or(0, |m| m.len());
-        self.unaccount(len);
+        // It still takes space: it counts against the limit until an operator removes it.
+        tracing::error!(%machine, segment = %aside.display(),
+            "spool segment set aside: it needs an operator (see deltaback spool)");
         Ok(())
     }
 
@@ -375,16 +420,30 @@ impl Spool {
             })
             .filter(|(_, b)| *b > 0)
             .collect();
+        let rejected: BTreeMap<String, Vec<String>> = self
+            .machines()
+            .into_iter()
+            .map(|m| {
+                let files = rejected_in(&self.machine_dir(&m))
+                    .iter()
+                    .filter_map(|p| Some(p.file_name()?.to_str()?.to_owned()))
+                    .collect::<Vec<_>>();
+                (m.to_string(), files)
+            })
+            .filter(|(_, files)| !files.is_empty())
+            .collect();
         SpoolStatus {
             used_bytes: self.used.load(Ordering::Relaxed),
             limit_bytes: self.limit,
             percent: self.percent(),
             health: match self.level.load(Ordering::Relaxed) {
+                _ if !rejected.is_empty() => "error",
                 2 => "error",
                 1 => "warning",
                 _ => "ok",
             },
             backlog,
+            rejected,
         }
     }
 

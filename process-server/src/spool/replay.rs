@@ -42,7 +42,8 @@ pub async fn replay_machine(spool: Arc<Spool>, machine: SafeName, target: Master
             }
             Err(e) if is_refusal(&e) => {
                 tracing::error!(%machine, segment = %segment.display(), error = %e.chain(),
-                    "damaged spool segment kept aside as .rejected, not forwarded");
+                    "spool segment damaged or refused by the master target: kept aside as \
+                     .rejected, not forwarded; the machine's later conversations go on");
                 if let Err(e) = disk_work(|| spool.set_aside(&machine, &segment, &disks)) {
                     tracing::error!(error = %e.chain(), "cannot set the segment aside");
                     break;
@@ -55,7 +56,7 @@ pub async fn replay_machine(spool: Arc<Spool>, machine: SafeName, target: Master
                     tracing::warn!(%machine, error = %e.chain(), retry_in = ?delay, "cannot forward the spool yet");
                 } else {
                     tracing::error!(%machine, segment = %segment.display(), error = %e.chain(), retry_in = ?delay,
-                        "the master target refuses a spooled segment; keeping it and trying again");
+                        "cannot forward a spooled segment; keeping it and trying again");
                 }
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(30));
@@ -65,11 +66,16 @@ pub async fn replay_machine(spool: Arc<Spool>, machine: SafeName, target: Master
     spool.end_replay(&machine);
 }
 
-/// A segment that cannot be forwarded, ever: it is damaged on disk. A refusal by the master
-/// target is not one of these: the segment holds acknowledged data, so it is retried (and
-/// logged as an error) until someone looks, never dropped.
+/// A segment that cannot be forwarded, ever: it is damaged on disk, or the master target
+/// refuses it for good (not "unavailable", "busy" or "storage": those pass). It is set
+/// aside as `.rejected` (kept for the operator, counted against the limit, reported as a
+/// health error) instead of blocking every later conversation of the machine behind it.
 fn is_refusal(e: &Error) -> bool {
-    matches!(e, Error::Corrupt { .. })
+    match e {
+        Error::Corrupt { .. } => true,
+        Error::Remote { .. } => !e.is_transient(),
+        _ => false,
+    }
 }
 
 /// Replays one segment; `disks` collects the disks it opened.
