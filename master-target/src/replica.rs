@@ -51,6 +51,8 @@ pub struct Replica {
 struct UndoTarget {
     path: PathBuf,
     point: u64,
+    /// The machine's point log, which the journal is bound to.
+    log_id: u64,
     journal: Option<JournalWriter>,
 }
 
@@ -215,13 +217,25 @@ impl Replica {
     }
 
     /// From now on, save the old content of each block overwritten in the journal at `path`
-    /// (the cycle that ends with point `point`) before overwriting it.
-    pub fn journal_into(&mut self, path: PathBuf, point: u64) {
+    /// (the cycle that ends with point `point` of the point log `log_id`) before
+    /// overwriting it.
+    pub fn journal_into(&mut self, path: PathBuf, point: u64, log_id: u64) {
         self.undo = Some(UndoTarget {
             path,
             point,
+            log_id,
             journal: None,
         });
+    }
+
+    /// Seals this cycle's journal, if one was written in this session: its point is about
+    /// to be made. (Journals of the cycle written by earlier sessions are sealed by
+    /// [`crate::retention::seal_cycle`].)
+    pub fn seal_journal(&mut self) -> Result<()> {
+        match self.undo.as_mut().and_then(|u| u.journal.take()) {
+            Some(journal) => journal.seal(),
+            None => Ok(()),
+        }
     }
 
     /// Decodes and verifies a batch of blocks, journals the old content of the blocks it
@@ -336,6 +350,7 @@ impl Replica {
                 &undo.path,
                 self.manifest.geometry().block_size,
                 undo.point,
+                undo.log_id,
             )?);
         }
         let Some(journal) = undo.journal.as_mut() else {

@@ -20,8 +20,6 @@ use engine::wire::transport::{self, Conn};
 use engine::wire::Message;
 
 use crate::config::MasterTargetConfig;
-use crate::datastore;
-use crate::retention::points::PointLog;
 use crate::writer::{Command, DiskLocks, Writer};
 
 /// Batches queued between the network and the writer thread of one session.
@@ -70,7 +68,7 @@ async fn session(
     tracing::info!(%machine, "session started");
     let (failures_tx, mut failures) = mpsc::channel(1);
     let (commands, command_rx) = mpsc::channel(WRITE_QUEUE);
-    let points = match PointLog::load(&datastore::point_log_path(&config.retention, &machine)) {
+    let points = match crate::retention::recover::point_log(&config.retention, &machine) {
         Ok(points) => points,
         Err(err) => {
             conn.fail(&err).await;

@@ -20,7 +20,7 @@ use crate::datastore;
 use crate::ownership;
 use crate::replica::Replica;
 use crate::retention::{
-    groups,
+    self, groups,
     points::{PointDisk, PointLog, RecoveryPoint},
 };
 
@@ -204,7 +204,7 @@ impl Writer {
         if !self.points.points().is_empty() {
             let next = self.points.next_seq();
             let path = datastore::journal_path(&self.config.retention, &self.machine, id, next);
-            replica.journal_into(path, next);
+            replica.journal_into(path, next, self.points.id());
         }
         let state = replica.state(handle);
         tracing::info!(machine = %self.machine, disk = %id, fresh = state.fresh, "disk opened");
@@ -292,6 +292,12 @@ impl Writer {
         }
         let time_ms = now_ms();
         let seq = self.points.next_seq();
+        let log_id = self.points.id();
+        // The cycle's journals are complete: sealed (and durable) before the point exists.
+        for disk in self.replicas.values_mut() {
+            disk.replica.seal_journal()?;
+        }
+        retention::seal_cycle(&self.config.retention, &self.machine, seq, log_id)?;
         self.points.append(RecoveryPoint {
             seq,
             time_ms,
@@ -314,7 +320,7 @@ impl Writer {
                 disk.replica.id(),
                 next,
             );
-            disk.replica.journal_into(path, next);
+            disk.replica.journal_into(path, next, log_id);
         }
         let group_seq = match &group {
             Some((name, members)) => {

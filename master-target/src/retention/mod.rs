@@ -15,3 +15,74 @@ pub mod groups;
 pub mod journal;
 pub mod points;
 pub mod recover;
+
+use std::path::Path;
+
+use engine::block::geometry::SafeName;
+use engine::error::{Error, Result};
+
+use crate::datastore::{journal_path, journals, machine_dir};
+use journal::{JournalReader, JournalWriter};
+use points::PointLog;
+
+/// The disks of `machine` that have journals.
+fn journal_disks(retention: &Path, machine: &SafeName) -> Vec<SafeName> {
+    std::fs::read_dir(machine_dir(retention, machine))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| SafeName::new("disk id", e.file_name().to_str()?).ok())
+        .collect()
+}
+
+/// Checks that every undo journal of `machine` belongs to `log`. A point log removed or
+/// replaced while journals remain would renumber points over journals that lead to other
+/// points: that is damage, reported, never recovered from.
+pub fn check_journals(retention: &Path, machine: &SafeName, log: &PointLog) -> Result<()> {
+    for disk in journal_disks(retention, machine) {
+        for (_, path) in journals(retention, machine, &disk) {
+            let reader = JournalReader::open(&path)?;
+            if !log.exists() {
+                return Err(Error::Corrupt {
+                    path: log.path().to_owned(),
+                    reason: format!(
+                        "the point log is missing while undo journals remain ({}): restore \
+                         it, or move the machine's retention folder away to start afresh",
+                        path.display()
+                    ),
+                });
+            }
+            if reader.log_id() != log.id() {
+                return Err(Error::Corrupt {
+                    path: log.path().to_owned(),
+                    reason: format!(
+                        "the point log was replaced: journal {} belongs to another log",
+                        path.display()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Seals every journal of `machine` for the cycle that ends with `point` that is not sealed
+/// yet (sessions before this one may have written some), before the point is made.
+pub fn seal_cycle(retention: &Path, machine: &SafeName, point: u64, log_id: u64) -> Result<()> {
+    for disk in journal_disks(retention, machine) {
+        let path = journal_path(retention, machine, &disk, point);
+        if !path.exists() {
+            continue;
+        }
+        let mut reader = JournalReader::open(&path)?;
+        while reader.next_record()?.is_some() {}
+        if reader.sealed {
+            continue;
+        }
+        let block_size = reader.block_size();
+        drop(reader);
+        JournalWriter::open(&path, block_size, point, log_id)?.seal()?;
+    }
+    Ok(())
+}

@@ -1,17 +1,23 @@
 //! The recovery points of one machine: an append-only, checksummed log.
 //!
-//! ## File format (version 1), big-endian
+//! ## File format (version 2), big-endian
 //! ```text
-//! header: magic "DBPOINTS" (8), version u16 = 1, 6 bytes reserved
-//! record: len u32 | body (len bytes) | first 16 bytes of blake3(body)
+//! header: magic "DBPOINTS" (8) | version u16 = 2 | 6 bytes reserved | log id u64
+//!         | first 8 bytes of blake3(the 24 bytes before)
+//! record: len u32 | first 4 bytes of blake3(len) | body (len bytes)
+//!         | first 16 bytes of blake3(body)
 //! body:   seq u64 | time_ms u64 | kind u8 (1 crash-consistent, 2 app-consistent)
 //!         | label str | group str | disks u16 | disks x (id str | size u64)
 //!         where str = len u16 | UTF-8
 //! ```
 //! A point is appended and fsynced only after every block it names is durable, so a listed
-//! point never names data that is not on disk. A record cut short at the end is a crash
-//! during an append (that point was never acknowledged) and is ignored; any other damage is
-//! reported. Pruning rewrites the log atomically; the newest point is always kept.
+//! point never names data that is not on disk. Only a record cut short at the very end (a
+//! partial head, or a head that checks with its body cut at the end) is a crash during an
+//! append (that point was never acknowledged) and is ignored; a head that does not check (a
+//! damaged length) or any other damage is reported. Sequence numbers must rise. The log id
+//! is random, made with the log; undo journals carry it, so a log removed or replaced while
+//! journals remain is detected. Pruning rewrites the log atomically, keeping its id; the
+//! newest point is always kept.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -24,8 +30,10 @@ use engine::point::PointKind;
 use engine::storage::durable;
 
 const MAGIC: &[u8; 8] = b"DBPOINTS";
-const VERSION: u16 = 1;
-const HEADER_LEN: usize = 16;
+const VERSION: u16 = 2;
+const HEADER_LEN: usize = 32;
+/// Record head: length and its check.
+const RECORD_HEAD: usize = 8;
 const MAX_RECORD: usize = 1 << 20;
 
 /// One disk as it was at a point.
@@ -52,6 +60,10 @@ pub struct RecoveryPoint {
 /// The point log of one machine.
 pub struct PointLog {
     path: PathBuf,
+    /// Random, made with the log; undo journals carry it.
+    id: u64,
+    /// True when the log file exists.
+    exists: bool,
     points: Vec<RecoveryPoint>,
     /// Length of the file up to the end of the last whole record.
     valid_len: u64,
@@ -65,16 +77,34 @@ impl PointLog {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(Error::file("read point log", path)(e)),
         };
-        let (points, valid_len) = if bytes.is_empty() {
-            (Vec::new(), 0)
-        } else {
+        let exists = !bytes.is_empty();
+        let (id, points, valid_len) = if exists {
             parse(&bytes, path)?
+        } else {
+            (rand::random::<u64>() | 1, Vec::new(), 0)
         };
         Ok(Self {
             path: path.to_owned(),
+            id,
+            exists,
             points,
             valid_len,
         })
+    }
+
+    /// The log's id, which its undo journals carry.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// True when the log file exists (it is made with the first point).
+    pub fn exists(&self) -> bool {
+        self.exists
+    }
+
+    /// Where the log lives.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Every point, oldest first.
@@ -101,7 +131,7 @@ impl PointLog {
             .map_err(Error::file("open point log", &self.path))?;
         let mut out = Vec::new();
         if new {
-            out.extend_from_slice(&file_header());
+            out.extend_from_slice(&file_header(self.id));
         }
         encode_record(&point, &mut out);
         // Writing at the end of the last whole record also overwrites a torn tail.
@@ -110,6 +140,7 @@ impl PointLog {
             .and_then(|()| file.sync_data())
             .map_err(Error::file("append to point log", &self.path))?;
         self.valid_len += out.len() as u64;
+        self.exists = true;
         if new {
             if let Some(dir) = self.path.parent() {
                 durable::sync_dir(dir)?;
@@ -129,7 +160,7 @@ impl PointLog {
             .unwrap_or(self.points.len().saturating_sub(1));
         if keep_from > 0 {
             self.points.drain(..keep_from);
-            let mut out = file_header().to_vec();
+            let mut out = file_header(self.id).to_vec();
             for p in &self.points {
                 encode_record(p, &mut out);
             }
@@ -140,11 +171,21 @@ impl PointLog {
     }
 }
 
-fn file_header() -> [u8; HEADER_LEN] {
+fn file_header(id: u64) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[..8].copy_from_slice(MAGIC);
     h[8..10].copy_from_slice(&VERSION.to_be_bytes());
+    h[16..24].copy_from_slice(&id.to_be_bytes());
+    let check = blake3::hash(&h[..24]);
+    h[24..].copy_from_slice(&check.as_bytes()[..8]);
     h
+}
+
+/// The check of a record's length field.
+fn len_check(len: &[u8]) -> [u8; 4] {
+    let mut check = [0u8; 4];
+    check.copy_from_slice(&blake3::hash(len).as_bytes()[..4]);
+    check
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -165,13 +206,15 @@ fn encode_record(p: &RecoveryPoint, out: &mut Vec<u8>) {
         put_str(&mut body, &d.id);
         body.extend_from_slice(&d.size.to_be_bytes());
     }
-    out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(0).to_be_bytes());
+    let len = u32::try_from(body.len()).unwrap_or(0).to_be_bytes();
+    out.extend_from_slice(&len);
+    out.extend_from_slice(&len_check(&len));
     let sum = blake3::hash(&body);
     out.extend_from_slice(&body);
     out.extend_from_slice(&sum.as_bytes()[..16]);
 }
 
-fn parse(bytes: &[u8], path: &Path) -> Result<(Vec<RecoveryPoint>, u64)> {
+fn parse(bytes: &[u8], path: &Path) -> Result<(u64, Vec<RecoveryPoint>, u64)> {
     let corrupt = |reason: String| Error::Corrupt {
         path: path.to_owned(),
         reason,
@@ -185,18 +228,28 @@ fn parse(bytes: &[u8], path: &Path) -> Result<(Vec<RecoveryPoint>, u64)> {
             "version {version}, this build reads {VERSION}"
         )));
     }
-    let mut points = Vec::new();
+    if blake3::hash(&bytes[..24]).as_bytes()[..8] != bytes[24..HEADER_LEN] {
+        return Err(corrupt("header checksum mismatch".into()));
+    }
+    let id = u64::from_be_bytes(bytes[16..24].try_into().unwrap_or([0; 8]));
+    let mut points: Vec<RecoveryPoint> = Vec::new();
     let mut at = HEADER_LEN;
     while at < bytes.len() {
-        let Some(len_bytes) = bytes.get(at..at + 4) else {
+        let Some(head) = bytes.get(at..at + RECORD_HEAD) else {
             tracing::warn!(log = %path.display(), "ignoring a point record torn by a crash");
             break;
         };
+        let (len_bytes, check) = head.split_at(4);
+        if len_check(len_bytes) != check {
+            return Err(corrupt(format!(
+                "record at offset {at}: its head fails its checksum (damage, not a crash)"
+            )));
+        }
         let len = u32::from_be_bytes(len_bytes.try_into().unwrap_or([0; 4])) as usize;
         if len > MAX_RECORD {
             return Err(corrupt(format!("record at offset {at} claims {len} bytes")));
         }
-        let Some(record) = bytes.get(at + 4..at + 4 + len + 16) else {
+        let Some(record) = bytes.get(at + RECORD_HEAD..at + RECORD_HEAD + len + 16) else {
             tracing::warn!(log = %path.display(), "ignoring a point record torn by a crash");
             break;
         };
@@ -204,13 +257,19 @@ fn parse(bytes: &[u8], path: &Path) -> Result<(Vec<RecoveryPoint>, u64)> {
         if &blake3::hash(body).as_bytes()[..16] != sum {
             return Err(corrupt(format!("record at offset {at} fails its checksum")));
         }
-        points.push(
-            decode_body(body)
-                .ok_or_else(|| corrupt(format!("record at offset {at} is malformed")))?,
-        );
-        at += 4 + len + 16;
+        let point = decode_body(body)
+            .ok_or_else(|| corrupt(format!("record at offset {at} is malformed")))?;
+        if points.last().is_some_and(|p| p.seq >= point.seq) {
+            return Err(corrupt(format!(
+                "record at offset {at}: point {} does not follow point {}",
+                point.seq,
+                points.last().map_or(0, |p| p.seq)
+            )));
+        }
+        points.push(point);
+        at += RECORD_HEAD + len + 16;
     }
-    Ok((points, at.min(bytes.len()) as u64))
+    Ok((id, points, at.min(bytes.len()) as u64))
 }
 
 struct Cursor<'a>(&'a [u8]);
@@ -311,8 +370,36 @@ mod tests {
         torn.append(point(2, 3)).unwrap();
         assert_eq!(PointLog::load(&path).unwrap().points().len(), 2);
         let mut damaged = bytes.clone();
-        damaged[HEADER_LEN + 6] ^= 1;
+        damaged[HEADER_LEN + RECORD_HEAD + 6] ^= 1;
         std::fs::write(&path, &damaged).unwrap();
+        assert!(matches!(PointLog::load(&path), Err(Error::Corrupt { .. })));
+        // A damaged length is damage, not a tear, even when it points past the end.
+        let mut damaged = bytes.clone();
+        damaged[HEADER_LEN + 1] ^= 0x10;
+        std::fs::write(&path, &damaged).unwrap();
+        let err = PointLog::load(&path).err().unwrap();
+        assert!(err.to_string().contains("head"), "{err}");
+    }
+
+    #[test]
+    fn the_log_keeps_its_id_and_points_must_rise() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("points.log");
+        let mut log = PointLog::load(&path).unwrap();
+        assert!(!log.exists());
+        let id = log.id();
+        log.append(point(1, 1)).unwrap();
+        log.append(point(2, 2)).unwrap();
+        log.prune(2).unwrap();
+        assert_eq!(PointLog::load(&path).unwrap().id(), id);
+        assert_ne!(
+            PointLog::load(&dir.path().join("other.log")).unwrap().id(),
+            id
+        );
+        // The same point twice: damage.
+        let bytes = std::fs::read(&path).unwrap();
+        let record = bytes[HEADER_LEN..].to_vec();
+        std::fs::write(&path, [bytes.clone(), record].concat()).unwrap();
         assert!(matches!(PointLog::load(&path), Err(Error::Corrupt { .. })));
     }
 }

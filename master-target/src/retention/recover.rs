@@ -95,8 +95,12 @@ pub fn select<'a>(
 }
 
 /// The point log of `machine`.
+/// The point log of `machine`, checked against its undo journals: a log removed or
+/// replaced while journals remain is damage (see [`super::check_journals`]).
 pub fn point_log(retention: &Path, machine: &SafeName) -> Result<PointLog> {
-    PointLog::load(&point_log_path(retention, machine))
+    let log = PointLog::load(&point_log_path(retention, machine))?;
+    super::check_journals(retention, machine, &log)?;
+    Ok(log)
 }
 
 /// What a recovery wrote.
@@ -121,10 +125,17 @@ pub fn recover(
     let point = select(log.points(), selector)?.clone();
     std::fs::create_dir_all(output).map_err(Error::file("create folder", output))?;
     let mut disks = Vec::new();
+    let made_points = log.next_seq();
     for disk in &point.disks {
         let id = SafeName::new("disk id", &disk.id)?;
         disks.push(recover_disk(
-            datastore, retention, machine, &id, disk.size, point.seq, output,
+            datastore,
+            retention,
+            machine,
+            &id,
+            disk.size,
+            (point.seq, made_points),
+            output,
         )?);
     }
     Ok((point, disks))
@@ -136,7 +147,7 @@ fn recover_disk(
     machine: &SafeName,
     id: &SafeName,
     size: u64,
-    point: u64,
+    (point, next_point): (u64, u64),
     output: &Path,
 ) -> Result<RecoveredDisk> {
     let replica = ReplicaPaths::new(datastore, machine, id);
@@ -157,8 +168,52 @@ fn recover_disk(
         .create_new(true)
         .open(&out_extent)
         .map_err(Error::file("create", &out_extent))?;
-    copy_sparse(&source, &replica.extent, &target, &out_extent, size)?;
+    let restored =
+        copy_sparse(&source, &replica.extent, &target, &out_extent, size).and_then(|()| {
+            roll_back(
+                retention,
+                machine,
+                id,
+                size,
+                (point, next_point),
+                &target,
+                &out_extent,
+            )
+        });
+    let restored = match restored {
+        Ok(restored) => restored,
+        Err(e) => {
+            // Nothing is returned that cannot be proven: no half-recovered disk is left.
+            drop(target);
+            let _ = std::fs::remove_file(&out_extent);
+            return Err(e);
+        }
+    };
+    target
+        .sync_all()
+        .map_err(Error::file("fsync", &out_extent))?;
+    vmdk::write_descriptor(&out_descriptor, &out_extent, size)?;
+    Ok(RecoveredDisk {
+        id: id.to_string(),
+        size,
+        blocks_restored: restored,
+        vmdk: out_descriptor,
+    })
+}
 
+/// Puts back, from the journals of the cycles after `point`, the first old content of every
+/// block overwritten since; returns how many blocks it put back. The journal of a cycle
+/// whose point exists (below `next_point`) must end in its seal: one cut short cannot prove
+/// what it held.
+fn roll_back(
+    retention: &Path,
+    machine: &SafeName,
+    id: &SafeName,
+    size: u64,
+    (point, next_point): (u64, u64),
+    target: &File,
+    out_extent: &Path,
+) -> Result<u64> {
     let mut restored = HashSet::new();
     for (journal_point, path) in journals(retention, machine, id) {
         if journal_point <= point {
@@ -176,25 +231,25 @@ fn recover_disk(
             let len = usize::try_from((size - offset).min(record.data.len() as u64)).unwrap_or(0);
             let data = &record.data[..len];
             if is_zero(data) {
-                punch_hole(&target, &out_extent, offset, len)?;
+                punch_hole(target, out_extent, offset, len)?;
             } else {
                 target
                     .write_all_at(data, offset)
-                    .map_err(Error::file("write", &out_extent))?;
+                    .map_err(Error::file("write", out_extent))?;
             }
+        }
+        if journal_point < next_point && !reader.sealed {
+            return Err(Error::Corrupt {
+                path: path.clone(),
+                reason: format!(
+                    "the journal of point {journal_point} ends before its seal: it was cut \
+                     short after the point was made, so point {point} cannot be proven"
+                ),
+            });
         }
         if reader.torn_tail {
             tracing::warn!(journal = %path.display(), "journal ends in a torn record (a crash); its blocks were never overwritten");
         }
     }
-    target
-        .sync_all()
-        .map_err(Error::file("fsync", &out_extent))?;
-    vmdk::write_descriptor(&out_descriptor, &out_extent, size)?;
-    Ok(RecoveredDisk {
-        id: id.to_string(),
-        size,
-        blocks_restored: restored.len() as u64,
-        vmdk: out_descriptor,
-    })
+    Ok(restored.len() as u64)
 }

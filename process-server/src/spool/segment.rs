@@ -1,14 +1,17 @@
 //! Spool segments: the frames of one agent conversation, stored while the master target is
 //! away.
 //!
-//! ## File format (version 1), big-endian
+//! ## File format (version 2), big-endian
 //! ```text
-//! header: magic "DBSPOOL1" (8)
-//! record: len u32 (frame kind + body) | kind u8 | body | first 16 bytes of blake3(kind | body)
+//! header: magic "DBSPOOL2" (8)
+//! record: len u32 (frame kind + body) | first 4 bytes of blake3(len) | kind u8 | body
+//!         | first 16 bytes of blake3(kind | body)
 //! ```
 //! Records are appended as frames arrive and the file is fsynced before the agent is
-//! acknowledged. A record cut short at the end is what a crash during an append leaves (it
-//! was never acknowledged) and ends the segment; a record whose checksum fails is reported.
+//! acknowledged. Only a record cut short at the very end (a partial head, or a head that
+//! checks with the rest cut off) is what a crash during an append leaves (it was never
+//! acknowledged) and ends the segment; a head that does not check (a damaged length) or a
+//! record whose checksum fails is damage, reported.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -19,7 +22,7 @@ use bytes::Bytes;
 use engine::error::{Error, Result};
 use engine::wire::{Frame, MAX_FRAME_LEN};
 
-const MAGIC: &[u8; 8] = b"DBSPOOL1";
+const MAGIC: &[u8; 8] = b"DBSPOOL2";
 const SUM_LEN: usize = 16;
 
 fn checksum(kind: u8, body: &[u8]) -> [u8; SUM_LEN] {
@@ -29,6 +32,13 @@ fn checksum(kind: u8, body: &[u8]) -> [u8; SUM_LEN] {
     let mut out = [0; SUM_LEN];
     out.copy_from_slice(&hasher.finalize().as_bytes()[..SUM_LEN]);
     out
+}
+
+/// The check of a record's length field.
+fn len_check(len: &[u8; 4]) -> [u8; 4] {
+    let mut check = [0u8; 4];
+    check.copy_from_slice(&blake3::hash(len).as_bytes()[..4]);
+    check
 }
 
 /// Appends frames to a new segment.
@@ -66,14 +76,17 @@ impl SegmentWriter {
 
     /// Bytes a frame takes in a segment.
     pub fn record_len(frame: &Frame) -> u64 {
-        (4 + 1 + frame.body.len() + SUM_LEN) as u64
+        (8 + 1 + frame.body.len() + SUM_LEN) as u64
     }
 
     /// Appends one frame and hands it to the kernel, so a write error (a full disk) shows
     /// here, before anything relies on the record; durable only after [`Self::sync`].
     pub fn append(&mut self, frame: &Frame) -> Result<()> {
-        let len = u32::try_from(frame.body.len() + 1).unwrap_or(u32::MAX);
-        self.write(&len.to_be_bytes())?;
+        let len = u32::try_from(frame.body.len() + 1)
+            .unwrap_or(u32::MAX)
+            .to_be_bytes();
+        self.write(&len)?;
+        self.write(&len_check(&len))?;
         self.write(&[frame.kind])?;
         self.write(&frame.body)?;
         let sum = checksum(frame.kind, &frame.body);
@@ -129,9 +142,19 @@ impl SegmentReader {
 
     /// The next frame; `None` at the end or at a torn tail.
     pub fn next_frame(&mut self) -> Result<Option<Frame>> {
-        let mut len = [0u8; 4];
-        if !read_all(&mut self.file, &mut len, &self.path)? {
+        let mut head = [0u8; 8];
+        if !read_all(&mut self.file, &mut head, &self.path)? {
             return Ok(None);
+        }
+        let len: [u8; 4] = head[..4].try_into().unwrap_or([0; 4]);
+        if len_check(&len) != head[4..] {
+            return Err(Error::Corrupt {
+                path: self.path.clone(),
+                reason: format!(
+                    "record at offset {}: its head fails its checksum (damage, not a crash)",
+                    self.offset
+                ),
+            });
         }
         let len = u32::from_be_bytes(len) as usize;
         if len == 0 || len > MAX_FRAME_LEN {
@@ -151,7 +174,7 @@ impl SegmentReader {
                 reason: format!("record at offset {} fails its checksum", self.offset),
             });
         }
-        self.offset += (4 + len + SUM_LEN) as u64;
+        self.offset += (8 + len + SUM_LEN) as u64;
         Ok(Some(Frame {
             kind: frame[0],
             body: Bytes::copy_from_slice(&frame[1..]),
@@ -209,8 +232,18 @@ mod tests {
         );
 
         let mut damaged = bytes.clone();
-        damaged[14] ^= 1;
+        damaged[18] ^= 1;
         std::fs::write(&path, &damaged).unwrap();
         assert!(SegmentReader::open(&path).unwrap().next_frame().is_err());
+
+        // A damaged length, even one that reaches past the end, is damage, not a tear.
+        let mut damaged = bytes.clone();
+        damaged[9] ^= 0x01;
+        std::fs::write(&path, &damaged).unwrap();
+        let err = SegmentReader::open(&path)
+            .unwrap()
+            .next_frame()
+            .unwrap_err();
+        assert!(err.to_string().contains("head"), "{err}");
     }
 }
