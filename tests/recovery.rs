@@ -304,3 +304,76 @@ fn a_group_point_exists_only_once_every_member_made_its_point_durable() {
     cluster.sync("lone", &[&images[2]]).unwrap();
     assert!(cluster.points("lone")[0]["group"].is_null());
 }
+
+/// Three points of machine `name` with changes between them; returns the image.
+fn three_points(cluster: &Cluster, name: &str) -> std::path::PathBuf {
+    let image = cluster.path(&format!("{name}.img"));
+    write_mixed_image(&image, 2 * MIB, 83).unwrap();
+    let disk = format!("{}=disk0", image.display());
+    cluster.sync(name, &[&disk]).unwrap();
+    for seed in [2, 3] {
+        change_blocks(&image, BLOCK, 0.2, seed).unwrap();
+        cluster.sync(name, &[&disk]).unwrap();
+    }
+    image
+}
+
+#[test]
+fn a_journal_cut_short_after_its_point_proves_nothing_and_leaves_nothing() {
+    let cluster = Cluster::start();
+    let image = three_points(&cluster, "cut");
+    let journal = cluster
+        .datastore
+        .join(format!(".retention/cut/disk0/{:020}.journal", 2));
+    // Cut exactly at a record boundary: it reads cleanly, but its seal is gone.
+    let bytes = std::fs::read(&journal).unwrap();
+    let seal_len = 21 + 16;
+    std::fs::write(&journal, &bytes[..bytes.len() - seal_len]).unwrap();
+    let out = cluster.path("recovered-cut-1");
+    let err = cluster.recover("cut", "1").unwrap_err();
+    assert!(err.contains("seal"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "a failed recovery left {left:?}");
+    // The newest point needs no journal and still recovers.
+    let dir = cluster.recover("cut", "latest").unwrap();
+    assert!(qemu_img_same(&image, &dir.join("disk0.vmdk")));
+}
+
+#[test]
+fn a_point_log_removed_or_replaced_while_journals_remain_is_reported() {
+    let cluster = Cluster::start();
+    let image = three_points(&cluster, "lost");
+    let log = cluster.datastore.join(".retention/lost/points.log");
+    let saved = std::fs::read(&log).unwrap();
+
+    // Removed: points, recover and the next replication all refuse, nothing renumbered.
+    std::fs::remove_file(&log).unwrap();
+    let err = cluster
+        .operator(&["points", "--machine", "lost"])
+        .unwrap_err();
+    assert!(err.contains("point log is missing"), "{err}");
+    let err = cluster.recover("lost", "1").unwrap_err();
+    assert!(err.contains("point log is missing"), "{err}");
+    let disk = format!("{}=disk0", image.display());
+    let err = cluster
+        .sync_with("lost", &[&disk], &cluster.pki, &["--retry-for", "5s"])
+        .unwrap_err();
+    assert!(err.contains("point log is missing"), "{err}");
+    assert!(!log.exists(), "a new log was started over the journals");
+    cluster.target.wait_for_log("needs an operator");
+
+    // Replaced by another machine's log: its id does not match the journals.
+    let other = three_points(&cluster, "other");
+    drop(other);
+    std::fs::copy(cluster.datastore.join(".retention/other/points.log"), &log).unwrap();
+    let err = cluster
+        .operator(&["points", "--machine", "lost"])
+        .unwrap_err();
+    assert!(err.contains("replaced"), "{err}");
+
+    // Put back, all is well again.
+    std::fs::write(&log, &saved).unwrap();
+    assert_eq!(cluster.points("lost").len(), 3);
+}

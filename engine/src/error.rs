@@ -31,6 +31,8 @@ pub enum ErrorCode {
     Version = 8,
     /// A service on the path is unreachable for now; try again later.
     Unavailable = 9,
+    /// A file on the far side is damaged; an operator must look. Never retried.
+    Damaged = 10,
 }
 
 impl ErrorCode {
@@ -45,6 +47,7 @@ impl ErrorCode {
             7 => Self::Storage,
             8 => Self::Version,
             9 => Self::Unavailable,
+            10 => Self::Damaged,
             _ => Self::Internal,
         }
     }
@@ -174,6 +177,7 @@ impl Error {
             Error::Forbidden(_) => ErrorCode::Forbidden,
             Error::Unavailable(_) => ErrorCode::Unavailable,
             Error::Busy(_) => ErrorCode::Busy,
+            Error::Corrupt { .. } => ErrorCode::Damaged,
             Error::Version(_) => ErrorCode::Version,
             _ => ErrorCode::Internal,
         }
