@@ -61,7 +61,9 @@ enum Command {
 enum PkiCommand {
     /// Creates a CA and a certificate and key for each role (agent, process-server,
     /// master-target) in DIR. Copy ca.pem and the role's pair to each machine; keep
-    /// ca-key.pem offline.
+    /// ca-key.pem offline. The agent certificate written here is a fleet certificate: it
+    /// may speak for any machine. In production give each machine its own with
+    /// `pki issue --role agent --name MACHINE`, which can speak only for that machine.
     Init {
         /// Folder to write the PKI into (created if missing).
         #[arg(long)]
@@ -70,8 +72,10 @@ enum PkiCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Issues another certificate from the CA in DIR (one per agent machine, say) into OUT,
-    /// with ca.pem and crl.pem beside it: a PKI folder ready for that machine.
+    /// Issues another certificate from the CA in DIR into OUT (a new folder, never the PKI
+    /// folder itself), with ca.pem and crl.pem beside it: a PKI folder ready for that
+    /// machine. An agent certificate is bound to machine NAME: the process server refuses
+    /// it for any other machine.
     Issue {
         /// The PKI folder holding ca.pem and ca-key.pem.
         #[arg(long)]
@@ -79,7 +83,8 @@ enum PkiCommand {
         /// The role the certificate stands for.
         #[arg(long, value_parser = ["agent", "process-server", "master-target"])]
         role: String,
-        /// A name for the holder, recorded in the certificate and in issued.txt.
+        /// The holder: for an agent, the machine name it may speak for (as given to the
+        /// agent's --machine); recorded in the certificate and in issued.txt.
         #[arg(long)]
         name: String,
         /// Folder that receives the certificate and key (created if missing).

@@ -97,11 +97,31 @@ pub fn list(args: Where) -> anyhow::Result<()> {
         return list_group(&args, &SafeName::new("group name", group)?);
     }
     let machine = args.machine()?;
-    let log = point_log(&args.retention(), &machine)?;
+    let retention = args.retention();
+    let log = point_log(&retention, &machine)?;
     let mut points: Vec<&RecoveryPoint> = log.points().iter().collect();
     points.reverse();
+    // Disks whose replica changed outside deltaback: points before the change are not exact.
+    let inexact = |p: &RecoveryPoint| -> anyhow::Result<Vec<String>> {
+        let mut disks = Vec::new();
+        for d in &p.disks {
+            let id = SafeName::new("disk id", &d.id)?;
+            if master_target::retention::inexact_before(&retention, &machine, &id)?
+                .is_some_and(|from| p.seq < from)
+            {
+                disks.push(d.id.clone());
+            }
+        }
+        Ok(disks)
+    };
     if args.json {
-        engine::say!("{}", serde_json::to_string(&points)?);
+        let mut list = Vec::new();
+        for p in &points {
+            let mut value = serde_json::to_value(p)?;
+            value["exact"] = serde_json::Value::Bool(inexact(p)?.is_empty());
+            list.push(value);
+        }
+        engine::say!("{}", serde_json::Value::Array(list));
         return Ok(());
     }
     if points.is_empty() {
@@ -118,14 +138,23 @@ pub fn list(args: Where) -> anyhow::Result<()> {
     );
     for p in points {
         let disks: Vec<&str> = p.disks.iter().map(|d| d.id.as_str()).collect();
+        let not_exact = inexact(p)?;
         engine::say!(
-            "{:>6}  {:<20}  {:<16}  {:<10}  {:<20}  {}",
+            "{:>6}  {:<20}  {:<16}  {:<10}  {:<20}  {}{}",
             p.seq,
             time_text(p.time_ms),
             p.kind.name(),
             p.group.as_deref().unwrap_or("-"),
             p.label,
-            disks.join(",")
+            disks.join(","),
+            if not_exact.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "  (not exact: {} changed outside deltaback since)",
+                    not_exact.join(",")
+                )
+            }
         );
     }
     Ok(())

@@ -377,3 +377,41 @@ fn a_point_log_removed_or_replaced_while_journals_remain_is_reported() {
     std::fs::write(&log, &saved).unwrap();
     assert_eq!(cluster.points("lost").len(), 3);
 }
+
+#[test]
+fn a_replica_changed_outside_deltaback_makes_older_points_inexact_not_wrong() {
+    let cluster = Cluster::start();
+    let image = cluster.path("out.img");
+    write_mixed_image(&image, 2 * MIB, 85).unwrap();
+    let disk = format!("{}=disk0", image.display());
+    cluster.sync("outside", &[&disk]).unwrap();
+    change_blocks(&image, BLOCK, 0.2, 4).unwrap();
+    cluster.sync("outside", &[&disk]).unwrap();
+    // Someone writes into the replica behind deltaback's back.
+    {
+        use std::os::unix::fs::FileExt;
+        let extent = std::fs::OpenOptions::new()
+            .write(true)
+            .open(cluster.extent("outside", "disk0"))
+            .unwrap();
+        extent
+            .write_all_at(&[0xee; 4096], 5 * u64::from(BLOCK))
+            .unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    cluster.sync("outside", &[&disk]).unwrap();
+    cluster.target.wait_for_log("changed outside deltaback");
+    // Points 1 and 2 are older than the change: listed as not exact, never recovered.
+    let listed = cluster.points("outside");
+    let exact: Vec<(u64, bool)> = listed
+        .iter()
+        .map(|p| (p["seq"].as_u64().unwrap(), p["exact"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(exact, [(3, true), (2, false), (1, false)]);
+    for old in ["1", "2"] {
+        let err = cluster.recover("outside", old).unwrap_err();
+        assert!(err.contains("no longer exact"), "{err}");
+    }
+    let dir = cluster.recover("outside", "3").unwrap();
+    assert!(qemu_img_same(&image, &dir.join("disk0.vmdk")));
+}

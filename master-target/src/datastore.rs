@@ -6,6 +6,7 @@
 //! <datastore>/<machine>/.deltaback/<id>.manifest    block hashes of the extent
 //! <retention>/<machine>/points.log                  recovery points
 //! <retention>/<machine>/<disk>/<P>.journal          undo journal of the cycle ending at P
+//! <retention>/<machine>/<disk>/inexact-before       points before this one are not exact
 //! <retention>/.groups/<group>/points.log            consistency-group points
 //! ```
 //! Paths are built only from validated [`SafeName`]s (no separators, never starting with
@@ -72,6 +73,14 @@ pub fn journals(retention: &Path, machine: &SafeName, disk: &SafeName) -> Vec<(u
         .collect();
     found.sort_unstable();
     found
+}
+
+/// The marker saying which points of `disk` are no longer exact: the replica changed
+/// outside deltaback before the point it names.
+pub fn inexact_path(retention: &Path, machine: &SafeName, disk: &SafeName) -> PathBuf {
+    machine_dir(retention, machine)
+        .join(disk.as_str())
+        .join("inexact-before")
 }
 
 /// The point log of `machine`.

@@ -45,6 +45,8 @@ pub struct Replica {
     decoder: BlockDecoder,
     /// Where the old content of overwritten blocks goes in this cycle, if anywhere.
     undo: Option<UndoTarget>,
+    /// The extent changed since deltaback last saved its manifest.
+    changed_outside: bool,
 }
 
 /// The undo journal of the current cycle: opened on the first overwrite.
@@ -80,10 +82,12 @@ impl Replica {
             .read(true)
             .write(true)
             .open(&paths.extent);
+        let mut changed_outside = false;
         let (file, manifest, fresh) = match existing {
             Ok(file) => {
-                let manifest =
+                let (manifest, outside) =
                     Self::existing_manifest(&file, &paths, id, geometry, verify, threads)?;
+                changed_outside = outside;
                 (file, manifest, false)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -116,6 +120,7 @@ impl Replica {
             dirty: false,
             decoder: BlockDecoder::new()?,
             undo: None,
+            changed_outside,
         })
     }
 
@@ -127,7 +132,7 @@ impl Replica {
         geometry: Geometry,
         verify: bool,
         threads: usize,
-    ) -> Result<Manifest> {
+    ) -> Result<(Manifest, bool)> {
         let stamp = FileStamp::of(file, &paths.extent)?;
         let old_size = stamp.size;
         if old_size > geometry.size {
@@ -142,13 +147,13 @@ impl Replica {
         let old_geometry = Geometry::new(old_size, geometry.block_size)?;
         let saved = Manifest::load(&paths.manifest).ok();
         let durable_seq = saved.as_ref().map_or(0, |m| m.durable_seq);
-        let trusted = saved.filter(|m| !verify && m.stamp == stamp && m.geometry() == old_geometry);
-        let mut manifest = match trusted {
-            Some(m) => {
+        let mut changed_outside = false;
+        let mut manifest = match saved {
+            Some(m) if !verify && m.stamp == stamp && m.geometry() == old_geometry => {
                 tracing::info!(disk = %id, "extent unchanged since its manifest was saved; trusting it");
                 m
             }
-            None => {
+            saved => {
                 tracing::info!(disk = %id, size = old_size, "hashing the existing extent");
                 let leaves = hashing::hash_file(
                     file,
@@ -157,6 +162,11 @@ impl Replica {
                     threads,
                     &AtomicU64::new(0),
                 )?;
+                // A saved manifest is only ever written after a flush: content that differs
+                // from it was written by someone else.
+                changed_outside = saved.is_some_and(|m| {
+                    m.geometry() == old_geometry && m.leaves() != leaves.as_slice()
+                });
                 Manifest::new(old_geometry, leaves)?
             }
         };
@@ -185,7 +195,13 @@ impl Replica {
             })?;
             vmdk::write_descriptor(&paths.descriptor, &paths.extent, geometry.size)?;
         }
-        Ok(manifest)
+        Ok((manifest, changed_outside))
+    }
+
+    /// True when the extent was found changed since deltaback last saved its manifest: its
+    /// older recovery points can no longer be reconstructed exactly.
+    pub fn changed_outside(&self) -> bool {
+        self.changed_outside
     }
 
     /// What the master target reports to the agent about this replica.

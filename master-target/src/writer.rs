@@ -200,6 +200,13 @@ impl Writer {
             self.config.hash_threads,
             self.config.direct_io,
         )?;
+        if replica.changed_outside() && !self.points.points().is_empty() {
+            let next = self.points.next_seq();
+            retention::mark_inexact(&self.config.retention, &self.machine, id, next)?;
+            tracing::error!(machine = %self.machine, disk = %id, before = next,
+                "the replica changed outside deltaback: its recovery points before this one are \
+                 no longer exact and will not be recovered");
+        }
         // Once a point exists, every overwrite must be undoable back to it.
         if !self.points.points().is_empty() {
             let next = self.points.next_seq();

@@ -90,6 +90,16 @@ impl NbdClient {
             op: "connect to NBD server",
             source: std::io::Error::new(e.kind(), format!("{}: {e}", socket.display())),
         })?;
+        Self::over(stream, export, meta_context).await
+    }
+
+    /// Like [`Self::connect`], over a stream already connected (fuzzing drives it with a
+    /// socket pair).
+    pub async fn over(
+        stream: UnixStream,
+        export: &str,
+        meta_context: Option<&str>,
+    ) -> Result<Self> {
         let (r, w) = stream.into_split();
         let mut client = Self {
             reader: BufReader::new(r),

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
@@ -21,7 +21,7 @@ const MAX_LINE: usize = 4 << 20;
 
 /// A QMP session.
 pub struct Qmp {
-    lines: Lines<BufReader<OwnedReadHalf>>,
+    reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     events: VecDeque<Value>,
     next_id: u64,
@@ -34,9 +34,15 @@ impl Qmp {
             op: "connect to QMP",
             source: std::io::Error::new(e.kind(), format!("{}: {e}", socket.display())),
         })?;
+        Self::over(stream).await
+    }
+
+    /// Like [`Self::connect`], over a stream already connected (fuzzing drives it with a
+    /// socket pair).
+    pub async fn over(stream: UnixStream) -> Result<Self> {
         let (r, w) = stream.into_split();
         let mut qmp = Self {
-            lines: BufReader::new(r).lines(),
+            reader: BufReader::new(r),
             writer: w,
             events: VecDeque::new(),
             next_id: 0,
@@ -49,17 +55,23 @@ impl Qmp {
         Ok(qmp)
     }
 
+    /// The next message: one line, read with a bound, so a runaway peer cannot make the
+    /// agent buffer more than [`MAX_LINE`].
     async fn read_message(&mut self) -> Result<Value> {
-        let line = self
-            .lines
-            .next_line()
+        let mut line = Vec::new();
+        let limit = u64::try_from(MAX_LINE).unwrap_or(u64::MAX) + 1;
+        let n = (&mut self.reader)
+            .take(limit)
+            .read_until(b'\n', &mut line)
             .await
-            .map_err(Error::net("read QMP"))?
-            .ok_or(Error::Truncated("by QEMU (QMP socket closed)"))?;
+            .map_err(Error::net("read QMP"))?;
+        if n == 0 {
+            return Err(Error::Truncated("by QEMU (QMP socket closed)"));
+        }
         if line.len() > MAX_LINE {
             return Err(Error::Qemu("QMP message too long".into()));
         }
-        serde_json::from_str(&line).map_err(|e| Error::Qemu(format!("bad QMP JSON: {e}")))
+        serde_json::from_slice(&line).map_err(|e| Error::Qemu(format!("bad QMP JSON: {e}")))
     }
 
     /// Runs `command` with `arguments`; returns its `return` value.

@@ -86,3 +86,38 @@ pub fn seal_cycle(retention: &Path, machine: &SafeName, point: u64, log_id: u64)
     }
     Ok(())
 }
+
+/// The first point of `disk` that is exact, if its replica ever changed outside deltaback:
+/// points before it cannot be reconstructed (their undo journals miss that change).
+pub fn inexact_before(
+    retention: &Path,
+    machine: &SafeName,
+    disk: &SafeName,
+) -> Result<Option<u64>> {
+    let path = crate::datastore::inexact_path(retention, machine, disk);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map(Some).map_err(|_| Error::Corrupt {
+            path,
+            reason: "not a point number".into(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::file("read", &path)(e)),
+    }
+}
+
+/// Records, durably, that the points of `disk` before `point` are no longer exact.
+pub fn mark_inexact(
+    retention: &Path,
+    machine: &SafeName,
+    disk: &SafeName,
+    point: u64,
+) -> Result<()> {
+    let before = inexact_before(retention, machine, disk)?
+        .unwrap_or(0)
+        .max(point);
+    let path = crate::datastore::inexact_path(retention, machine, disk);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(Error::file("create folder", dir))?;
+    }
+    engine::storage::durable::write_atomic(&path, format!("{before}\n").as_bytes())
+}

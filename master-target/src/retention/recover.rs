@@ -150,6 +150,14 @@ fn recover_disk(
     (point, next_point): (u64, u64),
     output: &Path,
 ) -> Result<RecoveredDisk> {
+    if let Some(exact_from) = super::inexact_before(retention, machine, id)? {
+        if point < exact_from {
+            return Err(Error::Invalid(format!(
+                "point {point} of disk {id} is no longer exact: the replica changed outside \
+                 deltaback after it; recover point {exact_from} or later"
+            )));
+        }
+    }
     let replica = ReplicaPaths::new(datastore, machine, id);
     let out = ReplicaPaths::new(output, machine, id);
     let out_extent = output.join(out.extent.file_name().unwrap_or_default());
