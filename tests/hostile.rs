@@ -77,14 +77,16 @@ impl RawAgent {
         let mut agent = RawAgent::connect(cluster).await;
         agent
             .send(&Message::Hello {
-                min_version: 1,
-                max_version: 1,
+                min_version: engine::wire::PROTOCOL_VERSION,
+                max_version: engine::wire::PROTOCOL_VERSION,
                 machine: machine.into(),
             })
             .await;
         assert!(matches!(
             agent.recv().await,
-            Some(Message::Welcome { version: 1 })
+            Some(Message::Welcome {
+                version: engine::wire::PROTOCOL_VERSION
+            })
         ));
         agent
     }

@@ -192,6 +192,7 @@ fn sparse_split_and_snapshot_disks_are_refused_untouched_and_flat_ones_adopted()
         .sync("vm1", &[format!("{}=flat", source.display())])
         .unwrap();
     assert_eq!(disk0(&report)["fresh"], false);
+    assert_eq!(disk0(&report)["replica"], "adopted");
     assert_eq!(
         disk0(&report)["blocks_sent"].as_u64().unwrap(),
         changed.len() as u64
@@ -269,5 +270,10 @@ fn nothing_is_written_through_a_symbolic_link_or_over_another_disks_files() {
         .sync("vm4", &[format!("{}=d", source.display())])
         .unwrap();
     assert_eq!(disk0(&report)["fresh"], true);
+    assert_eq!(disk0(&report)["replica"], "new");
     assert!(qemu_img_same(&source, &cluster.vmdk("vm4", "d")));
+    let again = cluster
+        .sync("vm4", &[format!("{}=d", source.display())])
+        .unwrap();
+    assert_eq!(disk0(&again)["replica"], "deltaback");
 }

@@ -65,6 +65,9 @@ pub struct DiskReport {
     pub payload_bytes: u64,
     /// True when the replica did not exist before.
     pub fresh: bool,
+    /// What the master target found: `new` (a replica it creates), `deltaback` (a replica
+    /// it made before) or `adopted` (an existing disk of the original VM, adopted).
+    pub replica: &'static str,
     /// Tree hashes fetched from the master target for the compare.
     pub hashes_fetched: u64,
     /// Sequence number the master target acknowledged as durable.
@@ -90,9 +93,19 @@ impl DiskReport {
             zero_blocks: 0,
             payload_bytes: 0,
             fresh: state.fresh,
+            replica: replica_kind(state),
             hashes_fetched: 0,
             durable_seq: state.durable_seq,
             change_source,
         }
+    }
+}
+
+/// What the master target found for a disk: `new`, `deltaback` or `adopted`.
+pub fn replica_kind(state: &DiskState) -> &'static str {
+    match (state.fresh, state.adopted) {
+        (true, _) => "new",
+        (false, true) => "adopted",
+        (false, false) => "deltaback",
     }
 }

@@ -66,7 +66,15 @@ impl Session {
         id: &SafeName,
         geometry: Geometry,
     ) -> Result<DiskState> {
-        self.conversation.open_disk(handle, id, geometry).await
+        let state = self.conversation.open_disk(handle, id, geometry).await?;
+        let replica = crate::report::replica_kind(&state);
+        let what = match replica {
+            "new" => "a new replica",
+            "adopted" => "an existing disk of the original VM, adopted",
+            _ => "a replica deltaback made before",
+        };
+        tracing::info!(disk = %id, replica, "the master target writes {what}");
+        Ok(state)
     }
 
     /// Access to the master target's hash tree of `handle`, for the top-down compare.

@@ -47,6 +47,8 @@ pub struct Replica {
     undo: Option<UndoTarget>,
     /// The extent changed since deltaback last saved its manifest.
     changed_outside: bool,
+    /// An existing disk deltaback did not make, adopted.
+    adopted: bool,
 }
 
 /// The undo journal of the current cycle: opened on the first overwrite.
@@ -121,6 +123,7 @@ impl Replica {
             decoder: BlockDecoder::new()?,
             undo: None,
             changed_outside,
+            adopted: false,
         })
     }
 
@@ -214,7 +217,13 @@ impl Replica {
             durable_seq: self.manifest.durable_seq,
             depth: u8::try_from(self.manifest.depth()).unwrap_or(u8::MAX),
             root: self.manifest.root(),
+            adopted: self.adopted,
         }
+    }
+
+    /// Marks the replica as an existing disk deltaback did not make (see `ownership`).
+    pub fn mark_adopted(&mut self) {
+        self.adopted = true;
     }
 
     /// The hash manifest.

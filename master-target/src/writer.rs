@@ -200,6 +200,9 @@ impl Writer {
             self.config.hash_threads,
             self.config.direct_io,
         )?;
+        if matches!(verdict, ownership::Verdict::Adopt(_)) {
+            replica.mark_adopted();
+        }
         if replica.changed_outside() && !self.points.points().is_empty() {
             let next = self.points.next_seq();
             retention::mark_inexact(&self.config.retention, &self.machine, id, next)?;

@@ -9,7 +9,7 @@
 //!    2  Welcome      version u16
 //!    3  OpenDisk     handle u32, id str, size u64, block_size u32
 //!    4  DiskState    handle u32, size u64, block_size u32, fresh u8, durable_seq u64,
-//!                    depth u8, root [32]
+//!                    depth u8, root [32], adopted u8 (since version 2)
 //!    5  HashQuery    handle u32, level u8, n u32, n x (start u64, count u32)
 //!    6  HashAnswer   handle u32, level u8, n u32, n x hash [32]
 //!    7  Blocks       handle u32, seq u64, n u32, n x record
@@ -38,7 +38,8 @@ pub const KIND_DISK_STATE: u8 = 4;
 pub const KIND_CHECKPOINT: u8 = 12;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version 2: `DiskState` says whether the master target adopted a disk it did not make.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Bytes of a block record before its payload.
 pub const RECORD_HEADER_LEN: usize = 8 + 32 + 1 + 4;
 /// Most hashes one `HashAnswer` carries: what fits one frame with room for its header.
@@ -61,6 +62,9 @@ pub struct DiskState {
     pub depth: u8,
     /// Root of the target's hash tree.
     pub root: BlockHash,
+    /// True when the replica is an existing disk deltaback did not make (a VMware flat
+    /// disk of the original VM), adopted for this failback.
+    pub adopted: bool,
 }
 
 /// One block inside a `Blocks` message.
@@ -280,6 +284,7 @@ impl Message {
                 b.put_u64(s.durable_seq);
                 b.put_u8(s.depth);
                 b.put_slice(&s.root);
+                b.put_u8(u8::from(s.adopted));
             }
             Message::HashQuery {
                 handle,
@@ -383,6 +388,7 @@ impl Message {
                 durable_seq: r.u64("durable sequence")?,
                 depth: r.u8("depth")?,
                 root: r.hash()?,
+                adopted: r.u8("adopted")? != 0,
             }),
             5 => {
                 let handle = r.u32("handle")?;
@@ -572,7 +578,8 @@ mod tests {
                     fresh,
                     durable_seq: s / 3,
                     depth,
-                    root
+                    root,
+                    adopted: fresh && depth % 2 == 0,
                 })
             ),
             (

@@ -321,6 +321,8 @@ impl Held<'_> {
             durable_seq: 0,
             depth: u8::try_from(tree.depth()).unwrap_or(u8::MAX),
             root: tree.root(),
+            // Known from an earlier live conversation; the master target says the rest.
+            adopted: false,
         };
         Ok((state, tree))
     }
