@@ -230,3 +230,49 @@ fn a_crl_that_is_not_the_cas_stops_the_service_at_start() {
         assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
     }
 }
+
+#[test]
+fn sighup_reloads_the_crl_instead_of_killing_the_service() {
+    let cluster = Cluster::start();
+    let image = cluster.path("x.img");
+    write_mixed_image(&image, 1 << 20, 12).unwrap();
+    let disk = [format!("{}=disk0", image.display())];
+    let dir = cluster.pki.to_str().unwrap();
+    let web01 = cluster.path("web01-pki");
+    let out = pki(&[
+        "issue",
+        "--dir",
+        dir,
+        "--role",
+        "agent",
+        "--name",
+        "web01",
+        "--out",
+        web01.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let serial = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .to_owned();
+    cluster.sync_with("web01", &disk, &web01, &[]).unwrap();
+
+    assert!(pki(&["revoke", "--dir", dir, "--serial", &serial])
+        .status
+        .success());
+    for service in [&cluster.relay, &cluster.target] {
+        let sent = Command::new("kill")
+            .args(["-HUP", &service.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        service.wait_for_log("reloaded the PKI folder");
+    }
+    let err = cluster
+        .sync_with("web01", &disk, &web01, &["--retry-for", "0s"])
+        .unwrap_err();
+    assert!(err.contains("Revoked"), "{err}");
+    // Both services are still up and serving.
+    still_serving(&cluster);
+}

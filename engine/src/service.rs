@@ -62,6 +62,38 @@ pub async fn bind(addr: &str, what: &str) -> Result<TcpListener> {
     Ok(listener)
 }
 
+static RELOADS: std::sync::OnceLock<tokio::sync::watch::Receiver<u64>> = std::sync::OnceLock::new();
+
+/// Makes SIGHUP ask the services of this process to reload their PKI folder (a new
+/// `crl.pem`) instead of killing it. Like [`shutdown_signal`], call it before announcing
+/// the listening address. Must be called inside the tokio runtime.
+pub fn reload_on_hangup() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: reloading the CRL needs a restart");
+        return;
+    };
+    let (tx, rx) = tokio::sync::watch::channel(0u64);
+    if RELOADS.set(rx).is_err() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut count = 0u64;
+        while hangups.recv().await.is_some() {
+            count += 1;
+            tracing::info!("SIGHUP received, reloading the PKI folder");
+            if tx.send(count).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Reload requests (SIGHUP), if [`reload_on_hangup`] was called.
+pub fn reloads() -> Option<tokio::sync::watch::Receiver<u64>> {
+    RELOADS.get().cloned()
+}
+
 /// Completes on SIGINT or SIGTERM. The handlers are installed when this is called, not when
 /// the future is first polled: call it before announcing the listening address, so a signal
 /// sent right after the announcement stops the service cleanly instead of killing it.

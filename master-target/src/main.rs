@@ -68,6 +68,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _lock = master_target::datastore::DatastoreLock::acquire(&args.datastore)?;
     let identity = Identity::load(&args.pki, Role::MasterTarget)?;
     let shutdown = engine::service::shutdown_signal();
+    engine::service::reload_on_hangup();
     let listener = engine::service::bind(&args.listen, "master target").await?;
     let retention = args
         .retention

@@ -90,6 +90,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("--master-target")?;
     let shutdown = engine::service::shutdown_signal();
+    engine::service::reload_on_hangup();
     let listener = engine::service::bind(&args.listen, "process server").await?;
     let groups = args
         .groups

@@ -80,6 +80,8 @@ fn tls_err(e: rustls::Error) -> Error {
 
 /// A role's certificate chain and key, and the CA it trusts, loaded from a PKI folder.
 pub struct Identity {
+    /// The PKI folder it was loaded from (reloaded on SIGHUP).
+    dir: std::path::PathBuf,
     role: Role,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
@@ -124,6 +126,7 @@ impl Identity {
             Vec::new()
         };
         let identity = Self {
+            dir: dir.to_owned(),
             role,
             chain,
             key,
@@ -179,6 +182,11 @@ impl Identity {
                 path.display()
             ))),
         }
+    }
+
+    /// Loads the same identity again from its folder (a new `crl.pem`, say).
+    pub fn reload(&self) -> Result<Self> {
+        Self::load(&self.dir, self.role)
     }
 
     /// The role this identity stands for.

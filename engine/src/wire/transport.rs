@@ -415,7 +415,8 @@ where
     F: Fn(Conn) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<String>> + Send + 'static,
 {
-    let acceptor = TlsAcceptor::from(identity.server_config()?);
+    let mut acceptor = TlsAcceptor::from(identity.server_config()?);
+    let mut reloads = crate::service::reloads();
     let handle = Arc::new(handle);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let per_address = Arc::new(PerAddress::default());
@@ -424,8 +425,31 @@ where
     let mut backoff = Duration::from_millis(10);
     tokio::pin!(shutdown);
     loop {
+        let reload = async {
+            match reloads.as_mut() {
+                Some(rx) => rx.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
         let (tcp, peer) = tokio::select! {
             () = &mut shutdown => return Ok(()),
+            alive = reload => {
+                if !alive {
+                    reloads = None;
+                    continue;
+                }
+                // New connections use the reloaded certificates and CRL; a folder that
+                // does not load leaves the running ones in place.
+                match identity.reload().and_then(|new| new.server_config()) {
+                    Ok(config) => {
+                        acceptor = TlsAcceptor::from(config);
+                        tracing::info!("reloaded the PKI folder: new connections use its CRL");
+                    }
+                    Err(e) => tracing::error!(error = %e.chain(),
+                        "cannot reload the PKI folder; keeping the certificates and CRL in use"),
+                }
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(a) => {
                     backoff = Duration::from_millis(10);
