@@ -58,6 +58,20 @@ fn a_disk_larger_than_the_limit_is_refused_when_opened() {
         agent.error_text().await
     });
     assert!(text.contains("--max-disk-size"), "{text}");
+    // Below the limit but too large to hash in this machine's memory: refused, not a crash.
+    let text = runtime().block_on(async {
+        let mut agent = RawAgent::hello(&cluster, "huge").await;
+        agent
+            .send(&Message::OpenDisk {
+                handle: 0,
+                id: "disk0".into(),
+                size: (64 << 40) - 65536, // just under 64 TiB: 32 GiB of block hashes
+                block_size: 65536,
+            })
+            .await;
+        agent.error_text().await
+    });
+    assert!(text.contains("memory"), "{text}");
     still_serving(&cluster);
 }
 

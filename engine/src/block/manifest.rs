@@ -87,6 +87,13 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Bytes of memory the manifest of a disk of `geometry` takes: 32 bytes per block, and
+    /// a fifteenth more for the tree above them. (Kept whole in memory today; a service
+    /// checks this against what the machine has before it builds one for a peer.)
+    pub fn memory_for(geometry: Geometry) -> u64 {
+        geometry.blocks().saturating_mul(32).saturating_mul(16) / 15
+    }
+
     /// Builds the tree over `leaves`, which must hold one hash per block.
     pub fn new(geometry: Geometry, leaves: Vec<BlockHash>) -> Result<Self> {
         if leaves.len() as u64 != geometry.blocks() {
