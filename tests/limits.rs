@@ -212,3 +212,30 @@ fn running_out_of_descriptors_backs_off_instead_of_spinning() {
     assert!(raised.success());
     still_serving(&cluster);
 }
+
+#[test]
+fn one_conversation_opens_a_bounded_number_of_disks() {
+    let cluster = Cluster::start();
+    let text = runtime().block_on(async {
+        let mut agent = RawAgent::hello(&cluster, "many").await;
+        for handle in 0..100u32 {
+            agent
+                .send(&Message::OpenDisk {
+                    handle,
+                    id: format!("disk{handle}"),
+                    size: 1 << 20,
+                    block_size: 65536,
+                })
+                .await;
+            match agent.recv().await {
+                Some(Message::DiskState(_)) => {}
+                Some(Message::Error { message, .. }) => return (handle, message),
+                other => panic!("{other:?}"),
+            }
+        }
+        panic!("100 disks opened in one conversation");
+    });
+    assert_eq!(text.0, 64, "{}", text.1);
+    assert!(text.1.contains("disks in one conversation"), "{}", text.1);
+    still_serving(&cluster);
+}

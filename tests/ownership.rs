@@ -254,6 +254,20 @@ fn nothing_is_written_through_a_symbolic_link_or_over_another_disks_files() {
     assert!(err.contains("symbolic link"), "{err}");
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
 
+    // deltaback's own folder in a machine folder is a link out of the datastore.
+    let folder = cluster.datastore.join("vm5");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::os::unix::fs::symlink(&outside, folder.join(".deltaback")).unwrap();
+    let err = cluster
+        .sync("vm5", &[format!("{}=d", source.display())])
+        .unwrap_err();
+    assert!(err.contains("symbolic link"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        1,
+        "only the victim file"
+    );
+
     // Disk `a` is ours; a disk named `a-flat` would write over a's extent.
     cluster
         .sync("vm3", &[format!("{}=a", source.display())])

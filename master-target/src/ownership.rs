@@ -98,7 +98,24 @@ pub fn inspect(datastore: &Path, machine: &SafeName, id: &SafeName) -> Result<Ve
         }
         Some(Kind::Dir) => {}
     }
-    for path in [&paths.descriptor, &paths.extent] {
+    let meta_dir = paths.manifest.parent().unwrap_or(&dir).to_owned();
+    for path in [&paths.descriptor, &paths.extent, &meta_dir, &paths.manifest] {
+        if path == &meta_dir {
+            match kind_of(path)? {
+                Some(Kind::Symlink) => {
+                    return Err(refuse(
+                        path,
+                        "deltaback's own folder is a symbolic link; deltaback never writes \
+                         through links",
+                        "replace the link by a real folder",
+                    ))
+                }
+                Some(Kind::File | Kind::Other) => {
+                    return Err(refuse(path, "not a folder", "move it away"))
+                }
+                _ => continue,
+            }
+        }
         match kind_of(path)? {
             Some(Kind::Symlink) => {
                 return Err(refuse(

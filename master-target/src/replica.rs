@@ -12,7 +12,7 @@
 //! of trusting stale hashes. No mmap for writes: a full disk must be an error, not SIGBUS.
 
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 
@@ -80,9 +80,12 @@ impl Replica {
         fs::create_dir_all(meta_dir).map_err(Error::file("create folder", meta_dir))?;
         let zero = ZeroHashes::new(geometry);
 
+        // Never through a symbolic link (`ownership` refused them; this closes the gap).
+        let no_follow = i32::try_from(rustix::fs::OFlags::NOFOLLOW.bits()).unwrap_or(0);
         let existing = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(no_follow)
             .open(&paths.extent);
         let mut changed_outside = false;
         let (file, manifest, fresh) = match existing {

@@ -27,6 +27,9 @@ use crate::retention::{
 /// Disks being written right now, as `machine/id`: one session per disk at a time.
 pub(crate) type DiskLocks = Arc<Mutex<HashSet<String>>>;
 
+/// Most disks one conversation may open: each holds its hash tree in memory.
+pub const MAX_DISKS_PER_SESSION: usize = 64;
+
 /// What the async side asks of the writer.
 pub(crate) enum Command {
     Open {
@@ -172,6 +175,11 @@ impl Writer {
     }
 
     fn open(&mut self, handle: u32, id: &SafeName, geometry: Geometry) -> Result<DiskState> {
+        if self.replicas.len() >= MAX_DISKS_PER_SESSION {
+            return Err(Error::Invalid(format!(
+                "more than {MAX_DISKS_PER_SESSION} disks in one conversation"
+            )));
+        }
         if self.replicas.contains_key(&handle) {
             return Err(Error::Protocol(format!(
                 "disk handle {handle} opened twice"

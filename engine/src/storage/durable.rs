@@ -1,30 +1,33 @@
 //! Durable file replacement: write a temporary file, fsync it, rename it over the target,
 //! fsync the directory. After a crash the target holds either the old or the new content.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
 
 use crate::error::{Error, Result};
 
-/// Replaces `path` with `bytes` atomically and durably.
+/// Replaces `path` with `bytes` atomically and durably. The temporary file is created
+/// exclusively under a unique random name beside `path` (`tempfile`), so nothing that
+/// already stands there, a symbolic link least of all, is ever opened or truncated.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| Error::Invalid(format!("{} has no parent folder", path.display())))?;
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = dir.join(tmp_name);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(Error::file("create", &tmp))?;
-    file.write_all(bytes).map_err(Error::file("write", &tmp))?;
-    file.sync_all().map_err(Error::file("fsync", &tmp))?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(Error::file("rename into place", path))?;
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(path.file_name().unwrap_or_default());
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(Error::file("create a temporary file in", dir))?;
+    tmp.write_all(bytes)
+        .map_err(Error::file("write", tmp.path().to_owned()))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(Error::file("fsync", tmp.path().to_owned()))?;
+    tmp.persist(path)
+        .map_err(|e| Error::file("rename into place", path)(e.error))?;
     sync_dir(dir)
 }
 
