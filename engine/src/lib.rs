@@ -34,10 +34,15 @@
 //!   at most 8 MiB, the message table and versioning policy at the top of `wire/mod.rs`.
 //!
 //! ## Locks
-//! The engine holds no lock across calls. [`wire::throttle::Throttle`] keeps its token
-//! bucket behind a mutex (the bucket's level and last refill, held for a few arithmetic
-//! operations); [`block::hashing::hash_file`] shares its work cursor and first error between
-//! its threads behind mutexes held only to take the next chunk.
+//! The engine holds no lock across calls or awaits.
+//!
+//! | lock | protects |
+//! | --- | --- |
+//! | [`wire::throttle::Throttle`]'s bucket (mutex) | the token level and the last refill, for a few arithmetic operations |
+//! | [`block::hashing::hash_file`]'s work cursor (mutex) | the next chunk to hash, taken by one thread at a time |
+//! | `hash_file`'s first error (mutex) | the first read error, so every thread stops on it |
+//! | `wire::transport::serve`'s per-address table (mutex) | connections held per IP address |
+//! | `service`'s reload channel (once-set) | SIGHUP requests to reload the PKI folder |
 //!
 //! ARCHITECTURE.md at the repository root draws the whole system and points into each crate.
 
