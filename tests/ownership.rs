@@ -268,6 +268,20 @@ fn nothing_is_written_through_a_symbolic_link_or_over_another_disks_files() {
         "only the victim file"
     );
 
+    // The machine's retention folder is a link out of the datastore.
+    let retention = cluster.datastore.join(".retention");
+    std::fs::create_dir_all(&retention).unwrap();
+    std::os::unix::fs::symlink(&outside, retention.join("vm6")).unwrap();
+    let err = cluster
+        .sync("vm6", &[format!("{}=d", source.display())])
+        .unwrap_err();
+    assert!(err.contains("symbolic link"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        1,
+        "only the victim file"
+    );
+
     // Disk `a` is ours; a disk named `a-flat` would write over a's extent.
     cluster
         .sync("vm3", &[format!("{}=a", source.display())])

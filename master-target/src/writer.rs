@@ -198,6 +198,7 @@ impl Writer {
         }
         self.held.push(key);
         check_memory(id, geometry)?;
+        no_links_in_retention(&self.config.retention, &self.machine, id)?;
         let verdict = ownership::inspect(&self.config.datastore, &self.machine, id)?;
         tracing::info!(machine = %self.machine, disk = %id, verdict = verdict.word(), "{}", verdict.explain());
         let mut replica = Replica::open(
@@ -413,4 +414,26 @@ fn check_memory(id: &SafeName, geometry: Geometry) -> Result<()> {
         ))),
         _ => Ok(()),
     }
+}
+
+/// The retention folders of a machine and disk must not be symbolic links: journals and
+/// point logs are written there.
+fn no_links_in_retention(
+    retention: &std::path::Path,
+    machine: &SafeName,
+    id: &SafeName,
+) -> Result<()> {
+    let machine_dir = datastore::machine_dir(retention, machine);
+    for path in [machine_dir.clone(), machine_dir.join(id.as_str())] {
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(Error::Refused {
+                path,
+                reason: "a symbolic link in the retention folder; deltaback never writes \
+                         through links"
+                    .into(),
+                fix: "replace the link by a real folder".into(),
+            });
+        }
+    }
+    Ok(())
 }

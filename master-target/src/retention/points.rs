@@ -35,6 +35,8 @@ const HEADER_LEN: usize = 32;
 /// Record head: length and its check.
 const RECORD_HEAD: usize = 8;
 const MAX_RECORD: usize = 1 << 20;
+/// Most points a log keeps, whatever the retention window: the oldest go first.
+pub const MAX_POINTS: usize = 10_000;
 
 /// One disk as it was at a point.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -150,14 +152,20 @@ impl PointLog {
         Ok(())
     }
 
-    /// Drops points taken before `oldest_ms`, always keeping the newest. Returns the oldest
+    /// Drops points taken before `oldest_ms`, always keeping the newest, and the oldest
+    /// beyond [`MAX_POINTS`] (so no peer can grow a log without bound). Returns the oldest
     /// point kept, so the journals that lead to it or earlier can go.
     pub fn prune(&mut self, oldest_ms: u64) -> Result<Option<u64>> {
+        self.prune_to(oldest_ms, MAX_POINTS)
+    }
+
+    fn prune_to(&mut self, oldest_ms: u64, max_points: usize) -> Result<Option<u64>> {
         let keep_from = self
             .points
             .iter()
             .position(|p| p.time_ms >= oldest_ms)
-            .unwrap_or(self.points.len().saturating_sub(1));
+            .unwrap_or(self.points.len().saturating_sub(1))
+            .max(self.points.len().saturating_sub(max_points.max(1)));
         if keep_from > 0 {
             self.points.drain(..keep_from);
             let mut out = file_header(self.id).to_vec();
@@ -354,6 +362,19 @@ mod tests {
         // The newest point survives even when older than the window.
         assert_eq!(log.prune(10_000).unwrap(), Some(4));
         assert_eq!(log.next_seq(), 5);
+    }
+
+    #[test]
+    fn a_log_keeps_at_most_max_points() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("points.log");
+        let mut log = PointLog::load(&path).unwrap();
+        for seq in 1..=8 {
+            log.append(point(seq, seq)).unwrap();
+        }
+        assert_eq!(log.prune_to(0, 3).unwrap(), Some(6));
+        assert_eq!(PointLog::load(&path).unwrap().points().len(), 3);
+        assert_eq!(log.next_seq(), 9);
     }
 
     #[test]
