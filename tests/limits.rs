@@ -42,35 +42,30 @@ fn sequence_numbers_must_follow_the_durable_one_exactly() {
     still_serving(&cluster);
 }
 
+/// Says Hello and opens one disk of `size` bytes; returns the error the services answer.
+fn refused_open(cluster: &Cluster, size: u64) -> String {
+    runtime().block_on(async {
+        let mut agent = RawAgent::hello(cluster, "huge").await;
+        agent
+            .send(&Message::OpenDisk {
+                handle: 0,
+                id: "disk0".into(),
+                size,
+                block_size: 65536,
+            })
+            .await;
+        agent.error_text().await
+    })
+}
+
 #[test]
 fn a_disk_larger_than_the_limit_is_refused_when_opened() {
     let cluster = Cluster::start();
-    let text = runtime().block_on(async {
-        let mut agent = RawAgent::hello(&cluster, "huge").await;
-        agent
-            .send(&Message::OpenDisk {
-                handle: 0,
-                id: "disk0".into(),
-                size: 1 << 50, // 1 PiB
-                block_size: 65536,
-            })
-            .await;
-        agent.error_text().await
-    });
+    let text = refused_open(&cluster, 1 << 50); // 1 PiB
     assert!(text.contains("--max-disk-size"), "{text}");
-    // Below the limit but too large to hash in this machine's memory: refused, not a crash.
-    let text = runtime().block_on(async {
-        let mut agent = RawAgent::hello(&cluster, "huge").await;
-        agent
-            .send(&Message::OpenDisk {
-                handle: 0,
-                id: "disk0".into(),
-                size: (64 << 40) - 65536, // just under 64 TiB: 32 GiB of block hashes
-                block_size: 65536,
-            })
-            .await;
-        agent.error_text().await
-    });
+    // Below the limit but too large to hash in this machine's memory (24 GiB here): refused,
+    // not a crash. Just under 64 TiB: 32 GiB of block hashes.
+    let text = refused_open(&cluster, (64 << 40) - 65536);
     assert!(text.contains("memory"), "{text}");
     still_serving(&cluster);
 }

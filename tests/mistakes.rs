@@ -17,30 +17,40 @@ fn pki(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-#[test]
-fn an_agent_certificate_issued_for_one_machine_speaks_only_for_it() {
-    let cluster = Cluster::start();
-    let image = cluster.path("x.img");
-    write_mixed_image(&image, 1 << 20, 4).unwrap();
-    let disk = [format!("{}=disk0", image.display())];
-    let web01 = cluster.path("web01-pki");
-    let dir = cluster.pki.to_str().unwrap();
+/// Issues an agent certificate for `machine` into a new folder; returns it and its serial.
+fn issue_agent(cluster: &Cluster, machine: &str) -> (std::path::PathBuf, String) {
+    let out_dir = cluster.path(&format!("{machine}-pki"));
     let out = pki(&[
         "issue",
         "--dir",
-        dir,
+        cluster.pki.to_str().unwrap(),
         "--role",
         "agent",
         "--name",
-        "web01",
+        machine,
         "--out",
-        web01.to_str().unwrap(),
+        out_dir.to_str().unwrap(),
     ]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let serial = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .to_owned();
+    (out_dir, serial)
+}
+
+#[test]
+fn an_agent_certificate_issued_for_one_machine_speaks_only_for_it() {
+    let cluster = Cluster::start();
+    let image = cluster.path("x.img");
+    write_mixed_image(&image, 1 << 20, 4).unwrap();
+    let disk = [format!("{}=disk0", image.display())];
+    let (web01, _) = issue_agent(&cluster, "web01");
 
     let report = cluster.sync_with("web01", &disk, &web01, &[]).unwrap();
     assert!(disk0(&report)["blocks_sent"].as_u64().unwrap() > 0);
@@ -237,25 +247,8 @@ fn sighup_reloads_the_crl_instead_of_killing_the_service() {
     let image = cluster.path("x.img");
     write_mixed_image(&image, 1 << 20, 12).unwrap();
     let disk = [format!("{}=disk0", image.display())];
+    let (web01, serial) = issue_agent(&cluster, "web01");
     let dir = cluster.pki.to_str().unwrap();
-    let web01 = cluster.path("web01-pki");
-    let out = pki(&[
-        "issue",
-        "--dir",
-        dir,
-        "--role",
-        "agent",
-        "--name",
-        "web01",
-        "--out",
-        web01.to_str().unwrap(),
-    ]);
-    assert!(out.status.success());
-    let serial = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .nth(3)
-        .unwrap()
-        .to_owned();
     cluster.sync_with("web01", &disk, &web01, &[]).unwrap();
 
     assert!(pki(&["revoke", "--dir", dir, "--serial", &serial])
