@@ -290,3 +290,51 @@ fn a_full_failback_bypasses_the_page_cache_unless_buffered_io_is_asked() {
         assert!(qemu_img_same(&image, &cluster.vmdk("m", "disk0")));
     }
 }
+
+/// Writes `len` bytes of seeded random data at `offset` of `path`.
+fn write_random_at(path: &std::path::Path, offset: u64, len: usize, seed: u64) {
+    use rand::{Rng, SeedableRng};
+    use std::os::unix::fs::FileExt;
+    let mut data = vec![0u8; len];
+    rand::rngs::SmallRng::seed_from_u64(seed).fill(&mut data[..]);
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(&data, offset).unwrap();
+}
+
+#[test]
+fn a_sparse_image_is_read_only_where_it_holds_data_and_its_holes_stay_holes() {
+    let cluster = Cluster::start();
+    let image = cluster.path("sparse.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    for (i, offset) in [0, 300 * MIB, (1 << 30) - MIB].into_iter().enumerate() {
+        write_random_at(&image, offset, MIB as usize, i as u64);
+    }
+    let disk = [format!("{}=disk0", image.display())];
+    let report = cluster.sync("sparse", &disk).unwrap();
+    let d = disk0(&report);
+    assert_eq!(d["blocks_sent"], 48, "3 MiB of data in 64 KiB blocks");
+    let read = d["bytes_read"].as_u64().unwrap();
+    assert!(
+        read <= 4 * MIB,
+        "read {read} bytes of a 1 GiB image holding 3 MiB"
+    );
+    assert_eq!(d["zero_blocks"], 16384 - 48);
+    assert!(qemu_img_same(&image, &cluster.vmdk("sparse", "disk0")));
+    assert!(allocated_bytes(&cluster.extent("sparse", "disk0")) <= 4 * MIB);
+
+    // A block changed and a new region written: the resync hashes only the data.
+    write_random_at(&image, 64 << 10, 64 << 10, 10);
+    write_random_at(&image, 500 * MIB, 64 << 10, 11);
+    let report = cluster.sync("sparse", &disk).unwrap();
+    let d = disk0(&report);
+    assert_eq!(d["blocks_sent"], 2);
+    let read = d["bytes_read"].as_u64().unwrap();
+    assert!(
+        read <= 8 * MIB,
+        "a resync read {read} bytes of a 1 GiB image"
+    );
+    assert!(qemu_img_same(&image, &cluster.vmdk("sparse", "disk0")));
+}

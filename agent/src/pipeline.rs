@@ -206,6 +206,10 @@ impl Worker {
                         .file
                         .read_exact_at(data, offset)
                         .map_err(Error::file("read", &source.path))?;
+                    self.config
+                        .progress
+                        .read
+                        .fetch_add(len as u64, Ordering::Relaxed);
                     self.pack(first, data, &mut batch, encoder);
                 }
             }

@@ -34,6 +34,8 @@ pub struct Progress {
     pub send_total: AtomicU64,
     /// Bytes of blocks handed to the network (before compression).
     pub on_the_wire: AtomicU64,
+    /// Bytes read from the source disks (holes of sparse images are never read).
+    pub read: AtomicU64,
 }
 
 impl Progress {
@@ -51,6 +53,7 @@ impl Progress {
             &self.sent,
             &self.send_total,
             &self.on_the_wire,
+            &self.read,
         ] {
             counter.store(0, Ordering::Relaxed);
         }

@@ -63,6 +63,9 @@ pub struct DiskReport {
     pub zero_blocks: u64,
     /// Encoded payload bytes sent.
     pub payload_bytes: u64,
+    /// Bytes read from the source disk, hashing and sending together (the holes of a
+    /// sparse image are never read).
+    pub bytes_read: u64,
     /// True when the replica did not exist before.
     pub fresh: bool,
     /// What the master target found: `new` (a replica it creates), `deltaback` (a replica
@@ -92,6 +95,7 @@ impl DiskReport {
             blocks_sent: 0,
             zero_blocks: 0,
             payload_bytes: 0,
+            bytes_read: 0,
             fresh: state.fresh,
             replica: replica_kind(state),
             hashes_fetched: 0,

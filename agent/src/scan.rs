@@ -17,6 +17,7 @@ use engine::block::manifest::Manifest;
 use engine::block::ranges::Runs;
 use engine::error::{Error, Result};
 use engine::storage::direct::open_for_reading;
+use engine::storage::sparse;
 
 use crate::compare::differing_blocks;
 use crate::options::{DiskSpec, SyncOptions};
@@ -57,10 +58,21 @@ pub(crate) async fn sync_disk(
     let state = session.open_disk(handle, &disk.id, geometry).await?;
 
     let mut report = DiskReport::new(&disk.id, geometry, &state, "scan");
+    let read_before = progress.read.load(Ordering::Relaxed);
+    // A sparse image's holes are zeros: never read, hashed or sent.
+    let data = sparse::data_blocks(&file, geometry);
     let to_send = if state.fresh {
         // A new replica is all zeros: send every non-zero block, hashing as we go.
-        progress.send_total.fetch_add(size, Ordering::Relaxed);
-        Runs::whole(geometry.blocks())
+        let to_read = data.unwrap_or_else(|| Runs::whole(geometry.blocks()));
+        report.zero_blocks = geometry.blocks() - to_read.block_count().min(geometry.blocks());
+        let bytes: u64 = to_read
+            .as_slice()
+            .iter()
+            .filter_map(|&(first, count)| geometry.run_span(first, count))
+            .map(|(_, len)| len as u64)
+            .sum();
+        progress.send_total.fetch_add(bytes, Ordering::Relaxed);
+        to_read
     } else {
         progress.set_phase(Phase::Hashing);
         progress.hash_total.fetch_add(size, Ordering::Relaxed);
@@ -70,6 +82,7 @@ pub(crate) async fn sync_disk(
             geometry,
             options.threads,
             progress,
+            data,
         )
         .await?;
         report.zero_blocks = zero_blocks(&manifest);
@@ -115,6 +128,7 @@ pub(crate) async fn sync_disk(
     session
         .stream(handle, feed, batches, &mut report, progress)
         .await?;
+    report.bytes_read = progress.read.load(Ordering::Relaxed) - read_before;
     tracing::info!(disk = %disk.id, sent = report.blocks_sent, seq = report.durable_seq, "disk durable on the master target");
     Ok(report)
 }
@@ -134,10 +148,19 @@ async fn hash_disk(
     geometry: Geometry,
     threads: usize,
     progress: &Arc<Progress>,
+    data: Option<Runs>,
 ) -> Result<Manifest> {
     let progress = progress.clone();
     tokio::task::spawn_blocking(move || {
-        let leaves = hashing::hash_file(&file, &path, geometry, threads, &progress.hashed)?;
+        let (leaves, read) = hashing::hash_file(
+            &file,
+            &path,
+            geometry,
+            threads,
+            &progress.hashed,
+            data.as_ref(),
+        )?;
+        progress.read.fetch_add(read, Ordering::Relaxed);
         Manifest::new(geometry, leaves)
     })
     .await

@@ -161,12 +161,15 @@ impl Replica {
             }
             saved => {
                 tracing::info!(disk = %id, size = old_size, "hashing the existing extent");
-                let leaves = hashing::hash_file(
+                // The extent is sparse: its holes are zeros, known without reading.
+                let data = engine::storage::sparse::data_blocks(file, old_geometry);
+                let (leaves, _) = hashing::hash_file(
                     file,
                     &paths.extent,
                     old_geometry,
                     threads,
                     &AtomicU64::new(0),
+                    data.as_ref(),
                 )?;
                 // A saved manifest is only ever written after a flush: content that differs
                 // from it was written by someone else.

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::block::geometry::{hash_block, is_zero, BlockHash, Geometry, ZeroHashes};
+use crate::block::ranges::Runs;
 use crate::error::{Error, Result};
 use crate::storage::direct::AlignedBuf;
 
@@ -27,14 +28,17 @@ pub fn default_threads() -> usize {
 }
 
 /// Hashes every block of `file` (`path` only names it in errors). `progress` grows by the
-/// bytes hashed, so a caller can show a progress bar from another thread.
+/// bytes hashed, so a caller can show a progress bar from another thread. With `data` (the
+/// blocks that hold data, from `storage::sparse::data_blocks`), chunks that lie wholly in
+/// holes get the zero hash without being read. Returns the hashes and the bytes read.
 pub fn hash_file(
     file: &File,
     path: &Path,
     geometry: Geometry,
     threads: usize,
     progress: &AtomicU64,
-) -> Result<Vec<BlockHash>> {
+    data: Option<&Runs>,
+) -> Result<(Vec<BlockHash>, u64)> {
     let blocks = usize::try_from(geometry.blocks())
         .map_err(|_| Error::Invalid(format!("{} has too many blocks", path.display())))?;
     let block_bytes = geometry.block_size.bytes();
@@ -43,6 +47,7 @@ pub fn hash_file(
     let mut hashes = vec![[0u8; 32]; blocks];
     let work = Mutex::new(hashes.chunks_mut(blocks_per_chunk).enumerate());
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let read = AtomicU64::new(0);
 
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
@@ -56,6 +61,14 @@ pub fn hash_file(
                     let offset = geometry.offset(first_block);
                     let len = usize::try_from((geometry.size - offset).min(buf.len() as u64))
                         .unwrap_or(buf.len());
+                    // A chunk that is all hole reads as zeros: known without reading it.
+                    if data.is_some_and(|d| !d.overlaps(first_block, out.len() as u64)) {
+                        for (hash, index) in out.iter_mut().zip(first_block..) {
+                            *hash = zero.of(index);
+                        }
+                        progress.fetch_add(len as u64, Ordering::Relaxed);
+                        continue;
+                    }
                     if let Err(e) = file.read_exact_at(&mut buf[..len], offset) {
                         if let Ok(mut slot) = first_error.lock() {
                             slot.get_or_insert(Error::file("read", path)(e));
@@ -71,6 +84,7 @@ pub fn hash_file(
                         };
                     }
                     progress.fetch_add(len as u64, Ordering::Relaxed);
+                    read.fetch_add(len as u64, Ordering::Relaxed);
                     if first_error.lock().map(|e| e.is_some()).unwrap_or(true) {
                         break;
                     }
@@ -80,7 +94,7 @@ pub fn hash_file(
     });
     match first_error.into_inner().ok().flatten() {
         Some(err) => Err(err),
-        None => Ok(hashes),
+        None => Ok((hashes, read.into_inner())),
     }
 }
 
@@ -107,7 +121,8 @@ mod tests {
         let geometry = Geometry::new(data.len() as u64, BlockSize::new(64 << 10).unwrap()).unwrap();
         let file = File::open(&path).unwrap();
         let progress = AtomicU64::new(0);
-        let hashes = hash_file(&file, &path, geometry, 3, &progress).unwrap();
+        let (hashes, read) = hash_file(&file, &path, geometry, 3, &progress, None).unwrap();
+        assert_eq!(read, data.len() as u64);
         let expected: Vec<BlockHash> = data.chunks(64 << 10).map(hash_block).collect();
         assert_eq!(hashes, expected);
         assert_eq!(progress.load(Ordering::Relaxed), data.len() as u64);
@@ -120,7 +135,7 @@ mod tests {
         std::fs::write(&path, [1u8; 4096]).unwrap();
         let geometry = Geometry::new(8192, BlockSize::new(4096).unwrap()).unwrap();
         let file = File::open(&path).unwrap();
-        let err = hash_file(&file, &path, geometry, 2, &AtomicU64::new(0)).unwrap_err();
+        let err = hash_file(&file, &path, geometry, 2, &AtomicU64::new(0), None).unwrap_err();
         assert!(err.to_string().contains("read"), "{err}");
     }
 }

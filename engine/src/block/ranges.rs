@@ -64,6 +64,18 @@ impl Runs {
         self.0.iter().flat_map(|&(s, n)| s..s.saturating_add(n))
     }
 
+    /// True when any of `count` blocks from `first` is in a run.
+    pub fn overlaps(&self, first: u64, count: u64) -> bool {
+        let end = first.saturating_add(count);
+        // Runs are sorted and disjoint: the last run starting before `end` decides.
+        let starting_before = self.0.partition_point(|&(start, _)| start < end);
+        starting_before > 0
+            && self.0[starting_before - 1]
+                .0
+                .saturating_add(self.0[starting_before - 1].1)
+                > first
+    }
+
     /// The runs cut into batches of at most `per_batch` blocks.
     pub fn batches(&self, per_batch: u64) -> Batches<'_> {
         Batches::new(&self.0, per_batch)
@@ -165,6 +177,18 @@ mod tests {
         let whole_disk = Runs::whole(1 << 24);
         assert_eq!(whole_disk.batches(64).count(), 1 << 18);
         assert_eq!(whole_disk.batches(64).nth(1).unwrap(), [(64, 64)]);
+    }
+
+    #[test]
+    fn overlaps_finds_any_block_in_a_run() {
+        let runs: Runs = [2, 3, 10].into_iter().collect();
+        assert!(runs.overlaps(0, 3));
+        assert!(!runs.overlaps(0, 2));
+        assert!(!runs.overlaps(4, 6));
+        assert!(runs.overlaps(4, 7));
+        assert!(runs.overlaps(10, 1));
+        assert!(!runs.overlaps(11, u64::MAX));
+        assert!(!Runs::new().overlaps(0, 100));
     }
 
     #[test]
