@@ -67,53 +67,24 @@ fn sparse_split_and_snapshot_disks_are_refused_untouched_and_flat_ones_adopted()
     let cluster = Cluster::start();
     let folder = cluster.datastore.join("vm1");
     std::fs::create_dir_all(&folder).unwrap();
+    // Disks of every subformat qemu-img makes, and a snapshot chain: a flat base with a
+    // delta disk beside it.
     for (id, subformat) in [
         ("sparse", "monolithicSparse"),
         ("stream", "streamOptimized"),
         ("split", "twoGbMaxExtentFlat"),
         ("splitsparse", "twoGbMaxExtentSparse"),
+        ("base", "monolithicFlat"),
     ] {
-        let name = format!("{id}.vmdk");
+        let (name, option) = (format!("{id}.vmdk"), format!("subformat={subformat}"));
         qemu_img(
-            &[
-                "create",
-                "-q",
-                "-f",
-                "vmdk",
-                "-o",
-                &format!("subformat={subformat}"),
-                &name,
-                "4M",
-            ],
+            &["create", "-q", "-f", "vmdk", "-o", &option, &name, "4M"],
             &folder,
         );
     }
-    // A snapshot chain: a flat base with a delta disk beside it.
+    let child = ["-b", "base.vmdk", "-F", "vmdk", "base-000001.vmdk"];
     qemu_img(
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "subformat=monolithicFlat",
-            "base.vmdk",
-            "4M",
-        ],
-        &folder,
-    );
-    qemu_img(
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-b",
-            "base.vmdk",
-            "-F",
-            "vmdk",
-            "base-000001.vmdk",
-        ],
+        &[&["create", "-q", "-f", "vmdk"][..], &child[..]].concat(),
         &folder,
     );
     // The original VM's disk: a VMware flat disk holding an older copy of the source.
