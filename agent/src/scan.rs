@@ -65,13 +65,9 @@ pub(crate) async fn sync_disk(
         // A new replica is all zeros: send every non-zero block, hashing as we go.
         let to_read = data.unwrap_or_else(|| Runs::whole(geometry.blocks()));
         report.zero_blocks = geometry.blocks() - to_read.block_count().min(geometry.blocks());
-        let bytes: u64 = to_read
-            .as_slice()
-            .iter()
-            .filter_map(|&(first, count)| geometry.run_span(first, count))
-            .map(|(_, len)| len as u64)
-            .sum();
-        progress.send_total.fetch_add(bytes, Ordering::Relaxed);
+        progress
+            .send_total
+            .fetch_add(run_bytes(geometry, &to_read), Ordering::Relaxed);
         to_read
     } else {
         progress.set_phase(Phase::Hashing);
@@ -97,13 +93,9 @@ pub(crate) async fn sync_disk(
         let (runs, fetched) =
             differing_blocks(&manifest, state.root, &mut session.tree(handle)).await?;
         report.hashes_fetched = fetched;
-        let bytes: u64 = runs
-            .as_slice()
-            .iter()
-            .filter_map(|&(first, count)| geometry.run_span(first, count))
-            .map(|(_, len)| len as u64)
-            .sum();
-        progress.send_total.fetch_add(bytes, Ordering::Relaxed);
+        progress
+            .send_total
+            .fetch_add(run_bytes(geometry, &runs), Ordering::Relaxed);
         runs
     };
 
@@ -131,6 +123,15 @@ pub(crate) async fn sync_disk(
     report.bytes_read = progress.read.load(Ordering::Relaxed) - read_before;
     tracing::info!(disk = %disk.id, sent = report.blocks_sent, seq = report.durable_seq, "disk durable on the master target");
     Ok(report)
+}
+
+/// Bytes of the disk that `runs` cover (the last block may be short).
+fn run_bytes(geometry: Geometry, runs: &Runs) -> u64 {
+    runs.as_slice()
+        .iter()
+        .filter_map(|&(first, count)| geometry.run_span(first, count))
+        .map(|(_, len)| len as u64)
+        .sum()
 }
 
 /// All-zero blocks of a hashed disk, recognised by their known hashes.

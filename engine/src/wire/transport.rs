@@ -32,6 +32,21 @@ pub struct Counting<S> {
     written: Arc<AtomicU64>,
 }
 
+impl Counting<TcpStream> {
+    /// Wraps a TCP connection (without Nagle's delay: frames are flushed whole); returns
+    /// the counter of bytes written beside it.
+    fn wrap(tcp: TcpStream) -> Result<(Self, Arc<AtomicU64>)> {
+        tcp.set_nodelay(true)
+            .map_err(Error::net("set TCP_NODELAY"))?;
+        let written = Arc::new(AtomicU64::new(0));
+        let counting = Self {
+            inner: tcp,
+            written: written.clone(),
+        };
+        Ok((counting, written))
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -249,13 +264,7 @@ pub async fn connect(addr: &str, config: Arc<rustls::ClientConfig>, role: Role) 
             op: "connect",
             source: std::io::Error::new(e.kind(), format!("{addr}: {e}")),
         })?;
-    tcp.set_nodelay(true)
-        .map_err(Error::net("set TCP_NODELAY"))?;
-    let written = Arc::new(AtomicU64::new(0));
-    let counting = Counting {
-        inner: tcp,
-        written: written.clone(),
-    };
+    let (counting, written) = Counting::wrap(tcp)?;
     let connector = TlsConnector::from(config);
     let stream = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
@@ -281,13 +290,7 @@ pub async fn connect(addr: &str, config: Arc<rustls::ClientConfig>, role: Role) 
 /// Completes the TLS handshake of an accepted connection and checks that the client holds a
 /// certificate for `client_role`. A client of the wrong role is told why before it is closed.
 pub async fn accept(tcp: TcpStream, acceptor: &TlsAcceptor, client_role: Role) -> Result<Conn> {
-    tcp.set_nodelay(true)
-        .map_err(Error::net("set TCP_NODELAY"))?;
-    let written = Arc::new(AtomicU64::new(0));
-    let counting = Counting {
-        inner: tcp,
-        written: written.clone(),
-    };
+    let (counting, written) = Counting::wrap(tcp)?;
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(counting))
         .await
         .map_err(|_| Error::Tls("handshake timed out".into()))?
