@@ -236,3 +236,24 @@ fn one_conversation_opens_a_bounded_number_of_disks() {
     assert!(text.1.contains("disks in one conversation"), "{}", text.1);
     still_serving(&cluster);
 }
+
+#[test]
+fn one_conversation_per_machine_at_a_time() {
+    let cluster = Cluster::start();
+    let text = runtime().block_on(async {
+        // The first conversation holds the machine (it has opened a disk)...
+        let _first = RawAgent::open_disk(&cluster, "twice").await;
+        // ...so a second one for the same machine is told it is busy.
+        let mut second = RawAgent::connect(&cluster).await;
+        second
+            .send(&Message::Hello {
+                min_version: engine::wire::PROTOCOL_VERSION,
+                max_version: engine::wire::PROTOCOL_VERSION,
+                machine: "twice".into(),
+            })
+            .await;
+        second.error_text().await
+    });
+    assert!(text.contains("another conversation"), "{text}");
+    still_serving(&cluster);
+}

@@ -65,12 +65,29 @@ async fn session(
             return Err(err);
         }
     };
+    // One conversation per machine at a time: its point log and the cycle's journals are
+    // the machine's, and two conversations appending points would overwrite each other.
+    let machine_key = machine.to_string();
+    if !locks
+        .lock()
+        .map(|mut l| l.insert(machine_key.clone()))
+        .unwrap_or(false)
+    {
+        let err = Error::Busy(format!(
+            "machine {machine} is being replicated by another conversation; one at a time"
+        ));
+        conn.fail(&err).await;
+        return Err(err);
+    }
     tracing::info!(%machine, "session started");
     let (failures_tx, mut failures) = mpsc::channel(1);
     let (commands, command_rx) = mpsc::channel(WRITE_QUEUE);
     let points = match crate::retention::recover::point_log(&config.retention, &machine) {
         Ok(points) => points,
         Err(err) => {
+            if let Ok(mut l) = locks.lock() {
+                l.remove(&machine_key);
+            }
             conn.fail(&err).await;
             return Err(err);
         }

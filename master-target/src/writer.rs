@@ -24,7 +24,8 @@ use crate::retention::{
     points::{PointDisk, PointLog, RecoveryPoint},
 };
 
-/// Disks being written right now, as `machine/id`: one session per disk at a time.
+/// Machines (`machine`) and disks (`machine/id`) being written right now: one session per
+/// machine, and so per disk, at a time.
 pub(crate) type DiskLocks = Arc<Mutex<HashSet<String>>>;
 
 /// Most disks one conversation may open: each holds its hash tree in memory.
@@ -97,6 +98,7 @@ impl Writer {
         points: PointLog,
         group_commits: Arc<Mutex<()>>,
     ) -> Self {
+        let machine_key = machine.to_string();
         Self {
             config,
             locks,
@@ -104,7 +106,8 @@ impl Writer {
             replicas: HashMap::new(),
             points,
             group_commits,
-            held: Vec::new(),
+            // The session took the machine's own lock; the writer releases it with the rest.
+            held: vec![machine_key],
             made_point: false,
         }
     }
