@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use engine::block::geometry::SafeName;
-use master_target::ownership::{inspect, Verdict};
+use master_target::ownership::inspect;
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
@@ -34,11 +34,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
         let id = SafeName::new("disk id", disk)?;
         match inspect(&args.datastore, &machine, &id) {
             Ok(verdict) => {
-                let word = match verdict {
-                    Verdict::Create => "create",
-                    Verdict::Ours => "resync",
-                    Verdict::Adopt(_) => "adopt",
-                };
+                let word = verdict.word();
                 engine::say!("{machine}/{id}: {word}: {}", verdict.explain());
             }
             Err(engine::Error::Refused { path, reason, fix }) => {

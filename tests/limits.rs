@@ -257,3 +257,20 @@ fn one_conversation_per_machine_at_a_time() {
     assert!(text.contains("another conversation"), "{text}");
     still_serving(&cluster);
 }
+
+#[test]
+fn limits_that_would_refuse_every_client_are_refused_at_start() {
+    let cluster = Cluster::start();
+    let pki = cluster.pki.to_str().unwrap().to_owned();
+    for (flag, value) in [("--idle-timeout", "0s"), ("--max-connections", "0")] {
+        let out = Command::new(bin("deltaback-process-server"))
+            .args(["--listen", "127.0.0.1:0", "--pki", &pki, "--master-target"])
+            .arg(&cluster.target.addr)
+            .args([flag, value])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {value} accepted");
+        assert!(err.contains(flag), "{err}");
+    }
+}

@@ -24,13 +24,23 @@ pub struct LimitArgs {
 }
 
 impl LimitArgs {
-    /// The limits these flags ask for.
-    pub fn limits(&self) -> Limits {
-        Limits {
+    /// The limits these flags ask for; zero limits would refuse every client and are
+    /// refused themselves.
+    pub fn limits(&self) -> Result<Limits> {
+        let idle_timeout: std::time::Duration = self.idle_timeout.into();
+        if self.max_connections == 0 || self.max_connections_per_address == 0 {
+            return Err(Error::Invalid(
+                "--max-connections and --max-connections-per-address must be at least 1".into(),
+            ));
+        }
+        if idle_timeout < std::time::Duration::from_secs(1) {
+            return Err(Error::Invalid("--idle-timeout must be at least 1s".into()));
+        }
+        Ok(Limits {
             max_connections: self.max_connections,
             max_per_address: self.max_connections_per_address,
-            idle_timeout: self.idle_timeout.into(),
-        }
+            idle_timeout,
+        })
     }
 }
 

@@ -25,8 +25,10 @@
 //! cycle's undo journal (fdatasynced before the overwrite) once the machine has a point,
 //! and writes it: consecutive blocks as one run, long runs with `O_DIRECT`, zero blocks as
 //! holes. On `Flush` the extent is fdatasynced and the manifest saved with the durable
-//! sequence before `Ack`; on `Checkpoint` a point naming every disk of the session is
-//! appended to the point log and fsynced before `PointCreated`.
+//! sequence before `Ack`; on `Checkpoint` the cycle's undo journals are sealed, then a point
+//! naming every disk of the session is appended to the point log and fsynced before
+//! `PointCreated`. Before any of this, [`ownership`] decides whether the disk may be written
+//! at all.
 //!
 //! ## Files and formats
 //! Paths: [`datastore`]. Formats: the manifest (`engine::block::manifest`), the point log
@@ -36,7 +38,7 @@
 //! ## Locks
 //! | lock | protects |
 //! | --- | --- |
-//! | `DiskLocks` (mutex over a set of `machine/disk`) | one session per disk at a time; a second gets `Busy`. Held for a set insert or removal |
+//! | `DiskLocks` (mutex over a set of `machine` and `machine/disk` keys) | one session per machine (and so per disk) at a time; a second gets `Busy`. Held for a set insert or removal |
 //! | group commits (mutex over `()`) | one consistency-group commit at a time across sessions: the group log is read, checked and appended under it |
 //!
 //! Everything else belongs to one writer thread and needs no lock.

@@ -82,7 +82,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         direct_io: !args.buffered_io,
         retention,
         retention_window: args.retention_window.into(),
-        limits: args.limits.limits(),
+        limits: args.limits.limits()?,
         max_disk_size: args.max_disk_size.as_u64(),
     };
     serve(listener, &identity, config, shutdown).await?;

@@ -40,7 +40,7 @@ impl Verdict {
     pub fn word(&self) -> &'static str {
         match self {
             Verdict::Create => "create",
-            Verdict::Ours => "deltaback replica",
+            Verdict::Ours => "resync",
             Verdict::Adopt(_) => "adopt",
         }
     }

@@ -262,10 +262,11 @@ impl Replica {
     /// Seals this cycle's journal, if one was written in this session: its point is about
     /// to be made. (Journals of the cycle written by earlier sessions are sealed by
     /// [`crate::retention::seal_cycle`].)
-    pub fn seal_journal(&mut self) -> Result<()> {
+    /// Returns whether this session had a journal to seal.
+    pub fn seal_journal(&mut self) -> Result<bool> {
         match self.undo.as_mut().and_then(|u| u.journal.take()) {
-            Some(journal) => journal.seal(),
-            None => Ok(()),
+            Some(journal) => journal.seal().map(|()| true),
+            None => Ok(false),
         }
     }
 

@@ -317,10 +317,14 @@ impl Writer {
         let seq = self.points.next_seq();
         let log_id = self.points.id();
         // The cycle's journals are complete: sealed (and durable) before the point exists.
+        let mut sealed_here = Vec::new();
         for disk in self.replicas.values_mut() {
-            disk.replica.seal_journal()?;
+            if disk.replica.seal_journal()? {
+                sealed_here.push(disk.replica.id().clone());
+            }
         }
-        retention::seal_cycle(&self.config.retention, &self.machine, seq, log_id)?;
+        let sealed: Vec<&SafeName> = sealed_here.iter().collect();
+        retention::seal_cycle(&self.config.retention, &self.machine, seq, log_id, &sealed)?;
         self.points.append(RecoveryPoint {
             seq,
             time_ms,

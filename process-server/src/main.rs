@@ -112,7 +112,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(dir) => Some(Arc::new(Spool::open(dir, args.cache_limit.as_u64())?)),
             None => None,
         },
-        limits: args.limits.limits(),
+        limits: args.limits.limits()?,
     };
     serve(listener, &identity, config, shutdown).await?;
     Ok(())

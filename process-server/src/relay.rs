@@ -20,7 +20,7 @@ use engine::wire::message::KIND_CHECKPOINT;
 use engine::wire::throttle::Throttle;
 use engine::wire::tls::{Identity, Role};
 use engine::wire::transport::{self, Conn, ConnReader, ConnWriter, Limits};
-use engine::wire::{client, handshake, Frame, Message};
+use engine::wire::{handshake, Frame, Message};
 
 use crate::master_target::MasterTarget;
 use crate::spool::conversation::hold;
@@ -139,16 +139,16 @@ async fn relay(
             return Err(err);
         }
     };
+    let target = MasterTarget {
+        address: config.master_target.clone(),
+        tls: master_target_tls,
+        throttle: config.throttle.clone(),
+    };
     if let Some(spool) = &config.spool {
-        let target = MasterTarget {
-            address: config.master_target.clone(),
-            tls: master_target_tls,
-            throttle: config.throttle.clone(),
-        };
         return hold_conversation(agent, config, spool, target, machine).await;
     }
     let opened = async {
-        let conn = open_master_target(config, master_target_tls, &machine).await?;
+        let conn = target.introduce(&machine).await?;
         handshake::welcome(&mut agent).await?;
         Ok::<_, Error>(conn)
     };
@@ -230,31 +230,6 @@ async fn hold_conversation(
             Err(err)
         }
     }
-}
-
-/// Opens the plain relay's connection to the master target and introduces `machine`.
-async fn open_master_target(
-    config: &ProcessServerConfig,
-    tls: Arc<rustls::ClientConfig>,
-    machine: &SafeName,
-) -> Result<Conn> {
-    let unreachable = |e: Error| {
-        Error::Unavailable(format!(
-            "master target at {} is unreachable: {}",
-            config.master_target,
-            e.chain()
-        ))
-    };
-    let mut conn = transport::connect(&config.master_target, tls, Role::MasterTarget)
-        .await
-        .map_err(unreachable)?;
-    client::introduce(&mut conn, Role::MasterTarget, machine)
-        .await
-        .map_err(|e| match e {
-            Error::Remote { .. } => e,
-            other => unreachable(other),
-        })?;
-    Ok(conn)
 }
 
 enum Failure {

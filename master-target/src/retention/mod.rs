@@ -67,10 +67,20 @@ pub fn check_journals(retention: &Path, machine: &SafeName, log: &PointLog) -> R
     Ok(())
 }
 
-/// Seals every journal of `machine` for the cycle that ends with `point` that is not sealed
-/// yet (sessions before this one may have written some), before the point is made.
-pub fn seal_cycle(retention: &Path, machine: &SafeName, point: u64, log_id: u64) -> Result<()> {
+/// Seals every journal of `machine` for the cycle that ends with `point` that sessions before
+/// this one left unsealed, before the point is made. `sealed` names the disks whose journals
+/// this session sealed itself: they are not read again.
+pub fn seal_cycle(
+    retention: &Path,
+    machine: &SafeName,
+    point: u64,
+    log_id: u64,
+    sealed: &[&SafeName],
+) -> Result<()> {
     for disk in journal_disks(retention, machine) {
+        if sealed.contains(&&disk) {
+            continue;
+        }
         let path = journal_path(retention, machine, &disk, point);
         if !path.exists() {
             continue;
