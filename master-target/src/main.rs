@@ -67,6 +67,7 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     let _lock = master_target::datastore::DatastoreLock::acquire(&args.datastore)?;
     let identity = Identity::load(&args.pki, Role::MasterTarget)?;
+    let limits = args.limits.limits()?;
     let shutdown = engine::service::shutdown_signal();
     engine::service::reload_on_hangup();
     let listener = engine::service::bind(&args.listen, "master target").await?;
@@ -82,7 +83,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         direct_io: !args.buffered_io,
         retention,
         retention_window: args.retention_window.into(),
-        limits: args.limits.limits()?,
+        limits,
         max_disk_size: args.max_disk_size.as_u64(),
     };
     serve(listener, &identity, config, shutdown).await?;

@@ -89,6 +89,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     engine::wire::transport::resolve(&args.master_target)
         .await
         .context("--master-target")?;
+    let limits = args.limits.limits()?;
     let shutdown = engine::service::shutdown_signal();
     engine::service::reload_on_hangup();
     let listener = engine::service::bind(&args.listen, "process server").await?;
@@ -112,7 +113,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(dir) => Some(Arc::new(Spool::open(dir, args.cache_limit.as_u64())?)),
             None => None,
         },
-        limits: args.limits.limits()?,
+        limits,
     };
     serve(listener, &identity, config, shutdown).await?;
     Ok(())
