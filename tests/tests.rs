@@ -9,6 +9,7 @@ mod failback;
 mod faults;
 mod hostile;
 mod limits;
+mod manifest;
 mod mistakes;
 mod ownership;
 mod proxy;

@@ -36,10 +36,10 @@ pub async fn differing_blocks(
     let mut differing: Vec<u64> = vec![0];
     let mut fetched = 0u64;
     for level in (0..top).rev() {
-        let nodes = local.level(level).unwrap_or_default();
+        let level_len = local.level_len(level);
         let mut wanted = Runs::new();
         for &node in &differing {
-            let below = children(node, nodes.len() as u64);
+            let below = children(node, level_len);
             wanted.push(below.start, below.end.saturating_sub(below.start));
         }
         let mut next = Vec::new();
@@ -59,11 +59,13 @@ pub async fn differing_blocks(
                 )));
             }
             fetched += expected;
-            let indices = batch.iter().flat_map(|&(s, n)| s..s + n);
-            for (index, their) in indices.zip(theirs) {
-                let ours = usize::try_from(index).ok().and_then(|i| nodes.get(i));
-                if ours != Some(&their) {
-                    next.push(index);
+            let mut theirs = theirs.into_iter();
+            for &(start, count) in &batch {
+                let ours = local.nodes(level, start, count)?;
+                for (index, ours) in (start..).zip(ours) {
+                    if theirs.next() != Some(ours) {
+                        next.push(index);
+                    }
                 }
             }
         }
@@ -83,10 +85,9 @@ mod tests {
     impl RemoteTree for Local<'_> {
         async fn hashes(&mut self, level: u8, ranges: Vec<(u64, u32)>) -> Result<Vec<BlockHash>> {
             self.1 += 1;
-            let nodes = self.0.level(usize::from(level)).unwrap();
             Ok(ranges
                 .into_iter()
-                .flat_map(|(s, n)| nodes[s as usize..s as usize + n as usize].to_vec())
+                .flat_map(|(s, n)| self.0.nodes(usize::from(level), s, u64::from(n)).unwrap())
                 .collect())
         }
     }
@@ -97,10 +98,11 @@ mod tests {
                 let salt = u8::from(changed.contains(&i));
                 *blake3::hash(&[&i.to_be_bytes()[..], &[salt]].concat()).as_bytes()
             })
-            .collect();
-        Manifest::new(
+            .collect::<Vec<_>>();
+        Manifest::temporary(
+            &std::env::temp_dir(),
             Geometry::new(n * 4096, BlockSize::new(4096).unwrap()).unwrap(),
-            leaves,
+            &leaves,
         )
         .unwrap()
     }

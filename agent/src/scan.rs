@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use engine::block::geometry::{Geometry, ZeroHashes};
+use engine::block::geometry::Geometry;
 use engine::block::hashing;
 use engine::block::manifest::Manifest;
 use engine::block::ranges::Runs;
@@ -72,7 +72,7 @@ pub(crate) async fn sync_disk(
     } else {
         progress.set_phase(Phase::Hashing);
         progress.hash_total.fetch_add(size, Ordering::Relaxed);
-        let manifest = hash_disk(
+        let (manifest, zero_blocks) = hash_disk(
             file.clone(),
             disk.path.clone(),
             geometry,
@@ -81,7 +81,7 @@ pub(crate) async fn sync_disk(
             data,
         )
         .await?;
-        report.zero_blocks = zero_blocks(&manifest);
+        report.zero_blocks = zero_blocks;
         if usize::from(state.depth) != manifest.depth() {
             return Err(Error::Protocol(format!(
                 "master target's hash tree has {} levels, ours {}",
@@ -134,15 +134,6 @@ fn run_bytes(geometry: Geometry, runs: &Runs) -> u64 {
         .sum()
 }
 
-/// All-zero blocks of a hashed disk, recognised by their known hashes.
-pub(crate) fn zero_blocks(manifest: &Manifest) -> u64 {
-    let zero = ZeroHashes::new(manifest.geometry());
-    (0..)
-        .zip(manifest.leaves())
-        .filter(|(i, h)| zero.of(*i) == **h)
-        .count() as u64
-}
-
 async fn hash_disk(
     file: Arc<File>,
     path: PathBuf,
@@ -150,19 +141,23 @@ async fn hash_disk(
     threads: usize,
     progress: &Arc<Progress>,
     data: Option<Runs>,
-) -> Result<Manifest> {
+) -> Result<(Manifest, u64)> {
     let progress = progress.clone();
     tokio::task::spawn_blocking(move || {
-        let (leaves, read) = hashing::hash_file(
+        // The hashes go to a file, not memory: the agent stays small whatever the disk.
+        let builder = Manifest::build_anonymous(&std::env::temp_dir(), geometry)?;
+        let (manifest, hashed) = hashing::hash_into_manifest(
+            builder,
             &file,
             &path,
-            geometry,
             threads,
             &progress.hashed,
             data.as_ref(),
         )?;
-        progress.read.fetch_add(read, Ordering::Relaxed);
-        Manifest::new(geometry, leaves)
+        progress
+            .read
+            .fetch_add(hashed.bytes_read, Ordering::Relaxed);
+        Ok((manifest, hashed.zero_blocks))
     })
     .await
     .map_err(|e| Error::Invalid(format!("hashing task failed: {e}")))?

@@ -25,11 +25,12 @@
 //! ([`wire::client::Conversation`]). The master target decodes it
 //! ([`block::encoding::BlockDecoder`]), checks its hash, writes it (through
 //! [`storage::direct`] for long runs) and records its hash in the disk's
-//! [`block::manifest::Manifest`], saved with [`storage::durable`].
+//! [`block::manifest::Manifest`], a file updated in place and committed at each flush.
 //!
 //! ## Files and formats defined here
-//! - the manifest (`block/manifest.rs`): magic `DBMANIF\0`, version, geometry, durable
-//!   sequence, file stamp, block hashes, blake3 checksum;
+//! - the manifest (`block/manifest.rs`): a checksummed 4 KiB header (magic `DBMANIF\0`,
+//!   version 2, dirty flag, geometry, durable sequence, file stamp, root), then the tree's
+//!   levels, block hashes first; holes stand for zero subtrees;
 //! - frames and messages (`wire/frame.rs`, `wire/message.rs`): big-endian, length-prefixed,
 //!   at most 8 MiB, the message table and versioning policy at the top of `wire/mod.rs`.
 //!

@@ -4,6 +4,8 @@
 //! <datastore>/<machine>/<id>.vmdk                   descriptor (monolithicFlat)
 //! <datastore>/<machine>/<id>-flat.vmdk              extent, sparse: zero blocks are holes
 //! <datastore>/<machine>/.deltaback/<id>.manifest    block hashes of the extent
+//! <datastore>/<machine>/.deltaback/<id>.touched     blocks a session may have written
+//!                                                   since the manifest's last commit
 //! <retention>/<machine>/points.log                  recovery points
 //! <retention>/<machine>/<disk>/<P>.journal          undo journal of the cycle ending at P
 //! <retention>/<machine>/<disk>/inexact-before       points before this one are not exact
@@ -31,6 +33,10 @@ pub struct ReplicaPaths {
     pub extent: PathBuf,
     /// The manifest of the extent's block hashes.
     pub manifest: PathBuf,
+    /// Where a manifest being rebuilt is written before it replaces the manifest.
+    pub manifest_rebuilt: PathBuf,
+    /// The write-ahead record of the blocks written since the manifest's last commit.
+    pub touched: PathBuf,
 }
 
 impl ReplicaPaths {
@@ -42,6 +48,8 @@ impl ReplicaPaths {
             descriptor: dir.join(format!("{id}.vmdk")),
             extent: dir.join(format!("{id}-flat.vmdk")),
             manifest: dir.join(".deltaback").join(format!("{id}.manifest")),
+            manifest_rebuilt: dir.join(".deltaback").join(format!("{id}.manifest.new")),
+            touched: dir.join(".deltaback").join(format!("{id}.touched")),
         }
     }
 }

@@ -11,6 +11,7 @@
 //! | [`session`] | `serve`: one conversation per connection, messages turned into writer commands |
 //! | [`writer`] | the writer thread of a session: opens replicas, writes batches, flushes, records points |
 //! | [`replica`] | one replica: extent, manifest, verified block writes, hole punching, undo capture |
+//! | [`touched`] | the write-ahead record of the blocks a session may write before its next flush |
 //! | [`vmdk`] | VMDK descriptors: the one we write, parsing the ones we find, CID renewal |
 //! | [`ownership`] | whose disk is it: create, resync ours, adopt a VMware flat disk, or refuse |
 //! | [`datastore`] | every path under the datastore and the retention folder |
@@ -24,8 +25,10 @@
 //! verifies its blake3 against the hash it came with, saves the block's old content in the
 //! cycle's undo journal (fdatasynced before the overwrite) once the machine has a point,
 //! and writes it: consecutive blocks as one run, long runs with `O_DIRECT`, zero blocks as
-//! holes. On `Flush` the extent is fdatasynced and the manifest saved with the durable
-//! sequence before `Ack`; on `Checkpoint` the cycle's undo journals are sealed, then a point
+//! holes; before the first write after a flush the manifest is marked dirty, and no block is
+//! written before the [`touched`] record covers it. On `Flush` the extent is fdatasynced
+//! and the manifest's changed hashes committed in place with the durable sequence before
+//! `Ack`; on `Checkpoint` the cycle's undo journals are sealed, then a point
 //! naming every disk of the session is appended to the point log and fsynced before
 //! `PointCreated`. Before any of this, [`ownership`] decides whether the disk may be written
 //! at all.
@@ -50,6 +53,7 @@ pub mod replica;
 pub mod retention;
 pub mod session;
 pub mod status;
+pub mod touched;
 pub mod vmdk;
 pub mod writer;
 

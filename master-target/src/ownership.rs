@@ -99,7 +99,14 @@ pub fn inspect(datastore: &Path, machine: &SafeName, id: &SafeName) -> Result<Ve
         Some(Kind::Dir) => {}
     }
     let meta_dir = paths.manifest.parent().unwrap_or(&dir).to_owned();
-    for path in [&paths.descriptor, &paths.extent, &meta_dir, &paths.manifest] {
+    for path in [
+        &paths.descriptor,
+        &paths.extent,
+        &meta_dir,
+        &paths.manifest,
+        &paths.manifest_rebuilt,
+        &paths.touched,
+    ] {
         if path == &meta_dir {
             match kind_of(path)? {
                 Some(Kind::Symlink) => {

@@ -5,11 +5,15 @@
 //! <datastore>/<machine>/<id>-flat.vmdk              extent, sparse: zero blocks are holes
 //! <datastore>/<machine>/.deltaback/<id>.manifest    block hashes, trusted while the extent's
 //!                                                   inode, size and mtime are unchanged
+//! <datastore>/<machine>/.deltaback/<id>.touched     blocks written since the last commit
 //! ```
 //! Writes are positioned (`pwrite`), zero blocks are punched out as holes, and nothing is
-//! acknowledged before `fdatasync`. The manifest is removed before the first write of a
-//! session and saved again after each flush, so a crash in between forces a rehash instead
-//! of trusting stale hashes. No mmap for writes: a full disk must be an error, not SIGBUS.
+//! acknowledged before `fdatasync`. The manifest lives in its file and is updated in place
+//! (`engine::block::manifest`): before the first write after a flush it is marked dirty,
+//! and no block is written before the [`TouchedLog`] covers it; each flush commits the
+//! changed hashes. After a crash only the blocks the record names are rehashed; a damaged
+//! record, a damaged manifest or an extent changed outside deltaback cost a full rehash.
+//! No mmap for writes: a full disk must be an error, not SIGBUS.
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -18,6 +22,7 @@ use std::sync::atomic::AtomicU64;
 
 pub use crate::datastore::ReplicaPaths;
 use crate::retention::journal::JournalWriter;
+use crate::touched::TouchedLog;
 use crate::vmdk;
 use engine::block::encoding::{BlockDecoder, Encoding};
 use engine::block::geometry::{hash_block, BlockHash, Geometry, SafeName, ZeroHashes};
@@ -38,9 +43,11 @@ pub struct Replica {
     /// Long runs of blocks go to the extent through this handle, bypassing the page cache.
     direct: DirectWriter,
     manifest: Manifest,
+    /// The blocks written since the manifest's last commit.
+    touched: TouchedLog,
     zero: ZeroHashes,
     fresh: bool,
-    /// True once the manifest file was removed for this session's writes.
+    /// True once the manifest is marked dirty for writes since its last commit.
     dirty: bool,
     decoder: BlockDecoder,
     /// Where the old content of overwritten blocks goes in this cycle, if anywhere.
@@ -108,18 +115,25 @@ impl Replica {
                 file.set_len(geometry.size)
                     .and_then(|()| file.sync_all())
                     .map_err(Error::file("size extent", &paths.extent))?;
-                let leaves = (0..geometry.blocks()).map(|i| zero.of(i)).collect();
-                (file, Manifest::new(geometry, leaves)?, true)
+                // Whatever deltaback left here belonged to an extent that is gone.
+                for stale in [&paths.manifest, &paths.manifest_rebuilt, &paths.touched] {
+                    durable::remove(stale)?;
+                }
+                let mut manifest = Manifest::create(&paths.manifest, geometry)?;
+                manifest.commit(0, FileStamp::of(&file, &paths.extent)?)?;
+                (file, manifest, true)
             }
             Err(e) => return Err(Error::file("open extent", &paths.extent)(e)),
         };
         let direct = DirectWriter::open(&paths.extent, direct_io);
+        let touched = TouchedLog::new(paths.touched.clone(), geometry.blocks());
         Ok(Self {
             id: id.clone(),
             direct,
             paths,
             file,
             manifest,
+            touched,
             zero,
             fresh,
             dirty: false,
@@ -130,7 +144,9 @@ impl Replica {
         })
     }
 
-    /// The manifest of an existing extent: trusted, or rebuilt by hashing; grown if needed.
+    /// The manifest of an existing extent: trusted, repaired (only the blocks an
+    /// interrupted session may have written are rehashed), or rebuilt by hashing; grown if
+    /// needed.
     fn existing_manifest(
         file: &File,
         paths: &ReplicaPaths,
@@ -151,60 +167,175 @@ impl Replica {
             )));
         }
         let old_geometry = Geometry::new(old_size, geometry.block_size)?;
-        let saved = Manifest::load(&paths.manifest).ok();
-        let durable_seq = saved.as_ref().map_or(0, |m| m.durable_seq);
-        let mut changed_outside = false;
-        let mut manifest = match saved {
-            Some(m) if !verify && m.stamp == stamp && m.geometry() == old_geometry => {
-                tracing::info!(disk = %id, "extent unchanged since its manifest was saved; trusting it");
-                m
-            }
-            saved => {
-                tracing::info!(disk = %id, size = old_size, "hashing the existing extent");
-                // The extent is sparse: its holes are zeros, known without reading.
-                let data = engine::storage::sparse::data_blocks(file, old_geometry);
-                let (leaves, _) = hashing::hash_file(
-                    file,
-                    &paths.extent,
-                    old_geometry,
-                    threads,
-                    &AtomicU64::new(0),
-                    data.as_ref(),
-                )?;
-                // A saved manifest is only ever written after a flush: content that differs
-                // from it was written by someone else.
-                changed_outside = saved.is_some_and(|m| {
-                    m.geometry() == old_geometry && m.leaves() != leaves.as_slice()
-                });
-                Manifest::new(old_geometry, leaves)?
+        let saved = match Manifest::open(&paths.manifest) {
+            Ok(m) if m.geometry() == old_geometry => Some(m),
+            Ok(_) => None,
+            Err(e) => {
+                if !matches!(&e, Error::File { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+                {
+                    tracing::warn!(disk = %id, error = %e.chain(), "manifest unusable; rehashing the extent");
+                }
+                None
             }
         };
-        manifest.durable_seq = durable_seq;
-        if old_size < geometry.size {
-            tracing::info!(disk = %id, from = old_size, to = geometry.size, "growing the replica");
-            // The old last block may have been short: rehash it once the file has grown.
-            durable::remove(&paths.manifest)?;
-            file.set_len(geometry.size)
-                .and_then(|()| file.sync_all())
-                .map_err(Error::file("grow extent", &paths.extent))?;
-            let zero = ZeroHashes::new(geometry);
-            let old_last = old_geometry.blocks().checked_sub(1);
-            let old_last_hash = match old_last.and_then(|i| geometry.block_len(i).map(|l| (i, l))) {
-                Some((index, len)) => {
-                    let mut buf = vec![0; len];
-                    file.read_exact_at(&mut buf, geometry.offset(index))
-                        .map_err(Error::file("read", &paths.extent))?;
-                    Some((index, hash_block(&buf)))
+        let durable_seq = saved.as_ref().map_or(0, Manifest::durable_seq);
+        let mut changed_outside = false;
+        let manifest = match saved {
+            Some(m) if !verify && !m.is_dirty() && m.stamp() == stamp => {
+                tracing::info!(disk = %id, "extent unchanged since its manifest was committed; trusting it");
+                m
+            }
+            Some(m) if !verify && m.is_dirty() => match Self::repair(file, paths, id, m, stamp) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(disk = %id, error = %e.chain(), "cannot repair the manifest of an interrupted session; rehashing the extent");
+                    Self::rehash(file, paths, id, old_geometry, threads, None, durable_seq)?.0
                 }
-                None => None,
-            };
-            manifest.grow(geometry, |i| match old_last_hash {
-                Some((last, hash)) if last == i => hash,
-                _ => zero.of(i),
-            })?;
-            vmdk::write_descriptor(&paths.descriptor, &paths.extent, geometry.size)?;
-        }
+            },
+            saved => {
+                // A clean manifest is only ever committed after a flush: content that
+                // differs from it was written by someone else.
+                let clean = saved.filter(|m| !m.is_dirty());
+                let (m, differs) = Self::rehash(
+                    file,
+                    paths,
+                    id,
+                    old_geometry,
+                    threads,
+                    clean.as_ref(),
+                    durable_seq,
+                )?;
+                changed_outside = differs;
+                m
+            }
+        };
+        let manifest = if old_size < geometry.size {
+            Self::grow(file, paths, id, manifest, geometry)?
+        } else {
+            manifest
+        };
         Ok((manifest, changed_outside))
+    }
+
+    /// Rehashes the blocks the touched-block record names and commits: what a session cut
+    /// short by a crash may have written, and nothing else.
+    fn repair(
+        file: &File,
+        paths: &ReplicaPaths,
+        id: &SafeName,
+        mut manifest: Manifest,
+        stamp: FileStamp,
+    ) -> Result<Manifest> {
+        let geometry = manifest.geometry();
+        let touched = TouchedLog::read(&paths.touched, geometry.blocks())?;
+        let zero = ZeroHashes::new(geometry);
+        let mut buf = vec![0u8; geometry.block_size.bytes()];
+        let mut rehashed = 0u64;
+        for index in touched.indices() {
+            let len = geometry.block_len(index).unwrap_or(0);
+            file.read_exact_at(&mut buf[..len], geometry.offset(index))
+                .map_err(Error::file("read", &paths.extent))?;
+            let hash = if engine::block::geometry::is_zero(&buf[..len]) {
+                zero.of(index)
+            } else {
+                hash_block(&buf[..len])
+            };
+            manifest.set_leaf(index, hash)?;
+            rehashed += 1;
+        }
+        let seq = manifest.durable_seq();
+        manifest.commit(seq, stamp)?;
+        tracing::info!(disk = %id, rehashed, "repaired the manifest of an interrupted session: only the blocks it may have written were rehashed");
+        Ok(manifest)
+    }
+
+    /// Hashes the whole extent into a new manifest that replaces the old one. With `old`
+    /// (a clean manifest of the same geometry), also says whether any block differs from it.
+    fn rehash(
+        file: &File,
+        paths: &ReplicaPaths,
+        id: &SafeName,
+        geometry: Geometry,
+        threads: usize,
+        old: Option<&Manifest>,
+        durable_seq: u64,
+    ) -> Result<(Manifest, bool)> {
+        tracing::info!(disk = %id, size = geometry.size, "hashing the existing extent");
+        durable::remove(&paths.manifest_rebuilt)?;
+        let mut builder = Manifest::build(&paths.manifest_rebuilt, geometry)?;
+        // The extent is sparse: its holes are zeros, known without reading.
+        let data = engine::storage::sparse::data_blocks(file, geometry);
+        let mut differs = false;
+        let mut next = 0u64;
+        hashing::hash_file(
+            file,
+            &paths.extent,
+            geometry,
+            threads,
+            &AtomicU64::new(0),
+            data.as_ref(),
+            &mut |hashes| {
+                if let Some(old) = old.filter(|_| !differs) {
+                    // Unreadable old hashes prove nothing either way.
+                    differs = old
+                        .nodes(0, next, hashes.len() as u64)
+                        .is_ok_and(|before| before != hashes);
+                }
+                next += hashes.len() as u64;
+                builder.push(hashes)
+            },
+        )?;
+        let mut manifest = builder.finish(0, FileStamp::default())?;
+        manifest.commit(durable_seq, FileStamp::of(file, &paths.extent)?)?;
+        Self::replace_manifest(paths, manifest).map(|m| (m, differs))
+    }
+
+    /// Grows the extent to `geometry` and rebuilds its manifest: the old hashes, the old
+    /// last block rehashed (it may have been short), zeros after it.
+    fn grow(
+        file: &File,
+        paths: &ReplicaPaths,
+        id: &SafeName,
+        old: Manifest,
+        geometry: Geometry,
+    ) -> Result<Manifest> {
+        let old_geometry = old.geometry();
+        tracing::info!(disk = %id, from = old_geometry.size, to = geometry.size, "growing the replica");
+        file.set_len(geometry.size)
+            .and_then(|()| file.sync_all())
+            .map_err(Error::file("grow extent", &paths.extent))?;
+        durable::remove(&paths.manifest_rebuilt)?;
+        let mut builder = Manifest::build(&paths.manifest_rebuilt, geometry)?;
+        let kept = old_geometry.blocks().saturating_sub(1);
+        let mut start = 0;
+        while start < kept {
+            let count = (kept - start).min(hashing::WINDOW_BLOCKS);
+            builder.push(&old.nodes(0, start, count)?)?;
+            start += count;
+        }
+        if let Some(len) = geometry
+            .block_len(kept)
+            .filter(|_| old_geometry.blocks() > 0)
+        {
+            let mut buf = vec![0; len];
+            file.read_exact_at(&mut buf, geometry.offset(kept))
+                .map_err(Error::file("read", &paths.extent))?;
+            builder.push(&[hash_block(&buf)])?;
+        }
+        builder.push_zeros(geometry.blocks() - old_geometry.blocks())?;
+        let mut manifest = builder.finish(0, FileStamp::default())?;
+        manifest.commit(old.durable_seq(), FileStamp::of(file, &paths.extent)?)?;
+        vmdk::write_descriptor(&paths.descriptor, &paths.extent, geometry.size)?;
+        Self::replace_manifest(paths, manifest)
+    }
+
+    /// Puts a manifest rebuilt at `manifest_rebuilt` in place of the manifest, durably.
+    fn replace_manifest(paths: &ReplicaPaths, manifest: Manifest) -> Result<Manifest> {
+        drop(manifest);
+        std::fs::rename(&paths.manifest_rebuilt, &paths.manifest)
+            .map_err(Error::file("rename into place", &paths.manifest))?;
+        durable::sync_dir(paths.manifest.parent().unwrap_or(Path::new(".")))?;
+        Manifest::open(&paths.manifest)
     }
 
     /// True when the extent was found changed since deltaback last saved its manifest: its
@@ -220,7 +351,7 @@ impl Replica {
             size: self.manifest.geometry().size,
             block_size: self.manifest.geometry().block_size.get(),
             fresh: self.fresh,
-            durable_seq: self.manifest.durable_seq,
+            durable_seq: self.manifest.durable_seq(),
             depth: u8::try_from(self.manifest.depth()).unwrap_or(u8::MAX),
             root: self.manifest.root(),
             adopted: self.adopted,
@@ -279,6 +410,7 @@ impl Replica {
         let geometry = self.manifest.geometry();
         // (index, new hash, new data; None for a zero block)
         let mut changes: Vec<(u64, BlockHash, Option<Vec<u8>>)> = Vec::new();
+        let mut current = CurrentHashes::default();
         for record in records {
             let record = record?;
             let len = geometry.block_len(record.index).ok_or_else(|| {
@@ -308,20 +440,24 @@ impl Replica {
                     index: record.index,
                 });
             }
-            if self.leaf(record.index) != Some(hash) {
+            if current.get(&self.manifest, record.index)? != hash {
                 changes.push((record.index, hash, data));
             }
         }
         if changes.is_empty() {
             return Ok(());
         }
-        self.save_old_content(&changes)?;
+        self.save_old_content(&changes, &mut current)?;
         if !self.dirty {
-            durable::remove(&self.paths.manifest)?;
+            // From here until the next commit the manifest may not show the extent; the
+            // touched-block record says which blocks.
+            self.touched.reset()?;
+            self.manifest.mark_dirty()?;
             // The content changes: VMware tools expect a new content id.
             vmdk::renew_cid(&self.paths.descriptor)?;
             self.dirty = true;
         }
+        self.touched.cover(changes.iter().map(|c| c.0))?;
         let mut rest = changes.as_slice();
         while let Some(&(first, _, ref data)) = rest.first() {
             let offset = geometry.offset(first);
@@ -367,13 +503,12 @@ impl Replica {
         Ok(())
     }
 
-    fn leaf(&self, index: u64) -> Option<BlockHash> {
-        let i = usize::try_from(index).ok()?;
-        self.manifest.leaves().get(i).copied()
-    }
-
     /// Journals the current content of the blocks about to change, and syncs the journal.
-    fn save_old_content(&mut self, changes: &[(u64, BlockHash, Option<Vec<u8>>)]) -> Result<()> {
+    fn save_old_content(
+        &mut self,
+        changes: &[(u64, BlockHash, Option<Vec<u8>>)],
+        current: &mut CurrentHashes,
+    ) -> Result<()> {
         let Some(undo) = &mut self.undo else {
             return Ok(());
         };
@@ -395,10 +530,7 @@ impl Replica {
                 continue;
             }
             let len = geometry.block_len(index).unwrap_or(0);
-            let current = usize::try_from(index)
-                .ok()
-                .and_then(|i| self.manifest.leaves().get(i));
-            let was_zero = current == Some(&self.zero.of(index));
+            let was_zero = current.get(&self.manifest, index)? == self.zero.of(index);
             if was_zero {
                 old[..len].fill(0);
             } else {
@@ -411,15 +543,14 @@ impl Replica {
         journal.sync()
     }
 
-    /// Makes every write durable, records `seq` as durable and saves the manifest.
+    /// Makes every write durable, then commits the manifest's changed hashes with `seq` as
+    /// the durable sequence.
     pub fn flush(&mut self, seq: u64) -> Result<()> {
         self.file
             .sync_data()
             .map_err(Error::file("fdatasync", &self.paths.extent))?;
-        self.manifest.durable_seq = seq;
-        self.manifest.rebuild_tree();
-        self.manifest.stamp = FileStamp::of(&self.file, &self.paths.extent)?;
-        self.manifest.save(&self.paths.manifest)?;
+        let stamp = FileStamp::of(&self.file, &self.paths.extent)?;
+        self.manifest.commit(seq, stamp)?;
         self.dirty = false;
         self.fresh = false;
         Ok(())
@@ -428,5 +559,35 @@ impl Replica {
     /// The hashes of `ranges` of tree level `level`, for the agent's top-down compare.
     pub fn hashes(&self, level: u8, ranges: &[(u64, u32)]) -> Result<Vec<BlockHash>> {
         self.manifest.hashes(level, ranges, MAX_HASHES_PER_ANSWER)
+    }
+}
+
+/// The current hashes of the blocks of one batch, read from the manifest a stretch at a
+/// time (a batch's blocks are mostly consecutive) instead of one read per block.
+#[derive(Default)]
+struct CurrentHashes {
+    first: u64,
+    hashes: Vec<BlockHash>,
+}
+
+impl CurrentHashes {
+    /// Blocks read at once.
+    const STRETCH: u64 = 1024;
+
+    fn get(&mut self, manifest: &Manifest, index: u64) -> Result<BlockHash> {
+        let cached = index
+            .checked_sub(self.first)
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| self.hashes.get(i));
+        if let Some(hash) = cached {
+            return Ok(*hash);
+        }
+        let count = (manifest.level_len(0).saturating_sub(index)).min(Self::STRETCH);
+        self.hashes = manifest.nodes(0, index, count)?;
+        self.first = index;
+        self.hashes
+            .first()
+            .copied()
+            .ok_or_else(|| Error::Invalid(format!("block {index} is past the end of the disk")))
     }
 }

@@ -23,8 +23,9 @@ pub enum ReplicaState {
     /// The manifest matches the extent: the replica holds every block up to its durable
     /// sequence and nothing is being written.
     InSync,
-    /// No manifest: a session is writing it now, or one was interrupted. The next sync
-    /// rehashes the extent and carries on.
+    /// Writes since the manifest's last commit (a session is writing now, or one was
+    /// interrupted), or no manifest yet. The next sync rehashes the blocks written and
+    /// carries on.
     Writing,
     /// The extent changed after its manifest was saved, outside deltaback: the next sync
     /// rehashes it.
@@ -180,7 +181,8 @@ fn disk_status(paths: &ReplicaPaths, id: &SafeName) -> Result<DiskStatus> {
         Some(file) => Some(FileStamp::of(file, &paths.extent)?),
         None => None,
     };
-    let (manifest, state) = match Manifest::load_summary(&paths.manifest) {
+    let (manifest, state) = match Manifest::summary(&paths.manifest) {
+        Ok(m) if m.dirty => (Some(m), ReplicaState::Writing),
         Ok(m) if Some(m.stamp) == stamp => (Some(m), ReplicaState::InSync),
         Ok(m) => (Some(m), ReplicaState::ChangedOutside),
         Err(Error::File { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {

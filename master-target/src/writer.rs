@@ -200,7 +200,6 @@ impl Writer {
             )));
         }
         self.held.push(key);
-        check_memory(id, geometry)?;
         no_links_in_retention(&self.config.retention, &self.machine, id)?;
         let verdict = ownership::inspect(&self.config.datastore, &self.machine, id)?;
         tracing::info!(machine = %self.machine, disk = %id, verdict = verdict.word(), "{}", verdict.explain());
@@ -396,30 +395,6 @@ impl Drop for Writer {
                 locks.remove(key);
             }
         }
-    }
-}
-
-/// Refuses a disk whose hash tree would not fit in half the memory the machine has
-/// available: one `OpenDisk` must not be able to exhaust the master target's memory.
-fn check_memory(id: &SafeName, geometry: Geometry) -> Result<()> {
-    let needed = engine::block::manifest::Manifest::memory_for(geometry);
-    let available = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib.saturating_mul(1024))
-        });
-    match available {
-        Some(available) if needed > available / 2 => Err(Error::Invalid(format!(
-            "disk {id} of {} would need {} of memory for its block hashes, more than half of \
-             the {} this master target has available; use a larger block size or a machine \
-             with more memory",
-            bytesize::ByteSize(geometry.size),
-            bytesize::ByteSize(needed),
-            bytesize::ByteSize(available)
-        ))),
-        _ => Ok(()),
     }
 }
 

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use engine::block::geometry::{hash_block, is_zero, BlockHash, Geometry, SafeName, ZeroHashes};
-use engine::block::manifest::Manifest;
+use engine::block::manifest::{FileStamp, Manifest};
 use engine::block::ranges::Runs;
 use engine::error::{Error, Result};
 
@@ -33,7 +33,6 @@ use crate::compare::differing_blocks;
 use crate::options::SyncOptions;
 use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::report::{DiskReport, SyncReport};
-use crate::scan::zero_blocks;
 use crate::session::Session;
 use crate::Progress;
 use nbd::{dirty_runs, NbdClient, MAX_READ};
@@ -409,8 +408,8 @@ async fn send_disk(
         }
         (Mode::Full, false) => {
             report.change_source = "qemu-full-compare";
-            let manifest = hash_export(nbd, geometry).await?;
-            report.zero_blocks = zero_blocks(&manifest);
+            let (manifest, zeros) = hash_export(nbd, geometry).await?;
+            report.zero_blocks = zeros;
             let (runs, fetched) =
                 differing_blocks(&manifest, state.root, &mut session.tree(handle)).await?;
             report.hashes_fetched = fetched;
@@ -451,11 +450,15 @@ async fn send_disk(
 
 /// Hashes every block of the export: while one chunk is hashed on a blocking thread, the
 /// next is read.
-async fn hash_export(nbd: &mut NbdClient, geometry: Geometry) -> Result<Manifest> {
+async fn hash_export(nbd: &mut NbdClient, geometry: Geometry) -> Result<(Manifest, u64)> {
     let zero = Arc::new(ZeroHashes::new(geometry));
-    let mut leaves = Vec::with_capacity(usize::try_from(geometry.blocks()).unwrap_or(0));
+    // The hashes go to a file as they come: the agent stays small whatever the disk.
+    let mut builder = Manifest::build_anonymous(&std::env::temp_dir(), geometry)?;
+    let mut zeros = 0;
     let mut spare = vec![0u8; MAX_READ as usize];
-    let mut hashing: Option<tokio::task::JoinHandle<(Vec<u8>, Vec<BlockHash>)>> = None;
+    // (the buffer back, its blocks' hashes, its first block)
+    type Hashed = (Vec<u8>, Vec<BlockHash>, u64);
+    let mut hashing: Option<tokio::task::JoinHandle<Hashed>> = None;
     let mut offset = 0;
     while offset < geometry.size {
         let len = usize::try_from((geometry.size - offset).min(u64::from(MAX_READ))).unwrap_or(0);
@@ -463,8 +466,9 @@ async fn hash_export(nbd: &mut NbdClient, geometry: Geometry) -> Result<Manifest
         buf.resize(len, 0);
         nbd.read(offset, &mut buf).await?;
         if let Some(done) = hashing.take() {
-            let (old, hashes) = done.await.map_err(hashing_failed)?;
-            leaves.extend(hashes);
+            let (old, hashes, first) = done.await.map_err(hashing_failed)?;
+            zeros += zero.count(first, &hashes);
+            builder.push(&hashes)?;
             spare = old;
         }
         // MAX_READ is a multiple of every block size, so each chunk starts on a block.
@@ -482,14 +486,16 @@ async fn hash_export(nbd: &mut NbdClient, geometry: Geometry) -> Result<Manifest
                     }
                 })
                 .collect();
-            (buf, hashes)
+            (buf, hashes, first)
         }));
         offset += len as u64;
     }
     if let Some(done) = hashing {
-        leaves.extend(done.await.map_err(hashing_failed)?.1);
+        let (_, hashes, first) = done.await.map_err(hashing_failed)?;
+        zeros += zero.count(first, &hashes);
+        builder.push(&hashes)?;
     }
-    Manifest::new(geometry, leaves)
+    Ok((builder.finish(0, FileStamp::default())?, zeros))
 }
 
 fn hashing_failed(e: tokio::task::JoinError) -> Error {

@@ -183,6 +183,14 @@ impl ZeroHashes {
         }
     }
 
+    /// How many of the hashes of the blocks from `first` are zero blocks' hashes.
+    pub fn count(&self, first: u64, hashes: &[BlockHash]) -> u64 {
+        (first..)
+            .zip(hashes)
+            .filter(|(i, h)| self.of(*i) == **h)
+            .count() as u64
+    }
+
     /// The hash block `index` has when it is all zeros.
     pub fn of(&self, index: u64) -> BlockHash {
         if index + 1 == self.geometry.blocks() {

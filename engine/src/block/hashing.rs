@@ -6,7 +6,9 @@
 //! live block device, opened with `O_DIRECT` by `storage::direct::open_for_reading`, and
 //! mapped pages would count against the process's memory), and hash each block. A
 //! block that is all zeros is recognised without hashing and gets the well-known zero hash.
-//! Memory stays at one chunk buffer per thread plus 32 bytes per block for the result.
+//! The disk is hashed in windows of [`WINDOW_BLOCKS`] blocks, handed to a sink in order (a
+//! manifest builder, which writes them to its file), so memory stays at one chunk buffer
+//! per thread plus one window of hashes, whatever the disk size.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -15,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::block::geometry::{hash_block, is_zero, BlockHash, Geometry, ZeroHashes};
+use crate::block::manifest::{FileStamp, Manifest, ManifestBuilder};
 use crate::block::ranges::Runs;
 use crate::error::{Error, Result};
 use crate::storage::direct::AlignedBuf;
@@ -22,15 +25,19 @@ use crate::storage::direct::AlignedBuf;
 /// Bytes each worker reads at a time.
 pub const CHUNK_BYTES: usize = 1 << 20;
 
+/// Blocks hashed before their hashes go to the sink: 2 MiB of hashes.
+pub const WINDOW_BLOCKS: u64 = 64 * 1024;
+
 /// Number of hashing threads to use by default: every core.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
-/// Hashes every block of `file` (`path` only names it in errors). `progress` grows by the
-/// bytes hashed, so a caller can show a progress bar from another thread. With `data` (the
-/// blocks that hold data, from `storage::sparse::data_blocks`), chunks that lie wholly in
-/// holes get the zero hash without being read. Returns the hashes and the bytes read.
+/// Hashes every block of `file` (`path` only names it in errors) and hands the hashes to
+/// `sink` in order, a window at a time. `progress` grows by the bytes hashed, so a caller
+/// can show a progress bar from another thread. With `data` (the blocks that hold data,
+/// from `storage::sparse::data_blocks`), chunks that lie wholly in holes get the zero hash
+/// without being read. Returns the bytes read.
 pub fn hash_file(
     file: &File,
     path: &Path,
@@ -38,64 +45,165 @@ pub fn hash_file(
     threads: usize,
     progress: &AtomicU64,
     data: Option<&Runs>,
-) -> Result<(Vec<BlockHash>, u64)> {
-    let blocks = usize::try_from(geometry.blocks())
-        .map_err(|_| Error::Invalid(format!("{} has too many blocks", path.display())))?;
-    let block_bytes = geometry.block_size.bytes();
-    let blocks_per_chunk = (CHUNK_BYTES / block_bytes).max(1);
+    sink: &mut dyn FnMut(&[BlockHash]) -> Result<()>,
+) -> Result<u64> {
     let zero = ZeroHashes::new(geometry);
-    let mut hashes = vec![[0u8; 32]; blocks];
-    let work = Mutex::new(hashes.chunks_mut(blocks_per_chunk).enumerate());
-    let first_error: Mutex<Option<Error>> = Mutex::new(None);
-    let read = AtomicU64::new(0);
-
-    std::thread::scope(|scope| {
-        for _ in 0..threads.max(1) {
-            scope.spawn(|| {
-                let mut aligned = AlignedBuf::default();
-                let buf = aligned.get(blocks_per_chunk * block_bytes);
-                loop {
-                    let next = work.lock().ok().and_then(|mut w| w.next());
-                    let Some((chunk, out)) = next else { break };
-                    let first_block = (chunk * blocks_per_chunk) as u64;
-                    let offset = geometry.offset(first_block);
-                    let len = usize::try_from((geometry.size - offset).min(buf.len() as u64))
-                        .unwrap_or(buf.len());
-                    // A chunk that is all hole reads as zeros: known without reading it.
-                    if data.is_some_and(|d| !d.overlaps(first_block, out.len() as u64)) {
-                        for (hash, index) in out.iter_mut().zip(first_block..) {
-                            *hash = zero.of(index);
-                        }
-                        progress.fetch_add(len as u64, Ordering::Relaxed);
-                        continue;
-                    }
-                    if let Err(e) = file.read_exact_at(&mut buf[..len], offset) {
-                        if let Ok(mut slot) = first_error.lock() {
-                            slot.get_or_insert(Error::file("read", path)(e));
-                        }
-                        break;
-                    }
-                    for (i, (data, hash)) in buf[..len].chunks(block_bytes).zip(out).enumerate() {
-                        let index = first_block + i as u64;
-                        *hash = if is_zero(data) {
-                            zero.of(index)
-                        } else {
-                            hash_block(data)
-                        };
-                    }
-                    progress.fetch_add(len as u64, Ordering::Relaxed);
-                    read.fetch_add(len as u64, Ordering::Relaxed);
-                    if first_error.lock().map(|e| e.is_some()).unwrap_or(true) {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    match first_error.into_inner().ok().flatten() {
-        Some(err) => Err(err),
-        None => Ok((hashes, read.into_inner())),
+    let mut read = 0;
+    let mut hashes = Vec::new();
+    let mut first = 0;
+    while first < geometry.blocks() {
+        let count = (geometry.blocks() - first).min(WINDOW_BLOCKS);
+        hashes.clear();
+        hashes.resize(usize::try_from(count).unwrap_or(0), [0u8; 32]);
+        let window = Window {
+            file,
+            path,
+            geometry,
+            zero: &zero,
+            data,
+            progress,
+        };
+        read += window.hash(first, &mut hashes, threads)?;
+        sink(&hashes)?;
+        first += count;
     }
+    Ok(read)
+}
+
+/// What the workers of one window share.
+struct Window<'a> {
+    file: &'a File,
+    path: &'a Path,
+    geometry: Geometry,
+    zero: &'a ZeroHashes,
+    data: Option<&'a Runs>,
+    progress: &'a AtomicU64,
+}
+
+impl Window<'_> {
+    /// Hashes the blocks from `first` into `hashes` on `threads` threads; returns the bytes
+    /// read.
+    fn hash(&self, first: u64, hashes: &mut [BlockHash], threads: usize) -> Result<u64> {
+        let geometry = self.geometry;
+        let block_bytes = geometry.block_size.bytes();
+        let blocks_per_chunk = (CHUNK_BYTES / block_bytes).max(1);
+        let work = Mutex::new(hashes.chunks_mut(blocks_per_chunk).enumerate());
+        let first_error: Mutex<Option<Error>> = Mutex::new(None);
+        let read = AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..threads.max(1) {
+                scope.spawn(|| {
+                    let mut aligned = AlignedBuf::default();
+                    let buf = aligned.get(blocks_per_chunk * block_bytes);
+                    loop {
+                        let next = work.lock().ok().and_then(|mut w| w.next());
+                        let Some((chunk, out)) = next else { break };
+                        let first_block = first + (chunk * blocks_per_chunk) as u64;
+                        if let Err(e) = self.chunk(first_block, out, buf, &read) {
+                            if let Ok(mut slot) = first_error.lock() {
+                                slot.get_or_insert(e);
+                            }
+                            break;
+                        }
+                        if first_error.lock().map(|e| e.is_some()).unwrap_or(true) {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        match first_error.into_inner().ok().flatten() {
+            Some(err) => Err(err),
+            None => Ok(read.into_inner()),
+        }
+    }
+
+    /// Hashes the blocks of one chunk from `first_block` into `out`.
+    fn chunk(
+        &self,
+        first_block: u64,
+        out: &mut [BlockHash],
+        buf: &mut [u8],
+        read: &AtomicU64,
+    ) -> Result<()> {
+        let geometry = self.geometry;
+        let offset = geometry.offset(first_block);
+        let len =
+            usize::try_from((geometry.size - offset).min(buf.len() as u64)).unwrap_or(buf.len());
+        // A chunk that is all hole reads as zeros: known without reading it.
+        if self
+            .data
+            .is_some_and(|d| !d.overlaps(first_block, out.len() as u64))
+        {
+            for (hash, index) in out.iter_mut().zip(first_block..) {
+                *hash = self.zero.of(index);
+            }
+            self.progress.fetch_add(len as u64, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.file
+            .read_exact_at(&mut buf[..len], offset)
+            .map_err(Error::file("read", self.path))?;
+        let block_bytes = geometry.block_size.bytes();
+        for (i, (data, hash)) in buf[..len].chunks(block_bytes).zip(out).enumerate() {
+            let index = first_block + i as u64;
+            *hash = if is_zero(data) {
+                self.zero.of(index)
+            } else {
+                hash_block(data)
+            };
+        }
+        self.progress.fetch_add(len as u64, Ordering::Relaxed);
+        read.fetch_add(len as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Hashes every block of `file` into a new manifest from `builder` (see [`hash_file`]);
+/// returns it with the bytes read and the number of all-zero blocks.
+pub fn hash_into_manifest(
+    builder: ManifestBuilder,
+    file: &File,
+    path: &Path,
+    threads: usize,
+    progress: &AtomicU64,
+    data: Option<&Runs>,
+) -> Result<(Manifest, HashedDisk)> {
+    let mut builder = builder;
+    let geometry = builder.geometry();
+    let zero = ZeroHashes::new(geometry);
+    let mut zero_blocks = 0u64;
+    let mut next = 0u64;
+    let bytes_read = hash_file(
+        file,
+        path,
+        geometry,
+        threads,
+        progress,
+        data,
+        &mut |hashes| {
+            zero_blocks += zero.count(next, hashes);
+            next += hashes.len() as u64;
+            builder.push(hashes)
+        },
+    )?;
+    let manifest = builder.finish(0, FileStamp::default())?;
+    Ok((
+        manifest,
+        HashedDisk {
+            bytes_read,
+            zero_blocks,
+        },
+    ))
+}
+
+/// What hashing a disk cost and found.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HashedDisk {
+    /// Bytes read from the disk (holes are not read).
+    pub bytes_read: u64,
+    /// Blocks that are all zeros.
+    pub zero_blocks: u64,
 }
 
 #[cfg(test)]
@@ -121,7 +229,12 @@ mod tests {
         let geometry = Geometry::new(data.len() as u64, BlockSize::new(64 << 10).unwrap()).unwrap();
         let file = File::open(&path).unwrap();
         let progress = AtomicU64::new(0);
-        let (hashes, read) = hash_file(&file, &path, geometry, 3, &progress, None).unwrap();
+        let mut hashes = Vec::new();
+        let read = hash_file(&file, &path, geometry, 3, &progress, None, &mut |h| {
+            hashes.extend_from_slice(h);
+            Ok(())
+        })
+        .unwrap();
         assert_eq!(read, data.len() as u64);
         let expected: Vec<BlockHash> = data.chunks(64 << 10).map(hash_block).collect();
         assert_eq!(hashes, expected);
@@ -135,7 +248,16 @@ mod tests {
         std::fs::write(&path, [1u8; 4096]).unwrap();
         let geometry = Geometry::new(8192, BlockSize::new(4096).unwrap()).unwrap();
         let file = File::open(&path).unwrap();
-        let err = hash_file(&file, &path, geometry, 2, &AtomicU64::new(0), None).unwrap_err();
+        let err = hash_file(
+            &file,
+            &path,
+            geometry,
+            2,
+            &AtomicU64::new(0),
+            None,
+            &mut |_| Ok(()),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("read"), "{err}");
     }
 }

@@ -25,13 +25,14 @@
 //! ([`Conversation::failure`]), not after the next write fails.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::block::geometry::{BlockHash, BlockSize, Geometry, SafeName, ZeroHashes};
-use crate::block::manifest::Manifest;
+use crate::block::geometry::{BlockHash, BlockSize, Geometry, SafeName};
+use crate::block::manifest::{FileStamp, Manifest};
 use crate::error::{Error, Result};
 use crate::wire::message::MAX_HASHES_PER_ANSWER;
 use crate::wire::throttle::Throttle;
@@ -280,16 +281,16 @@ impl Conversation {
     }
 
     /// Fetches every block hash the master target holds for an open disk, in answers that
-    /// fit a frame, and checks them against the root it reported.
-    pub async fn fetch_tree(&mut self, state: &DiskState) -> Result<Manifest> {
+    /// fit a frame, into a manifest in an anonymous file in `dir`, and checks them against
+    /// the root it reported.
+    pub async fn fetch_tree(&mut self, state: &DiskState, dir: &Path) -> Result<Manifest> {
         let geometry = Geometry::new(state.size, BlockSize::new(u64::from(state.block_size))?)?;
         let blocks = geometry.blocks();
-        let leaves = if state.fresh {
-            let zero = ZeroHashes::new(geometry);
-            (0..blocks).map(|i| zero.of(i)).collect()
+        let mut builder = Manifest::build_anonymous(dir, geometry)?;
+        if state.fresh {
+            builder.push_zeros(blocks)?;
         } else {
             let per_answer = u32::try_from(MAX_HASHES_PER_ANSWER).unwrap_or(u32::MAX);
-            let mut leaves = Vec::new();
             let mut start = 0;
             while start < blocks {
                 let count = u32::try_from(blocks - start).map_or(per_answer, |n| n.min(per_answer));
@@ -301,12 +302,11 @@ impl Conversation {
                         hashes.len()
                     )));
                 }
-                leaves.extend(hashes);
+                builder.push(&hashes)?;
                 start += u64::from(count);
             }
-            leaves
-        };
-        let tree = Manifest::new(geometry, leaves)?;
+        }
+        let tree = builder.finish(0, FileStamp::default())?;
         if tree.root() != state.root {
             return Err(Error::Protocol(format!(
                 "the {}'s block hashes do not add up to the root it reported",

@@ -142,7 +142,7 @@ impl Held<'_> {
                 } => {
                     let disk = self.disk(handle)?;
                     if disk.stale {
-                        disk.tree.rebuild_tree();
+                        disk.tree.update_tree()?;
                         disk.stale = false;
                     }
                     let hashes = disk.tree.hashes(level, &ranges, MAX_HASHES_PER_ANSWER)?;
@@ -274,7 +274,9 @@ impl Held<'_> {
             Some(tree) if tree.root() == state.root && same_geometry(&tree, &state) => tree,
             _ => {
                 tracing::info!(machine = %self.machine, disk = %id, "fetching the disk's hashes from the master target");
-                match live.fetch_tree(&state).await {
+                let dir = self.spool.machine_dir(self.machine);
+                std::fs::create_dir_all(&dir).map_err(Error::file("create spool folder", &dir))?;
+                match live.fetch_tree(&state, &dir).await {
                     Ok(mut tree) => {
                         disk_work(|| {
                             self.spool

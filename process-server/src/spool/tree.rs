@@ -8,20 +8,20 @@
 //! with its sequence field naming the last segment included, `through`) is only ever
 //! combined with the segments numbered above `through`, and a segment is deleted only after
 //! every tree that needs it includes it ([`Spool::release`]).
+//!
+//! A conversation works on its own copy of the tree, an anonymous file in the machine's
+//! spool folder (holes stay holes, so the copy costs what the disk holds, and memory stays
+//! flat); saving copies it back over the tree file (`<disk>.tree.new`, then a rename).
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use super::{SegmentReader, Spool};
 use engine::block::geometry::SafeName;
-use engine::block::manifest::Manifest;
+use engine::block::manifest::{FileStamp, Manifest};
 use engine::error::{Error, Result};
 use engine::storage::durable;
 use engine::wire::message::records;
 use engine::wire::Message;
-
-/// Byte offset of the sequence field in the manifest format.
-const THROUGH_OFFSET: usize = 24;
 
 impl Spool {
     pub(super) fn tree_path(&self, machine: &SafeName, disk: &SafeName) -> PathBuf {
@@ -51,14 +51,19 @@ impl Spool {
         if !path.exists() {
             return Ok(None);
         }
-        let mut tree = match Manifest::load(&path) {
-            Ok(tree) => tree,
+        let saved = match Manifest::open_read_only(&path) {
+            Ok(tree) if !tree.is_dirty() => tree,
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "spool tree left half written; the master target will be asked again");
+                return Ok(None);
+            }
             Err(e) => {
                 tracing::warn!(error = %e.chain(), "unusable spool tree; the master target will be asked again");
                 return Ok(None);
             }
         };
-        let mut through = tree.durable_seq;
+        let mut tree = saved.copy_anonymous(&self.machine_dir(machine))?;
+        let mut through = tree.durable_seq();
         for (n, segment) in self.segments(machine) {
             if n <= through || upto.is_some_and(|u| n > u) {
                 continue;
@@ -68,8 +73,7 @@ impl Spool {
             }
             through = n;
         }
-        tree.rebuild_tree();
-        tree.durable_seq = through;
+        tree.commit(through, FileStamp::default())?;
         Ok(Some(tree))
     }
 
@@ -84,8 +88,8 @@ impl Spool {
         let _trees = self.trees_lock();
         let dir = self.machine_dir(machine);
         std::fs::create_dir_all(&dir).map_err(Error::file("create spool folder", &dir))?;
-        tree.durable_seq = through;
-        tree.save(&self.tree_path(machine, disk))
+        tree.commit(through, FileStamp::default())?;
+        save_copy(tree, &self.tree_path(machine, disk))
     }
 
     /// Forgets what the process server knows of a disk.
@@ -104,22 +108,28 @@ impl Spool {
         }
         match self.load_tree_locked(machine, disk, Some(n))? {
             Some(mut tree) => {
-                tree.durable_seq = n;
-                tree.save(&path)
+                tree.commit(n, FileStamp::default())?;
+                save_copy(&tree, &path)
             }
             None => durable::remove(&path),
         }
     }
 }
 
-/// The `through` of a tree file, read from its header alone.
+/// Copies a committed working tree over the tree file at `path`, durably.
+fn save_copy(tree: &Manifest, path: &Path) -> Result<()> {
+    let mut new = path.as_os_str().to_owned();
+    new.push(".new");
+    let new = PathBuf::from(new);
+    durable::remove(&new)?;
+    drop(tree.copy_to(&new)?);
+    std::fs::rename(&new, path).map_err(Error::file("rename into place", path))?;
+    durable::sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// The `through` of a tree file, read from its (checked) header alone.
 fn read_through(path: &Path) -> Option<u64> {
-    let mut header = [0u8; THROUGH_OFFSET + 8];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut header))
-        .ok()?;
-    let bytes: [u8; 8] = header[THROUGH_OFFSET..].try_into().ok()?;
-    Some(u64::from_be_bytes(bytes))
+    Manifest::summary(path).ok().map(|s| s.durable_seq)
 }
 
 /// The highest `through` of the tree files in a machine's folder.
