@@ -269,3 +269,38 @@ fn sighup_reloads_the_crl_instead_of_killing_the_service() {
     // Both services are still up and serving.
     still_serving(&cluster);
 }
+
+#[test]
+fn sighup_reloads_the_crl_the_process_server_checks_the_master_target_with() {
+    let cluster = Cluster::start();
+    let image = cluster.path("x.img");
+    write_mixed_image(&image, 1 << 20, 13).unwrap();
+    let disk = [format!("{}=disk0", image.display())];
+    cluster.sync("m", &disk).unwrap();
+
+    // The master target's certificate is revoked (stolen, say): once the process server
+    // reloads its PKI folder, it no longer talks to whoever presents it.
+    let issued = std::fs::read_to_string(cluster.pki.join("issued.txt")).unwrap();
+    let serial = issued
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("master-target"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no master target in {issued}"))
+        .to_owned();
+    let dir = cluster.pki.to_str().unwrap();
+    assert!(pki(&["revoke", "--dir", dir, "--serial", &serial])
+        .status
+        .success());
+    let sent = Command::new("kill")
+        .args(["-HUP", &cluster.relay.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    cluster
+        .relay
+        .wait_for_log("new connections to the master target use its CRL");
+    let err = cluster
+        .sync_with("m", &disk, &cluster.pki, &["--retry-for", "0s"])
+        .unwrap_err();
+    assert!(err.contains("Revoked"), "{err}");
+}

@@ -22,7 +22,7 @@ use engine::wire::tls::{Identity, Role};
 use engine::wire::transport::{self, Conn, ConnReader, ConnWriter, Limits};
 use engine::wire::{handshake, Frame, Message};
 
-use crate::master_target::MasterTarget;
+use crate::master_target::{ClientTls, MasterTarget};
 use crate::spool::conversation::hold;
 use crate::spool::replay::replay_machine;
 use crate::spool::{disk_work, Spool};
@@ -83,7 +83,7 @@ pub async fn serve(
     config: ProcessServerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let master_target_tls = identity.client_config()?;
+    let master_target_tls = ClientTls::new(identity)?;
     if let Some(spool) = &config.spool {
         for machine in spool.machines() {
             if spool.has_backlog(&machine) {
@@ -130,7 +130,7 @@ pub async fn serve(
 async fn relay(
     mut agent: Conn,
     config: &ProcessServerConfig,
-    master_target_tls: Arc<rustls::ClientConfig>,
+    master_target_tls: ClientTls,
 ) -> Result<String> {
     let machine = match handshake::read_hello(&mut agent, "process server").await {
         Ok(hello) => hello.machine,
