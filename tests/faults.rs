@@ -93,7 +93,7 @@ fn kill_harness(victim: Victim, seed: u64) {
                 crate::util::nonzero_block_bytes(&image, 65536)
             };
             let delay = Duration::from_millis(rng.gen_range(0..120));
-            let start_agent = |cluster: &Cluster| cluster.spawn_agent(&machine, &[&disk], false);
+            let start_agent = |cluster: &Cluster| cluster.spawn_agent(&machine, &[&disk], true);
             let mut agent = start_agent(&cluster);
             std::thread::sleep(delay);
             match victim {
@@ -114,7 +114,9 @@ fn kill_harness(victim: Victim, seed: u64) {
             let out = agent.wait_with_output().unwrap();
             assert!(
                 out.status.success(),
-                "{victim:?} killed after {delay:?}: agent failed"
+                "{victim:?} killed after {delay:?}: agent failed: {}\nPS log: {}",
+                String::from_utf8_lossy(&out.stderr),
+                cluster.relay.log_text()
             );
             let report: Value = serde_json::from_slice(&out.stdout).unwrap();
             if !matches!(victim, Victim::Agent) {

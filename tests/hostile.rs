@@ -319,7 +319,10 @@ fn a_spooling_process_server_passes_refusals_on_and_keeps_nothing_to_replay() {
         .map(|e| e.file_name().into_string().unwrap())
         .collect();
     assert!(
-        kept.iter().any(|f| f.ends_with(".rejected")) && !kept.iter().any(|f| f.ends_with(".seg")),
+        kept.iter().any(|f| f.ends_with(".rejected"))
+            && !kept
+                .iter()
+                .any(|f| f.ends_with(".seg") || f.ends_with(".open")),
         "the refused segment is kept aside, not replayed: {kept:?}"
     );
 }

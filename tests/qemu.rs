@@ -327,7 +327,12 @@ fn spooled(cache: &Path) -> usize {
     std::fs::read_dir(cache.join("vm"))
         .map(|d| {
             d.flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+                // Finished (`.seg`) or still being finished (`.open`).
+                .filter(|e| {
+                    e.path()
+                        .extension()
+                        .is_some_and(|x| x == "seg" || x == "open")
+                })
                 .count()
         })
         .unwrap_or(0)

@@ -25,7 +25,12 @@ fn segments(cache: &Path, machine: &str) -> usize {
     std::fs::read_dir(cache.join(machine))
         .map(|d| {
             d.flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+                // Finished (`.seg`) or still being finished (`.open`).
+                .filter(|e| {
+                    e.path()
+                        .extension()
+                        .is_some_and(|x| x == "seg" || x == "open")
+                })
                 .count()
         })
         .unwrap_or(0)
@@ -331,4 +336,53 @@ fn a_segment_the_master_target_refuses_is_set_aside_and_reported_without_blockin
         .unwrap();
     assert!(report["point"]["seq"].as_u64().unwrap() > 0, "{report}");
     assert!(qemu_img_same(&small, &cluster.vmdk("m", "disk1")));
+}
+
+#[test]
+fn a_segment_cut_short_after_it_was_finished_is_damage_not_a_clean_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let args = cache_args(&cache, "64MiB");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cluster = Cluster::start_full(&[], &args);
+    let image = cluster.path("disk0.img");
+    write_mixed_image(&image, 2 * MIB, 41).unwrap();
+    let disk = [format!("{}=disk0", image.display())];
+    cluster.sync("m", &disk).unwrap();
+
+    // A change is spooled while the master target is away, and the process server stops.
+    cluster.target.kill();
+    write_block(&image, 3, &[0x5b; BLOCK as usize]);
+    write_block(&image, 9, &[0x5c; BLOCK as usize]);
+    assert_eq!(cluster.sync("m", &disk).unwrap()["point"]["seq"], 0);
+    cluster.relay.kill();
+
+    // Someone cuts the finished segment at a record boundary: after its first record (the
+    // disk's opening), so the blocks, the flush and the point are gone.
+    let segment = std::fs::read_dir(cache.join("m"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "seg"))
+        .unwrap();
+    let bytes = std::fs::read(&segment).unwrap();
+    let first_len = u32::from_be_bytes(bytes[8..12].try_into().unwrap()) as usize;
+    std::fs::write(&segment, &bytes[..8 + 8 + first_len + 16]).unwrap();
+
+    // Nothing of it is forwarded: it is set aside and reported, no point is made from it,
+    // and the next sync sends the changed blocks again from the master target's tree.
+    cluster.target.restart();
+    cluster.relay.restart();
+    cluster.relay.wait_for_log("set aside");
+    let log = cluster.relay.log_text();
+    assert!(log.contains("without its seal"), "{log}");
+    let points: Vec<u64> = cluster
+        .points("m")
+        .iter()
+        .map(|p| p["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(points, vec![1]);
+    let again = cluster.sync("m", &disk).unwrap();
+    assert_eq!(again["disks"][0]["blocks_sent"], 2, "{again}");
+    assert!(qemu_img_same(&image, &cluster.vmdk("m", "disk0")));
 }

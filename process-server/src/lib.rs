@@ -23,7 +23,7 @@
 //! acknowledged every sequence in it.
 //!
 //! ## Files and formats
-//! `<cache>/<machine>/<n>.seg` (spool segments), `<n>.rejected` (refused segments kept for
+//! `<cache>/<machine>/<n>.open` and `<n>.seg` (spool segments being written and finished), `<n>.rejected` (refused segments kept for
 //! inspection), `<disk>.tree` (tree copies, in the manifest format), `<cache>/status.json`;
 //! see [`spool`].
 //!

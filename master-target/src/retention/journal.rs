@@ -33,6 +33,7 @@
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use engine::block::encoding::{BlockDecoder, BlockEncoder, Encoding};
@@ -327,22 +328,23 @@ impl JournalWriter {
                 tracing::info!(journal = %path.display(), "reopening a journal whose point was never made");
             }
         }
+        if !existed {
+            // Whole or not at all: a journal is never seen without its header, whatever
+            // moment a crash picks (a temporary file, fsynced, renamed into place).
+            engine::storage::durable::write_atomic(path, &header(block_size, point, log_id))?;
+            end = HEADER_LEN as u64;
+        }
+        let no_follow = i32::try_from(rustix::fs::OFlags::NOFOLLOW.bits()).unwrap_or(0);
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(!existed)
+            .custom_flags(no_follow)
             .open(path)
             .map_err(Error::file("open journal", path))?;
-        if existed {
-            file.set_len(end)
-                .map_err(Error::file("truncate journal", path))?;
-            file.seek(SeekFrom::Start(end))
-                .map_err(Error::file("seek journal", path))?;
-        } else {
-            file.write_all(&header(block_size, point, log_id))
-                .map_err(Error::file("write journal", path))?;
-        }
+        file.set_len(end)
+            .map_err(Error::file("truncate journal", path))?;
+        file.seek(SeekFrom::Start(end))
+            .map_err(Error::file("seek journal", path))?;
         Ok(Self {
             path: path.to_owned(),
             file: BufWriter::with_capacity(1 << 20, file),

@@ -442,7 +442,7 @@ impl Held<'_> {
 
     /// Finishes the current segment and starts the next, which opens the same disks again.
     async fn rotate(&mut self) -> Result<()> {
-        disk_work(|| self.segment.sync())?;
+        self.seal_segment()?;
         self.save_trees()?;
         let mut needs = Vec::new();
         let handles: Vec<u32> = self.disks.keys().copied().collect();
@@ -489,6 +489,15 @@ impl Held<'_> {
         for open in opens {
             self.append(&open)?;
         }
+        Ok(())
+    }
+
+    /// Finishes the current segment: its seal, durably.
+    fn seal_segment(&mut self) -> Result<()> {
+        let open = self.segment.path().to_owned();
+        let added = disk_work(|| self.segment.seal())?;
+        self.spool.renamed(&open, self.segment.path());
+        self.spool.account(added);
         Ok(())
     }
 
@@ -603,7 +612,7 @@ impl Held<'_> {
             }
             return;
         }
-        let durable = disk_work(|| self.segment.sync()).and_then(|()| self.save_trees());
+        let durable = self.seal_segment().and_then(|()| self.save_trees());
         if let Err(e) = durable {
             tracing::error!(error = %e.chain(), "cannot make the spool durable; forgetting this machine's trees");
             for disk in self.disks.values() {

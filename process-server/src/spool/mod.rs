@@ -3,7 +3,8 @@
 //! target acknowledged it.
 //!
 //! ```text
-//! <cache>/<machine>/<n>.seg        frames of agent conversations (segment.rs), n rising
+//! <cache>/<machine>/<n>.open       a segment being written (segment.rs), n rising
+//! <cache>/<machine>/<n>.seg        a finished (sealed) segment, renamed from `.open`
 //! <cache>/<machine>/<n>.rejected   a segment the master target refused, kept for inspection
 //! <cache>/<machine>/<disk>.tree    the disk's hash tree as it will be once everything
 //!                                  spooled up to segment T is forwarded (tree.rs)
@@ -121,11 +122,12 @@ fn rejected_in(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
-/// A segment's number, from its file name `<n>.seg`.
+/// A segment's number, from its file name `<n>.seg` (finished) or `<n>.open` (being
+/// written).
 pub fn segment_number(path: &Path) -> Option<u64> {
-    path.file_name()?
-        .to_str()?
-        .strip_suffix(".seg")?
+    let name = path.file_name()?.to_str()?;
+    name.strip_suffix(".seg")
+        .or_else(|| name.strip_suffix(".open"))?
         .parse()
         .ok()
 }
@@ -186,8 +188,18 @@ impl Spool {
         for machine in spool.machines() {
             let folder = dir.join(machine.as_str());
             for (n, path) in segments_in(&folder) {
-                used += std::fs::metadata(&path).map_or(0, |m| m.len());
                 highest = highest.max(n);
+                // A crash left it open: it ends at its last whole record. (A finished
+                // segment is never opened again: one cut short stays damage.)
+                let path = match segment::finish_open(&path) {
+                    Ok(path) if path.exists() => path,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::error!(error = %e.chain(), "damaged spool segment");
+                        path
+                    }
+                };
+                used += std::fs::metadata(&path).map_or(0, |m| m.len());
             }
             // Set-aside segments stay until an operator removes them, and count.
             for path in rejected_in(&folder) {
@@ -238,7 +250,7 @@ impl Spool {
         let dir = self.machine_dir(machine);
         std::fs::create_dir_all(&dir).map_err(Error::file("create spool folder", &dir))?;
         let n = self.next_segment.fetch_add(1, Ordering::Relaxed);
-        let path = dir.join(format!("{n:020}.seg"));
+        let path = dir.join(format!("{n:020}.open"));
         if let Ok(mut owned) = self.owned.lock() {
             owned.insert(path.clone());
         }
@@ -254,6 +266,15 @@ impl Spool {
             Err(e) => {
                 self.disown(&path);
                 Err(e)
+            }
+        }
+    }
+
+    /// Notes that an owned segment was renamed (sealed: `.open` became `.seg`).
+    pub fn renamed(&self, from: &Path, to: &Path) {
+        if let Ok(mut owned) = self.owned.lock() {
+            if owned.remove(from) {
+                owned.insert(to.to_owned());
             }
         }
     }

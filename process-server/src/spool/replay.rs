@@ -3,7 +3,8 @@
 //! Each segment is replayed as a conversation of its own: its disks opened, its blocks
 //! renumbered after the master target's durable sequence, its flushes and checkpoint
 //! passed on. A segment cut short (its agent went away, or it was rotated) is flushed
-//! without a point. It is deleted once the master target acknowledged all of it. The
+//! without a point. A segment its conversation left `.open` (it failed) is finished first,
+//! as after a crash. It is deleted once the master target acknowledged all of it. The
 //! replayer stops at a segment a live conversation still owns; that conversation starts
 //! the replayer again when it ends.
 
@@ -12,6 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::segment::finish_open;
 use super::{disk_work, SegmentReader, Spool};
 use crate::master_target::MasterTarget;
 use engine::block::geometry::SafeName;
@@ -29,6 +31,20 @@ pub async fn replay_machine(spool: Arc<Spool>, machine: SafeName, target: Master
         if spool.is_owned(&segment) {
             break;
         }
+        // Left `.open` by a conversation that failed (a full disk, say): what it wrote up
+        // to its last whole record stands, as after a crash.
+        let segment = match disk_work(|| finish_open(&segment)) {
+            Ok(finished) if finished.exists() => finished,
+            Ok(_) => continue,
+            // Damaged: its reader says so below, and it is set aside.
+            Err(Error::Corrupt { .. }) => segment,
+            Err(e) => {
+                tracing::warn!(%machine, error = %e.chain(), retry_in = ?delay, "cannot finish a spool segment yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
         let mut disks = Vec::new();
         match replay_segment(&machine, &segment, &target, &mut disks).await {
             Ok(()) => {
