@@ -27,6 +27,9 @@ pub fn default_retention(datastore: &Path) -> PathBuf {
 /// Where the files of one replica live.
 #[derive(Debug, Clone)]
 pub struct ReplicaPaths {
+    /// The datastore: every path below lies beneath it, and is opened through no symbolic
+    /// link from it (`engine::storage::beneath`).
+    pub root: PathBuf,
     /// The VMDK descriptor.
     pub descriptor: PathBuf,
     /// The flat extent.
@@ -45,6 +48,7 @@ impl ReplicaPaths {
     pub fn new(datastore: &Path, machine: &SafeName, id: &SafeName) -> Self {
         let dir = datastore.join(machine.as_str());
         Self {
+            root: datastore.to_owned(),
             descriptor: dir.join(format!("{id}.vmdk")),
             extent: dir.join(format!("{id}-flat.vmdk")),
             manifest: dir.join(".deltaback").join(format!("{id}.manifest")),

@@ -15,8 +15,8 @@
 //! record, a damaged manifest or an extent changed outside deltaback cost a full rehash.
 //! No mmap for writes: a full disk must be an error, not SIGBUS.
 
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 
@@ -27,13 +27,14 @@ use crate::vmdk;
 use engine::block::encoding::{BlockDecoder, Encoding};
 use engine::block::geometry::{hash_block, BlockHash, Geometry, SafeName, ZeroHashes};
 use engine::block::hashing;
-use engine::block::manifest::{FileStamp, Manifest};
+use engine::block::manifest::{FileStamp, Manifest, ManifestBuilder};
 use engine::error::{Error, Result};
+use engine::storage::beneath::{self, Access};
 use engine::storage::direct::DirectWriter;
-use engine::storage::durable;
 use engine::storage::sparse::punch_hole;
 use engine::wire::message::MAX_HASHES_PER_ANSWER;
 use engine::wire::{BlockRecord, DiskState};
+use rustix::fs::OFlags;
 
 /// An open replica ready for hash queries and block writes.
 pub struct Replica {
@@ -84,16 +85,11 @@ impl Replica {
     ) -> Result<Self> {
         let paths = ReplicaPaths::new(datastore, machine, id);
         let meta_dir = paths.manifest.parent().unwrap_or(datastore);
-        fs::create_dir_all(meta_dir).map_err(Error::file("create folder", meta_dir))?;
+        // Every file of the replica is reached through no symbolic link (`beneath`).
+        beneath::create_dirs(datastore, meta_dir)?;
         let zero = ZeroHashes::new(geometry);
 
-        // Never through a symbolic link (`ownership` refused them; this closes the gap).
-        let no_follow = i32::try_from(rustix::fs::OFlags::NOFOLLOW.bits()).unwrap_or(0);
-        let existing = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(no_follow)
-            .open(&paths.extent);
+        let existing = beneath::open(datastore, &paths.extent, Access::ReadWrite);
         let mut changed_outside = false;
         let (file, manifest, fresh) = match existing {
             Ok(file) => {
@@ -102,31 +98,32 @@ impl Replica {
                 changed_outside = outside;
                 (file, manifest, false)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(Error::File { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 // The descriptor first: a crash before the extent exists leaves a descriptor
                 // that says it is ours, never an extent nobody can tell from a stranger's.
-                vmdk::write_descriptor(&paths.descriptor, &paths.extent, geometry.size)?;
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(&paths.extent)
-                    .map_err(Error::file("create extent", &paths.extent))?;
+                vmdk::write_descriptor(datastore, &paths.descriptor, &paths.extent, geometry.size)?;
+                let file = beneath::open(datastore, &paths.extent, Access::CreateNew)?;
                 file.set_len(geometry.size)
                     .and_then(|()| file.sync_all())
                     .map_err(Error::file("size extent", &paths.extent))?;
                 // Whatever deltaback left here belonged to an extent that is gone.
                 for stale in [&paths.manifest, &paths.manifest_rebuilt, &paths.touched] {
-                    durable::remove(stale)?;
+                    beneath::remove(datastore, stale)?;
                 }
-                let mut manifest = Manifest::create(&paths.manifest, geometry)?;
+                let new = beneath::open(datastore, &paths.manifest, Access::CreateNew)?;
+                let mut manifest = Manifest::create_in(new, &paths.manifest, geometry)?;
                 manifest.commit(0, FileStamp::of(&file, &paths.extent)?)?;
                 (file, manifest, true)
             }
-            Err(e) => return Err(Error::file("open extent", &paths.extent)(e)),
+            Err(e) => return Err(e),
         };
-        let direct = DirectWriter::open(&paths.extent, direct_io);
-        let touched = TouchedLog::new(paths.touched.clone(), geometry.blocks());
+        let direct_file = direct_io
+            .then(|| {
+                beneath::open_with(datastore, &paths.extent, Access::ReadWrite, OFlags::DIRECT).ok()
+            })
+            .flatten();
+        let direct = DirectWriter::new(direct_file);
+        let touched = TouchedLog::new(&paths, geometry.blocks());
         Ok(Self {
             id: id.clone(),
             direct,
@@ -167,7 +164,9 @@ impl Replica {
             )));
         }
         let old_geometry = Geometry::new(old_size, geometry.block_size)?;
-        let saved = match Manifest::open(&paths.manifest) {
+        let saved = match beneath::open(&paths.root, &paths.manifest, Access::ReadWrite)
+            .and_then(|file| Manifest::from_file(file, &paths.manifest))
+        {
             Ok(m) if m.geometry() == old_geometry => Some(m),
             Ok(_) => None,
             Err(e) => {
@@ -227,7 +226,7 @@ impl Replica {
         stamp: FileStamp,
     ) -> Result<Manifest> {
         let geometry = manifest.geometry();
-        let touched = TouchedLog::read(&paths.touched, geometry.blocks())?;
+        let touched = TouchedLog::read(&paths.root, &paths.touched, geometry.blocks())?;
         let zero = ZeroHashes::new(geometry);
         let mut buf = vec![0u8; geometry.block_size.bytes()];
         let mut rehashed = 0u64;
@@ -261,8 +260,7 @@ impl Replica {
         durable_seq: u64,
     ) -> Result<(Manifest, bool)> {
         tracing::info!(disk = %id, size = geometry.size, "hashing the existing extent");
-        durable::remove(&paths.manifest_rebuilt)?;
-        let mut builder = Manifest::build(&paths.manifest_rebuilt, geometry)?;
+        let mut builder = Self::rebuilt_manifest(paths, geometry)?;
         // The extent is sparse: its holes are zeros, known without reading.
         let data = engine::storage::sparse::data_blocks(file, geometry);
         let mut differs = false;
@@ -304,8 +302,7 @@ impl Replica {
         file.set_len(geometry.size)
             .and_then(|()| file.sync_all())
             .map_err(Error::file("grow extent", &paths.extent))?;
-        durable::remove(&paths.manifest_rebuilt)?;
-        let mut builder = Manifest::build(&paths.manifest_rebuilt, geometry)?;
+        let mut builder = Self::rebuilt_manifest(paths, geometry)?;
         let kept = old_geometry.blocks().saturating_sub(1);
         let mut start = 0;
         while start < kept {
@@ -325,17 +322,23 @@ impl Replica {
         builder.push_zeros(geometry.blocks() - old_geometry.blocks())?;
         let mut manifest = builder.finish(0, FileStamp::default())?;
         manifest.commit(old.durable_seq(), FileStamp::of(file, &paths.extent)?)?;
-        vmdk::write_descriptor(&paths.descriptor, &paths.extent, geometry.size)?;
+        vmdk::write_descriptor(&paths.root, &paths.descriptor, &paths.extent, geometry.size)?;
         Self::replace_manifest(paths, manifest)
+    }
+
+    /// A new manifest at `manifest_rebuilt`, to replace the manifest once built.
+    fn rebuilt_manifest(paths: &ReplicaPaths, geometry: Geometry) -> Result<ManifestBuilder> {
+        beneath::remove(&paths.root, &paths.manifest_rebuilt)?;
+        let file = beneath::open(&paths.root, &paths.manifest_rebuilt, Access::CreateNew)?;
+        Manifest::build_in(file, &paths.manifest_rebuilt, geometry)
     }
 
     /// Puts a manifest rebuilt at `manifest_rebuilt` in place of the manifest, durably.
     fn replace_manifest(paths: &ReplicaPaths, manifest: Manifest) -> Result<Manifest> {
         drop(manifest);
-        std::fs::rename(&paths.manifest_rebuilt, &paths.manifest)
-            .map_err(Error::file("rename into place", &paths.manifest))?;
-        durable::sync_dir(paths.manifest.parent().unwrap_or(Path::new(".")))?;
-        Manifest::open(&paths.manifest)
+        beneath::rename(&paths.root, &paths.manifest_rebuilt, &paths.manifest)?;
+        let file = beneath::open(&paths.root, &paths.manifest, Access::ReadWrite)?;
+        Manifest::from_file(file, &paths.manifest)
     }
 
     /// True when the extent was found changed since deltaback last saved its manifest: its
@@ -454,7 +457,7 @@ impl Replica {
             self.touched.reset()?;
             self.manifest.mark_dirty()?;
             // The content changes: VMware tools expect a new content id.
-            vmdk::renew_cid(&self.paths.descriptor)?;
+            vmdk::renew_cid(&self.paths.root, &self.paths.descriptor)?;
             self.dirty = true;
         }
         self.touched.cover(changes.iter().map(|c| c.0))?;

@@ -18,13 +18,14 @@
 //! ([`Error::Corrupt`]); the caller then rehashes the whole extent.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use crate::datastore::ReplicaPaths;
 use engine::block::ranges::Runs;
 use engine::error::{Error, Result};
+use engine::storage::beneath::{self, Access};
 
 const MAGIC: &[u8; 8] = b"DBTOUCH\0";
 const RECORD_LEN: usize = 24;
@@ -35,6 +36,7 @@ pub const MAX_RUNS: usize = 4096;
 
 /// The record of one replica, open for a session.
 pub struct TouchedLog {
+    root: PathBuf,
     path: PathBuf,
     file: Option<File>,
     blocks: u64,
@@ -43,10 +45,12 @@ pub struct TouchedLog {
 }
 
 impl TouchedLog {
-    /// The record at `path` for a disk of `blocks` blocks; nothing is opened yet.
-    pub fn new(path: PathBuf, blocks: u64) -> Self {
+    /// The record of the replica at `paths` for a disk of `blocks` blocks; nothing is
+    /// opened yet.
+    pub fn new(paths: &ReplicaPaths, blocks: u64) -> Self {
         Self {
-            path,
+            root: paths.root.clone(),
+            path: paths.touched.clone(),
             file: None,
             blocks,
             covered: BTreeMap::new(),
@@ -55,18 +59,11 @@ impl TouchedLog {
 
     /// Starts a new record (the manifest was just committed): nothing is touched yet.
     pub fn reset(&mut self) -> Result<()> {
-        let no_follow = i32::try_from(rustix::fs::OFlags::NOFOLLOW.bits()).unwrap_or(0);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(no_follow)
-            .open(&self.path)
-            .map_err(Error::file("open", &self.path))?;
-        file.write_all(MAGIC)
-            .and_then(|()| file.sync_all())
-            .map_err(Error::file("write", &self.path))?;
-        engine::storage::durable::sync_dir(self.path.parent().unwrap_or(Path::new(".")))?;
+        // A new file each time, whole (magic only) or not at all.
+        beneath::write_atomic(&self.root, &self.path, MAGIC)?;
+        let mut file = beneath::open(&self.root, &self.path, Access::ReadWrite)?;
+        file.seek(SeekFrom::End(0))
+            .map_err(Error::file("seek", &self.path))?;
         self.file = Some(file);
         self.covered.clear();
         Ok(())
@@ -115,9 +112,13 @@ impl TouchedLog {
             .is_some_and(|(_, &end)| index < end)
     }
 
-    /// The blocks the record at `path` names, for a disk of `blocks` blocks.
-    pub fn read(path: &Path, blocks: u64) -> Result<Runs> {
-        let bytes = std::fs::read(path).map_err(Error::file("read", path))?;
+    /// The blocks the record at `path` (beneath `root`) names, for a disk of `blocks`
+    /// blocks.
+    pub fn read(root: &Path, path: &Path, blocks: u64) -> Result<Runs> {
+        let mut bytes = Vec::new();
+        beneath::open(root, path, Access::Read)?
+            .read_to_end(&mut bytes)
+            .map_err(Error::file("read", path))?;
         let damaged = |reason: String| Error::Corrupt {
             path: path.to_owned(),
             reason,
@@ -173,16 +174,27 @@ fn record(first: u64, count: u64) -> [u8; RECORD_LEN] {
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
+    use engine::block::geometry::SafeName;
+
+    /// The paths of a replica in a datastore in `dir`, and its record's path.
+    fn paths(dir: &tempfile::TempDir) -> (ReplicaPaths, PathBuf) {
+        let machine = SafeName::new("machine", "m").unwrap();
+        let id = SafeName::new("disk", "d").unwrap();
+        let paths = ReplicaPaths::new(dir.path(), &machine, &id);
+        beneath::create_dirs(dir.path(), paths.touched.parent().unwrap()).unwrap();
+        let path = paths.touched.clone();
+        (paths, path)
+    }
 
     #[test]
     fn runs_cover_with_lookahead_and_read_back_merged() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t");
-        let mut log = TouchedLog::new(path.clone(), 100_000);
+        let (paths, path) = paths(&dir);
+        let mut log = TouchedLog::new(&paths, 100_000);
         log.reset().unwrap();
         log.cover([5, 6, 7, 4000].into_iter()).unwrap();
         log.cover([50_000, 99_999].into_iter()).unwrap();
-        let runs = TouchedLog::read(&path, 100_000).unwrap();
+        let runs = TouchedLog::read(dir.path(), &path, 100_000).unwrap();
         assert_eq!(
             runs.as_slice(),
             [
@@ -196,31 +208,35 @@ mod tests {
         log.cover([6, 100].into_iter()).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
         log.reset().unwrap();
-        assert!(TouchedLog::read(&path, 100_000).unwrap().is_empty());
+        assert!(TouchedLog::read(dir.path(), &path, 100_000)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
     fn a_torn_tail_is_a_crash_and_a_bad_record_is_damage() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t");
-        let mut log = TouchedLog::new(path.clone(), 1 << 20);
+        let (paths, path) = paths(&dir);
+        let mut log = TouchedLog::new(&paths, 1 << 20);
         log.reset().unwrap();
         log.cover([1, 10_000].into_iter()).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
         assert_eq!(
-            TouchedLog::read(&path, 1 << 20).unwrap().block_count(),
+            TouchedLog::read(dir.path(), &path, 1 << 20)
+                .unwrap()
+                .block_count(),
             LOOKAHEAD_BLOCKS
         );
         let mut damaged = bytes.clone();
         damaged[10] ^= 1;
         std::fs::write(&path, &damaged).unwrap();
         assert!(matches!(
-            TouchedLog::read(&path, 1 << 20),
+            TouchedLog::read(dir.path(), &path, 1 << 20),
             Err(Error::Corrupt { .. })
         ));
         assert!(matches!(
-            TouchedLog::read(&path, 100),
+            TouchedLog::read(dir.path(), &path, 100),
             Err(Error::Corrupt { .. })
         ));
     }
@@ -228,13 +244,13 @@ mod tests {
     #[test]
     fn a_scattered_peer_cannot_grow_the_record_without_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t");
+        let (paths, path) = paths(&dir);
         let blocks = LOOKAHEAD_BLOCKS * (MAX_RUNS as u64 + 10) * 2;
-        let mut log = TouchedLog::new(path.clone(), blocks);
+        let mut log = TouchedLog::new(&paths, blocks);
         log.reset().unwrap();
         log.cover((0..blocks).step_by(2 * LOOKAHEAD_BLOCKS as usize))
             .unwrap();
-        let runs = TouchedLog::read(&path, blocks).unwrap();
+        let runs = TouchedLog::read(dir.path(), &path, blocks).unwrap();
         assert_eq!(runs.as_slice(), [(0, blocks)]);
         assert!(std::fs::metadata(&path).unwrap().len() < (MAX_RUNS as u64 + 2) * 24 + 8);
     }

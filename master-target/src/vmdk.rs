@@ -23,7 +23,9 @@
 use std::path::Path;
 
 use engine::error::{Error, Result};
-use engine::storage::durable::write_atomic;
+use std::io::Read;
+
+use engine::storage::beneath;
 
 /// The descriptor text for a flat extent of `size` bytes (a multiple of 512).
 pub fn descriptor(extent_file_name: &str, size: u64) -> String {
@@ -52,13 +54,23 @@ pub fn descriptor(extent_file_name: &str, size: u64) -> String {
     )
 }
 
-/// Writes the descriptor for `extent_path` (same folder) at `descriptor_path`, durably.
-pub fn write_descriptor(descriptor_path: &Path, extent_path: &Path, size: u64) -> Result<()> {
+/// Writes the descriptor for `extent_path` (same folder) at `descriptor_path`, durably,
+/// through no symbolic link below `root`.
+pub fn write_descriptor(
+    root: &Path,
+    descriptor_path: &Path,
+    extent_path: &Path,
+    size: u64,
+) -> Result<()> {
     let extent_name = extent_path
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| Error::Invalid(format!("bad extent path {}", extent_path.display())))?;
-    write_atomic(descriptor_path, descriptor(extent_name, size).as_bytes())
+    beneath::write_atomic(
+        root,
+        descriptor_path,
+        descriptor(extent_name, size).as_bytes(),
+    )
 }
 
 /// Largest descriptor file we read: real ones are a few hundred bytes; anything larger is
@@ -186,9 +198,14 @@ fn parse_extent(line: &str) -> Option<Extent> {
 }
 
 /// Gives the descriptor at `path` a new content id (`CID=`), leaving every other byte as
-/// it was: VMware tools take an unchanged CID to mean unchanged content.
-pub fn renew_cid(path: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(path).map_err(Error::file("read descriptor", path))?;
+/// it was: VMware tools take an unchanged CID to mean unchanged content. Read and written
+/// through no symbolic link below `root`.
+pub fn renew_cid(root: &Path, path: &Path) -> Result<()> {
+    let mut text = String::new();
+    beneath::open(root, path, beneath::Access::Read)?
+        .take(MAX_DESCRIPTOR_BYTES)
+        .read_to_string(&mut text)
+        .map_err(Error::file("read descriptor", path))?;
     let cid: u32 = rand::random::<u32>() & 0xffff_fffe;
     let mut out = String::with_capacity(text.len());
     let mut replaced = false;
@@ -207,7 +224,7 @@ pub fn renew_cid(path: &Path) -> Result<()> {
             path.display()
         )));
     }
-    write_atomic(path, out.as_bytes())
+    beneath::write_atomic(root, path, out.as_bytes())
 }
 
 #[cfg(test)]
@@ -279,7 +296,7 @@ mod tests {
         let path = dir.path().join("d.vmdk");
         let text = descriptor("d-flat.vmdk", 1 << 20);
         std::fs::write(&path, &text).unwrap();
-        renew_cid(&path).unwrap();
+        renew_cid(dir.path(), &path).unwrap();
         let after = std::fs::read_to_string(&path).unwrap();
         let changed: Vec<_> = text
             .lines()

@@ -247,8 +247,13 @@ impl Manifest {
     /// Creates the manifest of an all-zero disk at `path` (exclusively: nothing that stands
     /// there is opened), committed with sequence 0. The file is all holes.
     pub fn create(path: &Path, geometry: Geometry) -> Result<Self> {
+        Self::create_in(create_file(path)?, path, geometry)
+    }
+
+    /// [`Manifest::create`] into `file`, a new empty file the caller created (`path` names
+    /// it in errors).
+    pub fn create_in(file: File, path: &Path, geometry: Geometry) -> Result<Self> {
         let shape = Shape::new(geometry)?;
-        let file = create_file(path)?;
         file.set_len(shape.file_len())
             .map_err(Error::file("size manifest", path))?;
         let mut manifest = Self::with_file(file, path, shape);
@@ -259,7 +264,12 @@ impl Manifest {
     /// Starts building the manifest of a disk of `geometry` at `path` from its block hashes
     /// in order (see [`ManifestBuilder`]).
     pub fn build(path: &Path, geometry: Geometry) -> Result<ManifestBuilder> {
-        ManifestBuilder::new(create_file(path)?, path, geometry)
+        Self::build_in(create_file(path)?, path, geometry)
+    }
+
+    /// [`Manifest::build`] into `file`, a new empty file the caller created.
+    pub fn build_in(file: File, path: &Path, geometry: Geometry) -> Result<ManifestBuilder> {
+        ManifestBuilder::new(file, path, geometry)
     }
 
     /// [`Manifest::build`] into an anonymous file in `dir`, gone when the manifest is dropped.
@@ -322,12 +332,12 @@ impl Manifest {
         Self::from_file(file, path)
     }
 
-    /// Takes an open manifest file: the header is checked, and the levels kept in memory
+    /// Takes an open manifest file (read and write, or read only): the header is checked, and the levels kept in memory
     /// are read and, unless the manifest is dirty, checked against each other and the
     /// root. A dirty manifest's tree may be half updated: its owner sets the hashes of
     /// every block it may have touched and commits, which rewrites every node that may be
     /// stale, before it reads anything.
-    fn from_file(file: File, path: &Path) -> Result<Self> {
+    pub fn from_file(file: File, path: &Path) -> Result<Self> {
         let summary = read_summary(&file, path)?;
         let shape = Shape::new(summary.geometry)?;
         let len = file.metadata().map_err(Error::file("stat", path))?.len();

@@ -84,19 +84,10 @@ pub struct DirectWriter {
 }
 
 impl DirectWriter {
-    /// Opens `path` for direct writes; on a filesystem without `O_DIRECT`, or if `enabled`
-    /// is false, every write is left to the caller's buffered path.
-    pub fn open(path: &Path, enabled: bool) -> Self {
-        let file = enabled
-            .then(|| {
-                let flags = i32::try_from(rustix::fs::OFlags::DIRECT.bits()).ok()?;
-                OpenOptions::new()
-                    .write(true)
-                    .custom_flags(flags)
-                    .open(path)
-                    .ok()
-            })
-            .flatten();
+    /// Writes directly through `file` (opened with `O_DIRECT`); without one (a filesystem
+    /// without `O_DIRECT`, or direct writes turned off), every write is left to the
+    /// caller's buffered path.
+    pub fn new(file: Option<File>) -> Self {
         Self {
             file,
             staging: AlignedBuf::default(),
@@ -162,6 +153,16 @@ impl DirectWriter {
 mod tests {
     use super::*;
 
+    fn direct(path: &Path) -> DirectWriter {
+        let flags = i32::try_from(rustix::fs::OFlags::DIRECT.bits()).unwrap();
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(flags)
+            .open(path)
+            .ok();
+        DirectWriter::new(file)
+    }
+
     #[test]
     fn aligned_buffers_start_on_a_boundary_whatever_their_length() {
         let mut buf = AlignedBuf::default();
@@ -201,7 +202,7 @@ mod tests {
         // Cache the old content first: the direct write must not leave it stale.
         let mut old = vec![0u8; 1 << 20];
         file.read_exact_at(&mut old, 4 << 20).unwrap();
-        let mut writer = DirectWriter::open(&path, true);
+        let mut writer = direct(&path);
         assert!(
             writer.is_active(),
             "the temporary folder's filesystem refuses O_DIRECT"
@@ -221,14 +222,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("extent");
         File::create(&path).unwrap().set_len(8 << 20).unwrap();
-        let mut writer = DirectWriter::open(&path, true);
+        let mut writer = direct(&path);
         let short = pattern(32 << 10, 1);
         assert!(!writer.write_run(0, &[&short]).unwrap());
         let long = pattern(2 << 20, 2);
         assert!(!writer.write_run(512, &[&long]).unwrap());
         let ragged = pattern((2 << 20) + 512, 3);
         assert!(!writer.write_run(0, &[&ragged]).unwrap());
-        let mut disabled = DirectWriter::open(&path, false);
+        let mut disabled = DirectWriter::new(None);
         assert!(!disabled.write_run(0, &[&long]).unwrap());
         // Nothing was written by any of them.
         let mut back = vec![1u8; 8 << 20];

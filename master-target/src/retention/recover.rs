@@ -24,6 +24,7 @@ use crate::vmdk;
 use engine::block::geometry::{is_zero, SafeName};
 use engine::error::{Error, Result};
 use engine::point::PointKind;
+use engine::storage::beneath;
 use engine::storage::sparse::{copy_sparse, punch_hole};
 
 /// Which point to recover.
@@ -168,8 +169,7 @@ fn recover_disk(
             out_descriptor.display()
         )));
     }
-    let source =
-        File::open(&replica.extent).map_err(Error::file("open replica", &replica.extent))?;
+    let source = beneath::open(datastore, &replica.extent, beneath::Access::Read)?;
     let target = OpenOptions::new()
         .read(true)
         .write(true)
@@ -200,7 +200,7 @@ fn recover_disk(
     target
         .sync_all()
         .map_err(Error::file("fsync", &out_extent))?;
-    vmdk::write_descriptor(&out_descriptor, &out_extent, size)?;
+    vmdk::write_descriptor(output, &out_descriptor, &out_extent, size)?;
     Ok(RecoveredDisk {
         id: id.to_string(),
         size,
