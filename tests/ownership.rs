@@ -253,6 +253,17 @@ fn nothing_is_written_through_a_symbolic_link_or_over_another_disks_files() {
         "only the victim file"
     );
 
+    // The machine's point log is a link to a file elsewhere.
+    let log_victim = outside.join("points.log");
+    std::fs::write(&log_victim, b"not a point log").unwrap();
+    std::fs::create_dir_all(retention.join("vm7")).unwrap();
+    std::os::unix::fs::symlink(&log_victim, retention.join("vm7/points.log")).unwrap();
+    let err = cluster
+        .sync("vm7", &[format!("{}=d", source.display())])
+        .unwrap_err();
+    assert!(err.contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read(&log_victim).unwrap(), b"not a point log");
+
     // Disk `a` is ours; a disk named `a-flat` would write over a's extent.
     cluster
         .sync("vm3", &[format!("{}=a", source.display())])

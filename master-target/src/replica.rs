@@ -61,6 +61,8 @@ pub struct Replica {
 
 /// The undo journal of the current cycle: opened on the first overwrite.
 struct UndoTarget {
+    /// The retention folder, which the journal lies beneath.
+    root: PathBuf,
     path: PathBuf,
     point: u64,
     /// The machine's point log, which the journal is bound to.
@@ -384,8 +386,9 @@ impl Replica {
     /// From now on, save the old content of each block overwritten in the journal at `path`
     /// (the cycle that ends with point `point` of the point log `log_id`) before
     /// overwriting it.
-    pub fn journal_into(&mut self, path: PathBuf, point: u64, log_id: u64) {
+    pub fn journal_into(&mut self, retention: &Path, path: PathBuf, point: u64, log_id: u64) {
         self.undo = Some(UndoTarget {
+            root: retention.to_owned(),
             path,
             point,
             log_id,
@@ -517,6 +520,7 @@ impl Replica {
         };
         if undo.journal.is_none() {
             undo.journal = Some(JournalWriter::open(
+                &undo.root,
                 &undo.path,
                 self.manifest.geometry().block_size,
                 undo.point,

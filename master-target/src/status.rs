@@ -148,7 +148,7 @@ pub fn machine_status(
     }
     disks.sort_by(|a, b| a.id.cmp(&b.id));
 
-    let log = PointLog::load(&point_log_path(retention, machine))?;
+    let log = PointLog::load(retention, &point_log_path(retention, machine))?;
     let summary = |p: &crate::retention::points::RecoveryPoint| PointSummary {
         seq: p.seq,
         time_ms: p.time_ms,

@@ -12,6 +12,7 @@ use engine::block::geometry::{BlockHash, Geometry, SafeName};
 use engine::clock::now_ms;
 use engine::error::{Error, Result};
 use engine::point::PointKind;
+use engine::storage::beneath;
 use engine::wire::message::records;
 use engine::wire::DiskState;
 
@@ -226,7 +227,7 @@ impl Writer {
         if !self.points.points().is_empty() {
             let next = self.points.next_seq();
             let path = datastore::journal_path(&self.config.retention, &self.machine, id, next);
-            replica.journal_into(path, next, self.points.id());
+            replica.journal_into(&self.config.retention, path, next, self.points.id());
         }
         let state = replica.state(handle);
         tracing::info!(machine = %self.machine, disk = %id, fresh = state.fresh, "disk opened");
@@ -346,7 +347,8 @@ impl Writer {
                 disk.replica.id(),
                 next,
             );
-            disk.replica.journal_into(path, next, log_id);
+            disk.replica
+                .journal_into(&self.config.retention, path, next, log_id);
         }
         let group_seq = match &group {
             Some((name, members)) => {
@@ -356,8 +358,11 @@ impl Writer {
                     .lock()
                     .map_err(|_| Error::Invalid("group lock poisoned".into()))?;
                 let made = groups::try_commit(&self.config.retention, name, members, time_ms)?;
-                PointLog::load(&datastore::group_log_path(&self.config.retention, name))?
-                    .prune(time_ms.saturating_sub(window_ms))?;
+                PointLog::load(
+                    &self.config.retention,
+                    &datastore::group_log_path(&self.config.retention, name),
+                )?
+                .prune(time_ms.saturating_sub(window_ms))?;
                 made.unwrap_or(0)
             }
             None => 0,
@@ -379,7 +384,7 @@ impl Writer {
             };
             for (point, path) in datastore::journals(&self.config.retention, &self.machine, &id) {
                 if point <= oldest {
-                    if let Err(e) = std::fs::remove_file(&path) {
+                    if let Err(e) = beneath::remove(&self.config.retention, &path) {
                         tracing::warn!(journal = %path.display(), error = %e, "cannot prune journal");
                     }
                 }

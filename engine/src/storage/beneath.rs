@@ -121,9 +121,11 @@ fn open_dir(root: &Path, path: &Path) -> Result<OwnedFd> {
         .map_err(|e| open_error("open folder", path, e))
 }
 
-/// Creates the folder `path` and the folders above it, up to `root`, as needed.
+/// Creates the folder `path` and the folders above it, up to `root` (the operator's
+/// folder, created as given if missing), as needed.
 pub fn create_dirs(root: &Path, path: &Path) -> Result<()> {
     let rel = relative(root, path)?;
+    std::fs::create_dir_all(root).map_err(Error::file("create folder", root))?;
     let mut dir = open_root(root)?;
     let mut at = root.to_path_buf();
     for component in rel.components() {

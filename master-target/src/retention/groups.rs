@@ -42,11 +42,13 @@ impl From<&RecoveryPoint> for GroupPoint {
 
 /// The points of `group`, oldest first.
 pub fn group_points(retention: &Path, group: &SafeName) -> Result<Vec<GroupPoint>> {
-    Ok(PointLog::load(&group_log_path(retention, group))?
-        .points()
-        .iter()
-        .map(GroupPoint::from)
-        .collect())
+    Ok(
+        PointLog::load(retention, &group_log_path(retention, group))?
+            .points()
+            .iter()
+            .map(GroupPoint::from)
+            .collect(),
+    )
 }
 
 /// Records a group point if every member has a durable point of `group` newer than the one
@@ -58,7 +60,7 @@ pub fn try_commit(
     members: &[SafeName],
     time_ms: u64,
 ) -> Result<Option<u64>> {
-    let mut log = PointLog::load(&group_log_path(retention, group))?;
+    let mut log = PointLog::load(retention, &group_log_path(retention, group))?;
     let last: Vec<(String, u64)> = log
         .points()
         .last()

@@ -31,14 +31,14 @@
 //! is recovered from it. Any damage is reported and the journal is not trusted.
 
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use engine::block::encoding::{BlockDecoder, BlockEncoder, Encoding};
 use engine::block::geometry::BlockSize;
 use engine::error::{Error, Result};
+use engine::storage::beneath::{self, Access};
 
 const MAGIC: &[u8; 8] = b"DBJRNL\0\0";
 const VERSION: u16 = 2;
@@ -291,9 +291,15 @@ impl JournalWriter {
     /// Opens the journal at `path` for appending, creating it if needed. An existing journal
     /// (from an interrupted cycle) is checked, its torn tail cut off, and the blocks it
     /// already saved remembered.
-    pub fn open(path: &Path, block_size: BlockSize, point: u64, log_id: u64) -> Result<Self> {
+    pub fn open(
+        root: &Path,
+        path: &Path,
+        block_size: BlockSize,
+        point: u64,
+        log_id: u64,
+    ) -> Result<Self> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(Error::file("create folder", dir))?;
+            beneath::create_dirs(root, dir)?;
         }
         let mut saved = HashSet::new();
         let mut end = HEADER_LEN as u64;
@@ -331,16 +337,10 @@ impl JournalWriter {
         if !existed {
             // Whole or not at all: a journal is never seen without its header, whatever
             // moment a crash picks (a temporary file, fsynced, renamed into place).
-            engine::storage::durable::write_atomic(path, &header(block_size, point, log_id))?;
+            beneath::write_atomic(root, path, &header(block_size, point, log_id))?;
             end = HEADER_LEN as u64;
         }
-        let no_follow = i32::try_from(rustix::fs::OFlags::NOFOLLOW.bits()).unwrap_or(0);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(no_follow)
-            .open(path)
-            .map_err(Error::file("open journal", path))?;
+        let mut file = beneath::open(root, path, Access::ReadWrite)?;
         file.set_len(end)
             .map_err(Error::file("truncate journal", path))?;
         file.seek(SeekFrom::Start(end))
@@ -419,7 +419,7 @@ mod tests {
     fn records_round_trip_and_only_the_first_old_content_counts() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d/1.journal");
-        let mut w = JournalWriter::open(&path, bs(), 1, 7).unwrap();
+        let mut w = JournalWriter::open(dir.path(), &path, bs(), 1, 7).unwrap();
         w.append(3, &[7u8; 4096]).unwrap();
         w.append(3, &[8u8; 4096]).unwrap();
         w.append(9, &[0u8; 4096]).unwrap();
@@ -431,7 +431,7 @@ mod tests {
         assert_eq!(records[0].data, vec![7u8; 4096]);
         assert_eq!(records[1].data, vec![0u8; 4096]);
         // Reopened for an interrupted cycle: remembers what it saved.
-        let w = JournalWriter::open(&path, bs(), 1, 7).unwrap();
+        let w = JournalWriter::open(dir.path(), &path, bs(), 1, 7).unwrap();
         assert!(w.has(3) && w.has(9) && !w.has(4));
     }
 
@@ -439,7 +439,7 @@ mod tests {
     fn a_torn_tail_is_cut_and_damage_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("2.journal");
-        let mut w = JournalWriter::open(&path, bs(), 2, 7).unwrap();
+        let mut w = JournalWriter::open(dir.path(), &path, bs(), 2, 7).unwrap();
         w.append(1, &[1u8; 4096]).unwrap();
         w.append(2, &[2u8; 4096]).unwrap();
         w.sync().unwrap();
@@ -448,7 +448,7 @@ mod tests {
         // Torn: the file ends inside the second record.
         std::fs::write(&path, &full[..full.len() - 5]).unwrap();
         assert_eq!(read_all(&path).unwrap().len(), 1);
-        let mut w = JournalWriter::open(&path, bs(), 2, 7).unwrap();
+        let mut w = JournalWriter::open(dir.path(), &path, bs(), 2, 7).unwrap();
         assert!(w.has(1) && !w.has(2));
         w.append(2, &[3u8; 4096]).unwrap();
         w.sync().unwrap();
@@ -456,7 +456,7 @@ mod tests {
         assert_eq!(read_all(&path).unwrap()[1].data, vec![3u8; 4096]);
         // A creation cut short (no complete header) starts the journal again.
         std::fs::write(dir.path().join("3.journal"), b"DBJR").unwrap();
-        let w = JournalWriter::open(&dir.path().join("3.journal"), bs(), 3, 7).unwrap();
+        let w = JournalWriter::open(dir.path(), &dir.path().join("3.journal"), bs(), 3, 7).unwrap();
         assert!(!w.has(1));
         drop(w);
         assert!(read_all(&dir.path().join("3.journal")).unwrap().is_empty());
@@ -472,7 +472,7 @@ mod tests {
     fn a_damaged_length_is_damage_never_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("4.journal");
-        let mut w = JournalWriter::open(&path, bs(), 4, 7).unwrap();
+        let mut w = JournalWriter::open(dir.path(), &path, bs(), 4, 7).unwrap();
         w.append(1, &[1u8; 4096]).unwrap();
         w.append(2, &[2u8; 4096]).unwrap();
         w.sync().unwrap();
@@ -492,7 +492,7 @@ mod tests {
     fn a_sealed_journal_is_complete_and_a_cut_one_shows() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("5.journal");
-        let mut w = JournalWriter::open(&path, bs(), 5, 7).unwrap();
+        let mut w = JournalWriter::open(dir.path(), &path, bs(), 5, 7).unwrap();
         w.append(1, &[1u8; 4096]).unwrap();
         w.append(2, &[2u8; 4096]).unwrap();
         w.seal().unwrap();
@@ -509,10 +509,12 @@ mod tests {
         }
         // Another log's journal is refused when reopened for writing.
         std::fs::write(&path, &full).unwrap();
-        let err = JournalWriter::open(&path, bs(), 5, 8).err().unwrap();
+        let err = JournalWriter::open(dir.path(), &path, bs(), 5, 8)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("another point log"), "{err}");
         // Reopened by its own log (the point was never made): the seal goes, records stay.
-        let w = JournalWriter::open(&path, bs(), 5, 7).unwrap();
+        let w = JournalWriter::open(dir.path(), &path, bs(), 5, 7).unwrap();
         assert!(w.has(1) && w.has(2));
         drop(w);
         let mut r = JournalReader::open(&path).unwrap();

@@ -22,6 +22,7 @@ use engine::block::geometry::SafeName;
 use engine::error::{Error, Result};
 
 use crate::datastore::{journal_path, journals, machine_dir};
+use engine::storage::beneath;
 use journal::{JournalReader, JournalWriter};
 use points::PointLog;
 
@@ -92,7 +93,7 @@ pub fn seal_cycle(
         }
         let block_size = reader.block_size();
         drop(reader);
-        JournalWriter::open(&path, block_size, point, log_id)?.seal()?;
+        JournalWriter::open(retention, &path, block_size, point, log_id)?.seal()?;
     }
     Ok(())
 }
@@ -127,7 +128,7 @@ pub fn mark_inexact(
         .max(point);
     let path = crate::datastore::inexact_path(retention, machine, disk);
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(Error::file("create folder", dir))?;
+        beneath::create_dirs(retention, dir)?;
     }
-    engine::storage::durable::write_atomic(&path, format!("{before}\n").as_bytes())
+    beneath::write_atomic(retention, &path, format!("{before}\n").as_bytes())
 }

@@ -19,7 +19,6 @@
 //! journals remain is detected. Pruning rewrites the log atomically, keeping its id; the
 //! newest point is always kept.
 
-use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -27,6 +26,7 @@ use serde::Serialize;
 
 use engine::error::{Error, Result};
 use engine::point::PointKind;
+use engine::storage::beneath::{self, Access};
 use engine::storage::durable;
 
 const MAGIC: &[u8; 8] = b"DBPOINTS";
@@ -61,6 +61,8 @@ pub struct RecoveryPoint {
 
 /// The point log of one machine.
 pub struct PointLog {
+    /// The retention folder: the log is written through no symbolic link below it.
+    root: PathBuf,
     path: PathBuf,
     /// Random, made with the log; undo journals carry it.
     id: u64,
@@ -72,12 +74,20 @@ pub struct PointLog {
 }
 
 impl PointLog {
-    /// Loads the log at `path`; a missing file is an empty log.
-    pub fn load(path: &Path) -> Result<Self> {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(Error::file("read point log", path)(e)),
+    /// Loads the log at `path` (in the retention folder `root`); a missing file is an empty
+    /// log.
+    pub fn load(root: &Path, path: &Path) -> Result<Self> {
+        let bytes = match beneath::open(root, path, Access::Read) {
+            Ok(mut file) => {
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut file, &mut bytes)
+                    .map_err(Error::file("read point log", path))?;
+                bytes
+            }
+            Err(Error::File { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Vec::new()
+            }
+            Err(e) => return Err(e),
         };
         let exists = !bytes.is_empty();
         let (id, points, valid_len) = if exists {
@@ -86,6 +96,7 @@ impl PointLog {
             (rand::random::<u64>() | 1, Vec::new(), 0)
         };
         Ok(Self {
+            root: root.to_owned(),
             path: path.to_owned(),
             id,
             exists,
@@ -122,15 +133,15 @@ impl PointLog {
     /// Appends `point` durably.
     pub fn append(&mut self, point: RecoveryPoint) -> Result<()> {
         if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(Error::file("create folder", dir))?;
+            beneath::create_dirs(&self.root, dir)?;
         }
         let new = self.valid_len == 0;
-        let file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(&self.path)
-            .map_err(Error::file("open point log", &self.path))?;
+        let file = match beneath::open(&self.root, &self.path, Access::ReadWrite) {
+            Err(Error::File { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                beneath::open(&self.root, &self.path, Access::CreateNew)?
+            }
+            other => other?,
+        };
         let mut out = Vec::new();
         if new {
             out.extend_from_slice(&file_header(self.id));
@@ -148,6 +159,7 @@ impl PointLog {
                 durable::sync_dir(dir)?;
             }
         }
+        // (The folder was opened beneath the root just above; its fsync by path is safe.)
         self.points.push(point);
         Ok(())
     }
@@ -172,7 +184,7 @@ impl PointLog {
             for p in &self.points {
                 encode_record(p, &mut out);
             }
-            durable::write_atomic(&self.path, &out)?;
+            beneath::write_atomic(&self.root, &self.path, &out)?;
             self.valid_len = out.len() as u64;
         }
         Ok(self.points.first().map(|p| p.seq))
@@ -350,15 +362,15 @@ mod tests {
     fn append_load_and_prune() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m/points.log");
-        let mut log = PointLog::load(&path).unwrap();
+        let mut log = PointLog::load(dir.path(), &path).unwrap();
         assert_eq!(log.next_seq(), 1);
         for seq in 1..=4 {
             log.append(point(seq, seq * 1000)).unwrap();
         }
-        let loaded = PointLog::load(&path).unwrap();
+        let loaded = PointLog::load(dir.path(), &path).unwrap();
         assert_eq!(loaded.points(), log.points());
         assert_eq!(log.prune(2500).unwrap(), Some(3));
-        assert_eq!(PointLog::load(&path).unwrap().points().len(), 2);
+        assert_eq!(PointLog::load(dir.path(), &path).unwrap().points().len(), 2);
         // The newest point survives even when older than the window.
         assert_eq!(log.prune(10_000).unwrap(), Some(4));
         assert_eq!(log.next_seq(), 5);
@@ -368,12 +380,12 @@ mod tests {
     fn a_log_keeps_at_most_max_points() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("points.log");
-        let mut log = PointLog::load(&path).unwrap();
+        let mut log = PointLog::load(dir.path(), &path).unwrap();
         for seq in 1..=8 {
             log.append(point(seq, seq)).unwrap();
         }
         assert_eq!(log.prune_to(0, 3).unwrap(), Some(6));
-        assert_eq!(PointLog::load(&path).unwrap().points().len(), 3);
+        assert_eq!(PointLog::load(dir.path(), &path).unwrap().points().len(), 3);
         assert_eq!(log.next_seq(), 9);
     }
 
@@ -381,24 +393,27 @@ mod tests {
     fn torn_tail_is_ignored_and_damage_reported() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("points.log");
-        let mut log = PointLog::load(&path).unwrap();
+        let mut log = PointLog::load(dir.path(), &path).unwrap();
         log.append(point(1, 1)).unwrap();
         log.append(point(2, 2)).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
-        let mut torn = PointLog::load(&path).unwrap();
+        let mut torn = PointLog::load(dir.path(), &path).unwrap();
         assert_eq!(torn.points().len(), 1);
         torn.append(point(2, 3)).unwrap();
-        assert_eq!(PointLog::load(&path).unwrap().points().len(), 2);
+        assert_eq!(PointLog::load(dir.path(), &path).unwrap().points().len(), 2);
         let mut damaged = bytes.clone();
         damaged[HEADER_LEN + RECORD_HEAD + 6] ^= 1;
         std::fs::write(&path, &damaged).unwrap();
-        assert!(matches!(PointLog::load(&path), Err(Error::Corrupt { .. })));
+        assert!(matches!(
+            PointLog::load(dir.path(), &path),
+            Err(Error::Corrupt { .. })
+        ));
         // A damaged length is damage, not a tear, even when it points past the end.
         let mut damaged = bytes.clone();
         damaged[HEADER_LEN + 1] ^= 0x10;
         std::fs::write(&path, &damaged).unwrap();
-        let err = PointLog::load(&path).err().unwrap();
+        let err = PointLog::load(dir.path(), &path).err().unwrap();
         assert!(err.to_string().contains("head"), "{err}");
     }
 
@@ -406,21 +421,26 @@ mod tests {
     fn the_log_keeps_its_id_and_points_must_rise() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("points.log");
-        let mut log = PointLog::load(&path).unwrap();
+        let mut log = PointLog::load(dir.path(), &path).unwrap();
         assert!(!log.exists());
         let id = log.id();
         log.append(point(1, 1)).unwrap();
         log.append(point(2, 2)).unwrap();
         log.prune(2).unwrap();
-        assert_eq!(PointLog::load(&path).unwrap().id(), id);
+        assert_eq!(PointLog::load(dir.path(), &path).unwrap().id(), id);
         assert_ne!(
-            PointLog::load(&dir.path().join("other.log")).unwrap().id(),
+            PointLog::load(dir.path(), &dir.path().join("other.log"))
+                .unwrap()
+                .id(),
             id
         );
         // The same point twice: damage.
         let bytes = std::fs::read(&path).unwrap();
         let record = bytes[HEADER_LEN..].to_vec();
         std::fs::write(&path, [bytes.clone(), record].concat()).unwrap();
-        assert!(matches!(PointLog::load(&path), Err(Error::Corrupt { .. })));
+        assert!(matches!(
+            PointLog::load(dir.path(), &path),
+            Err(Error::Corrupt { .. })
+        ));
     }
 }

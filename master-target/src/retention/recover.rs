@@ -99,7 +99,7 @@ pub fn select<'a>(
 /// The point log of `machine`, checked against its undo journals: a log removed or
 /// replaced while journals remain is damage (see [`super::check_journals`]).
 pub fn point_log(retention: &Path, machine: &SafeName) -> Result<PointLog> {
-    let log = PointLog::load(&point_log_path(retention, machine))?;
+    let log = PointLog::load(retention, &point_log_path(retention, machine))?;
     super::check_journals(retention, machine, &log)?;
     Ok(log)
 }
