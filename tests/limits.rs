@@ -42,20 +42,23 @@ fn sequence_numbers_must_follow_the_durable_one_exactly() {
     still_serving(&cluster);
 }
 
-/// Says Hello and opens one disk of `size` bytes; returns the error the services answer.
+/// Says Hello as machine `huge` and opens one disk of `size` bytes.
+async fn open_huge(cluster: &Cluster, size: u64) -> RawAgent {
+    let mut agent = RawAgent::hello(cluster, "huge").await;
+    agent
+        .send(&Message::OpenDisk {
+            handle: 0,
+            id: "disk0".into(),
+            size,
+            block_size: 65536,
+        })
+        .await;
+    agent
+}
+
+/// Opens one disk of `size` bytes; returns the error the services answer.
 fn refused_open(cluster: &Cluster, size: u64) -> String {
-    runtime().block_on(async {
-        let mut agent = RawAgent::hello(cluster, "huge").await;
-        agent
-            .send(&Message::OpenDisk {
-                handle: 0,
-                id: "disk0".into(),
-                size,
-                block_size: 65536,
-            })
-            .await;
-        agent.error_text().await
-    })
+    runtime().block_on(async { open_huge(cluster, size).await.error_text().await })
 }
 
 #[test]
@@ -84,18 +87,7 @@ fn a_huge_disk_is_opened_without_its_size_in_memory() {
     // 15 TiB (ext4 files stop at 16 TiB): 240 Mi blocks, 7.5 GiB of block hashes that a
     // tree kept in memory would need.
     let size = 15u64 << 40;
-    let state = runtime().block_on(async {
-        let mut agent = RawAgent::hello(&cluster, "huge").await;
-        agent
-            .send(&Message::OpenDisk {
-                handle: 0,
-                id: "disk0".into(),
-                size,
-                block_size: 65536,
-            })
-            .await;
-        agent.recv().await
-    });
+    let state = runtime().block_on(async { open_huge(&cluster, size).await.recv().await });
     let Some(Message::DiskState(state)) = state else {
         panic!("expected the disk to open, got {state:?}");
     };

@@ -267,17 +267,27 @@ fn a_spool_smaller_than_one_batch_is_refused_at_start() {
     assert!(err.contains("--cache-limit"), "{err}");
 }
 
-#[test]
-fn a_segment_the_master_target_refuses_is_set_aside_and_reported_without_blocking_the_machine() {
-    let dir = tempfile::tempdir().unwrap();
+/// A cluster whose process server spools (64 MiB, in `dir`) and machine `m` with a 2 MiB
+/// image replicated once: the cluster, the spool folder, the image and its `--disk` spec.
+fn replicated_through_a_spool(
+    dir: &tempfile::TempDir,
+    seed: u64,
+) -> (Cluster, PathBuf, PathBuf, [String; 1]) {
     let cache = dir.path().join("cache");
     let args = cache_args(&cache, "64MiB");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut cluster = Cluster::start_full(&[], &args);
+    let cluster = Cluster::start_full(&[], &args);
     let image = cluster.path("disk0.img");
-    write_mixed_image(&image, 2 * MIB, 31).unwrap();
+    write_mixed_image(&image, 2 * MIB, seed).unwrap();
     let disk = [format!("{}=disk0", image.display())];
     cluster.sync("m", &disk).unwrap();
+    (cluster, cache, image, disk)
+}
+
+#[test]
+fn a_segment_the_master_target_refuses_is_set_aside_and_reported_without_blocking_the_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cluster, cache, image, disk) = replicated_through_a_spool(&dir, 31);
 
     // The master target goes away; a change is spooled.
     cluster.target.kill();
@@ -341,14 +351,7 @@ fn a_segment_the_master_target_refuses_is_set_aside_and_reported_without_blockin
 #[test]
 fn a_segment_cut_short_after_it_was_finished_is_damage_not_a_clean_end() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("cache");
-    let args = cache_args(&cache, "64MiB");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut cluster = Cluster::start_full(&[], &args);
-    let image = cluster.path("disk0.img");
-    write_mixed_image(&image, 2 * MIB, 41).unwrap();
-    let disk = [format!("{}=disk0", image.display())];
-    cluster.sync("m", &disk).unwrap();
+    let (mut cluster, cache, image, disk) = replicated_through_a_spool(&dir, 41);
 
     // A change is spooled while the master target is away, and the process server stops.
     cluster.target.kill();
