@@ -2,6 +2,7 @@
 
 mod check;
 mod demo;
+mod failover;
 mod points;
 mod status;
 
@@ -39,6 +40,17 @@ enum Command {
     /// Writes a machine's VMDKs as they were at a recovery point into an empty folder; the
     /// replica is left untouched so replication goes on.
     Recover(points::RecoverArgs),
+    /// Fails a machine over in place: its replicas become the live disks of the
+    /// on-premises VM, rolled back to a recovery point (the cost follows what changed
+    /// since the point, not the disk size), and its agents are fenced: every later session
+    /// is refused with when and to which point it was failed over. Run it with the cloud
+    /// VM shut down (or let the agent's --on-failover hook shut it down). An interrupted
+    /// failover is finished by running it again.
+    ///
+    /// Example:
+    ///   deltaback failover --datastore /vmfs/ds1 --machine web01 --point latest-app
+    #[command(verbatim_doc_comment)]
+    Failover(failover::FailoverArgs),
     /// Every machine in a master target's datastore: its replicas, their state and how old
     /// its newest recovery point is. With --max-age, exits with status 1 when a machine has
     /// no point that recent, so monitoring can run it.
@@ -130,6 +142,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Points(args) => points::list(args),
         Command::Recover(args) => points::recover_point(args),
+        Command::Failover(args) => failover::run(args),
         Command::Status(args) => status::show(args),
         Command::Spool { cache } => spool_status(&cache),
         Command::Check(args) => check::run(args),

@@ -14,7 +14,7 @@ use master_target::retention::recover::{point_log, recover, PointSelector};
 pub struct Where {
     /// The master target's datastore folder.
     #[arg(long)]
-    datastore: PathBuf,
+    pub datastore: PathBuf,
     /// The master target's retention folder [default: DATASTORE/.retention].
     #[arg(long)]
     retention: Option<PathBuf>,
@@ -26,11 +26,11 @@ pub struct Where {
     group: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 impl Where {
-    fn retention(&self) -> PathBuf {
+    pub fn retention(&self) -> PathBuf {
         self.retention
             .clone()
             .unwrap_or_else(|| master_target::datastore::default_retention(&self.datastore))
@@ -38,7 +38,7 @@ impl Where {
 
     /// The machine asked for, which must be known to the datastore or the retention folder
     /// (a typo lists the machines there are).
-    fn machine(&self) -> anyhow::Result<SafeName> {
+    pub fn machine(&self) -> anyhow::Result<SafeName> {
         let name = self
             .machine
             .as_deref()

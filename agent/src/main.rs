@@ -81,6 +81,11 @@ struct Connection {
     /// --max-rate applies outside these windows.
     #[arg(long)]
     rate_schedule: Option<String>,
+    /// Shell command run once when the master target says this machine was failed over
+    /// (its disks are live on premises now), e.g. `poweroff` to shut this cloud VM down;
+    /// the agent then exits with status 3.
+    #[arg(long, value_name = "CMD")]
+    on_failover: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -148,18 +153,39 @@ struct ReplicateArgs {
     json: bool,
 }
 
+/// Exit status when the machine was failed over.
+const EXIT_FAILED_OVER: u8 = 3;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     engine::service::init_logging("info");
-    let result = match Cli::parse().command {
-        Command::Sync(args) => run_sync(args).await,
-        Command::Replicate(args) => run_replicate(args).await,
+    let (result, on_failover) = match Cli::parse().command {
+        Command::Sync(args) => {
+            let hook = args.connection.on_failover.clone();
+            (run_sync(args).await, hook)
+        }
+        Command::Replicate(args) => {
+            let hook = args.connection.on_failover.clone();
+            (run_replicate(args).await, hook)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            let fenced = err
+                .downcast_ref::<engine::Error>()
+                .is_some_and(engine::Error::is_failed_over);
+            if !fenced {
+                return ExitCode::FAILURE;
+            }
+            if let Some(hook) = on_failover {
+                eprintln!("running the --on-failover command: {hook}");
+                if let Err(e) = agent::replicate::run_hook("--on-failover", &hook).await {
+                    eprintln!("error: {}", e.chain());
+                }
+            }
+            ExitCode::from(EXIT_FAILED_OVER)
         }
     }
 }
@@ -293,7 +319,7 @@ async fn run_replicate(args: ReplicateArgs) -> anyhow::Result<()> {
         },
         engine::service::shutdown_signal(),
     )
-    .await;
+    .await?;
     if failed > 0 && options.cycles.is_some() {
         bail!("{failed} of the cycles failed");
     }

@@ -51,13 +51,14 @@ pub enum ChangeSource {
 }
 
 /// Runs cycles until `shutdown` completes or the cycle count is reached; `on_cycle` sees
-/// every cycle's outcome. Returns the number of cycles that failed.
+/// every cycle's outcome. Returns the number of cycles that failed, or the refusal that
+/// ends replication for good: the machine was failed over.
 pub async fn replicate(
     tls: Arc<rustls::ClientConfig>,
     options: &ReplicateOptions,
     mut on_cycle: impl FnMut(&Result<SyncReport>),
     shutdown: impl Future<Output = ()>,
-) -> u64 {
+) -> Result<u64> {
     tokio::pin!(shutdown);
     let mut last_app: Option<Instant> = None;
     let mut failed = 0;
@@ -70,20 +71,22 @@ pub async fn replicate(
             _ => false,
         };
         let outcome = run_cycle(&tls, options, want_app, cycle).await;
-        if let Ok(report) = &outcome {
-            if report.point.kind == PointKind::AppConsistent {
+        match &outcome {
+            // The machine runs on premises now: no later cycle may write it.
+            Err(e) if e.is_failed_over() => return outcome.map(|_| failed),
+            Err(_) => failed += 1,
+            Ok(report) if report.point.kind == PointKind::AppConsistent => {
                 last_app = Some(started);
             }
-        } else {
-            failed += 1;
+            Ok(_) => {}
         }
         on_cycle(&outcome);
         if options.cycles.is_some_and(|n| cycle >= n) {
-            return failed;
+            return Ok(failed);
         }
         let next = started + options.interval;
         tokio::select! {
-            () = &mut shutdown => return failed,
+            () = &mut shutdown => return Ok(failed),
             () = tokio::time::sleep_until(next.into()) => {}
         }
     }
@@ -131,7 +134,7 @@ async fn run_cycle(
 }
 
 /// Runs a hook with `sh -c`, failing on a non-zero exit.
-async fn run_hook(name: &'static str, command: &str) -> Result<()> {
+pub async fn run_hook(name: &'static str, command: &str) -> Result<()> {
     let output = Command::new("sh")
         .args(["-c", command])
         .stdin(Stdio::null())

@@ -33,6 +33,9 @@ pub enum ErrorCode {
     Unavailable = 9,
     /// A file on the far side is damaged; an operator must look. Never retried.
     Damaged = 10,
+    /// The machine was failed over: its replicas are live disks now, and no agent may
+    /// write them until it is reprotected. Never retried.
+    FailedOver = 11,
 }
 
 impl ErrorCode {
@@ -48,6 +51,7 @@ impl ErrorCode {
             8 => Self::Version,
             9 => Self::Unavailable,
             10 => Self::Damaged,
+            11 => Self::FailedOver,
             _ => Self::Internal,
         }
     }
@@ -122,6 +126,9 @@ pub enum Error {
     /// The two sides speak no common protocol version.
     #[error("{0}")]
     Version(String),
+    /// The machine was failed over; what happened and what to run next.
+    #[error("{0}")]
+    FailedOver(String),
     /// The far side answered with an error message (never built for our own failures).
     #[error("{peer} refused: {message}")]
     Remote {
@@ -179,6 +186,7 @@ impl Error {
             Error::Busy(_) => ErrorCode::Busy,
             Error::Corrupt { .. } => ErrorCode::Damaged,
             Error::Version(_) => ErrorCode::Version,
+            Error::FailedOver(_) => ErrorCode::FailedOver,
             _ => ErrorCode::Internal,
         }
     }
@@ -196,6 +204,19 @@ impl Error {
             ),
             _ => false,
         }
+    }
+
+    /// True when the machine was failed over (here, or on the far side): its agent must
+    /// stop for good.
+    pub fn is_failed_over(&self) -> bool {
+        matches!(
+            self,
+            Error::FailedOver(_)
+                | Error::Remote {
+                    code: ErrorCode::FailedOver,
+                    ..
+                }
+        )
     }
 
     /// True for faults that will not go away without an operator: damaged files, disks

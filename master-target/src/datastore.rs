@@ -164,3 +164,65 @@ impl DatastoreLock {
         Ok(Self { _file: file })
     }
 }
+
+/// A machine's lock: `<retention>/<machine>/.lock`, held (`flock`) by the machine's session
+/// and by a failover, so a failover never rolls back disks a session is writing.
+pub struct MachineLock {
+    _file: std::fs::File,
+}
+
+impl MachineLock {
+    fn open(retention: &Path, machine: &SafeName) -> engine::Result<std::fs::File> {
+        use engine::storage::beneath::{self, Access};
+        let dir = machine_dir(retention, machine);
+        beneath::create_dirs(retention, &dir)?;
+        let path = dir.join(".lock");
+        match beneath::open(retention, &path, Access::ReadWrite) {
+            Err(engine::Error::File { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                match beneath::open(retention, &path, Access::CreateNew) {
+                    // Someone else created it meanwhile.
+                    Err(engine::Error::File { source, .. })
+                        if source.kind() == std::io::ErrorKind::AlreadyExists =>
+                    {
+                        beneath::open(retention, &path, Access::ReadWrite)
+                    }
+                    other => other,
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Takes the lock now, or says who holds it (`None`).
+    pub fn try_acquire(retention: &Path, machine: &SafeName) -> engine::Result<Option<Self>> {
+        let file = Self::open(retention, machine)?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(Self { _file: file })),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(engine::Error::file("lock", machine_dir(retention, machine))(e.into())),
+        }
+    }
+
+    /// Takes the lock, waiting up to `wait` for its holder to let it go.
+    pub fn acquire_within(
+        retention: &Path,
+        machine: &SafeName,
+        wait: std::time::Duration,
+    ) -> engine::Result<Self> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            if let Some(lock) = Self::try_acquire(retention, machine)? {
+                return Ok(lock);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(engine::Error::Busy(format!(
+                    "a session of machine {machine} did not end within {}s",
+                    wait.as_secs()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}

@@ -79,6 +79,16 @@ async fn session(
         conn.fail(&err).await;
         return Err(err);
     }
+    // A failed-over machine is fenced: no agent writes its live disks (the writer checks
+    // again, under the machine's lock, before it writes anything).
+    if let Err(err) = crate::retention::failover::check_fence(&config.retention, &machine) {
+        if let Ok(mut l) = locks.lock() {
+            l.remove(&machine_key);
+        }
+        tracing::warn!(%machine, "refused: {err}");
+        conn.fail(&err).await;
+        return Err(err);
+    }
     tracing::info!(%machine, "session started");
     let (failures_tx, mut failures) = mpsc::channel(1);
     let (commands, command_rx) = mpsc::channel(WRITE_QUEUE);

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::datastore::MachineLock;
+use crate::retention::failover;
 use engine::block::geometry::{BlockHash, Geometry, SafeName};
 use engine::clock::now_ms;
 use engine::error::{Error, Result};
@@ -89,6 +91,9 @@ pub(crate) struct Writer {
     held: Vec<String>,
     /// This conversation made its recovery point.
     made_point: bool,
+    /// The machine's lock file, taken before the first disk is written and held until the
+    /// writer ends (a failover waits for it).
+    machine_lock: Option<MachineLock>,
 }
 
 impl Writer {
@@ -110,7 +115,28 @@ impl Writer {
             // The session took the machine's own lock; the writer releases it with the rest.
             held: vec![machine_key],
             made_point: false,
+            machine_lock: None,
         }
+    }
+
+    /// Takes the machine's lock before anything of it is written: a failover holding it
+    /// (or fencing the machine) turns the session away.
+    fn lock_machine(&mut self) -> Result<()> {
+        if self.machine_lock.is_some() {
+            return Ok(());
+        }
+        failover::check_fence(&self.config.retention, &self.machine)?;
+        let lock = MachineLock::try_acquire(&self.config.retention, &self.machine)?
+            .ok_or_else(|| {
+                Error::Busy(format!(
+                    "machine {} is held by an operator command (a failover?)",
+                    self.machine
+                ))
+            })?;
+        // Fenced while we waited for nothing: check again under the lock.
+        failover::check_fence(&self.config.retention, &self.machine)?;
+        self.machine_lock = Some(lock);
+        Ok(())
     }
 
     pub(crate) fn run(
@@ -204,6 +230,7 @@ impl Writer {
         no_links_in_retention(&self.config.retention, &self.machine, id)?;
         let verdict = ownership::inspect(&self.config.datastore, &self.machine, id)?;
         tracing::info!(machine = %self.machine, disk = %id, verdict = verdict.word(), "{}", verdict.explain());
+        self.lock_machine()?;
         let mut replica = Replica::open(
             &self.config.datastore,
             &self.machine,
@@ -243,6 +270,8 @@ impl Writer {
     }
 
     fn write(&mut self, handle: u32, seq: u64, count: u32, batch: &Bytes) -> Result<()> {
+        // A machine fenced for failover takes no more writes: the session ends here.
+        failover::check_fence(&self.config.retention, &self.machine)?;
         let disk = self.disk(handle)?;
         if disk.last_seq.checked_add(1) != Some(seq) {
             return Err(Error::Protocol(format!(
@@ -256,6 +285,7 @@ impl Writer {
     }
 
     fn flush(&mut self, handle: u32, seq: u64) -> Result<()> {
+        failover::check_fence(&self.config.retention, &self.machine)?;
         let disk = self.disk(handle)?;
         if seq != disk.last_seq {
             return Err(Error::Protocol(format!(
@@ -284,6 +314,7 @@ impl Writer {
                 )));
             }
         }
+        failover::check_fence(&self.config.retention, &self.machine)?;
         let kind = PointKind::from_u8(kind)
             .ok_or_else(|| Error::Protocol(format!("unknown recovery point kind {kind}")))?;
         engine::point::check_label(&label)?;

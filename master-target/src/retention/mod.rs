@@ -5,12 +5,17 @@
 //! <retention>/<machine>/points.log                  recovery points, append-only (points.rs)
 //! <retention>/<machine>/<disk>/<P>.journal          old content of the blocks overwritten on
 //!                                                   the way from point P-1 to point P (journal.rs)
+//! <retention>/<machine>/failover.json               the fence of a failed-over machine
+//!                                                   (failover.rs)
+//! <retention>/<machine>/.lock                       held (flock) by the machine's session
+//!                                                   and by a failover
 //! ```
 //! To recover point Q: copy the replica as it is now, then for each journal P > Q in
 //! ascending order put back the first old content recorded for every block not yet put
 //! back (recover.rs). A journal record is made durable before the block it saves is
 //! overwritten, so the journals always cover everything written since Q.
 
+pub mod failover;
 pub mod groups;
 pub mod journal;
 pub mod points;

@@ -122,6 +122,18 @@ pub fn recover(
     selector: &PointSelector,
     output: &Path,
 ) -> Result<(RecoveryPoint, Vec<RecoveredDisk>)> {
+    if let Some(record) = super::failover::fenced(retention, machine)? {
+        return Err(Error::Invalid(format!(
+            "machine {machine} was failed over to point {}: its disks are live on premises              and change without journals, so no point can be rebuilt from them; the live              disks are {}",
+            record.point,
+            record
+                .disks
+                .iter()
+                .map(|d| d.vmdk.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     let log = point_log(retention, machine)?;
     let point = select(log.points(), selector)?.clone();
     std::fs::create_dir_all(output).map_err(Error::file("create folder", output))?;
@@ -189,7 +201,7 @@ fn recover_disk(
             )
         });
     let restored = match restored {
-        Ok(restored) => restored,
+        Ok((blocks, _)) => blocks,
         Err(e) => {
             // Nothing is returned that cannot be proven: no half-recovered disk is left.
             drop(target);
@@ -210,10 +222,11 @@ fn recover_disk(
 }
 
 /// Puts back, from the journals of the cycles after `point`, the first old content of every
-/// block overwritten since; returns how many blocks it put back. The journal of a cycle
+/// block overwritten since, into `target` (a copy of the replica, or the replica itself for
+/// a failover in place); returns how many blocks and bytes it put back. The journal of a cycle
 /// whose point exists (below `next_point`) must end in its seal: one cut short cannot prove
 /// what it held.
-fn roll_back(
+pub(super) fn roll_back(
     retention: &Path,
     machine: &SafeName,
     id: &SafeName,
@@ -221,8 +234,9 @@ fn roll_back(
     (point, next_point): (u64, u64),
     target: &File,
     out_extent: &Path,
-) -> Result<u64> {
+) -> Result<(u64, u64)> {
     let mut restored = HashSet::new();
+    let mut bytes = 0u64;
     for (journal_point, path) in journals(retention, machine, id) {
         if journal_point <= point {
             continue;
@@ -238,6 +252,7 @@ fn roll_back(
             }
             let len = usize::try_from((size - offset).min(record.data.len() as u64)).unwrap_or(0);
             let data = &record.data[..len];
+            bytes += len as u64;
             if is_zero(data) {
                 punch_hole(target, out_extent, offset, len)?;
             } else {
@@ -259,5 +274,5 @@ fn roll_back(
             tracing::warn!(journal = %path.display(), "journal ends in a torn record (a crash); its blocks were never overwritten");
         }
     }
-    Ok(restored.len() as u64)
+    Ok((restored.len() as u64, bytes))
 }
