@@ -1,7 +1,10 @@
 //! `deltaback failover`: the replicas of a machine become its live disks on premises, as
 //! they were at a recovery point, rolled back in place; the machine's agents are fenced.
+//! `deltaback reprotect`: the live disks become the source of replication the other way.
 
-use master_target::retention::failover::{failover, FailoverRecord, FailoverState};
+use master_target::retention::failover::{
+    failover, reprotect, FailoverRecord, FailoverState, Reprotection,
+};
 use master_target::retention::recover::PointSelector;
 
 use crate::points::{time_text, Where};
@@ -66,4 +69,54 @@ fn print(record: &FailoverRecord) {
          from now on (run `deltaback reprotect --machine {}` to replicate it back)",
         record.machine
     );
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ReprotectArgs {
+    #[command(flatten)]
+    at: Where,
+    /// The process server near the cloud, HOST:PORT, for the commands printed.
+    #[arg(long, default_value = "PROCESS-SERVER:9443")]
+    server: String,
+}
+
+pub fn run_reprotect(args: ReprotectArgs) -> anyhow::Result<()> {
+    let machine = args.at.machine()?;
+    let done: Reprotection = reprotect(&args.at.datastore, &args.at.retention(), &machine)?;
+    if args.at.json {
+        engine::say!("{}", serde_json::to_string(&done)?);
+        return Ok(());
+    }
+    engine::say!(
+        "machine {machine} is reprotected: its live disks (failed over to point {}) are the \
+         source now; agents of the old direction stay refused",
+        done.record.point
+    );
+    let disks: Vec<String> = done
+        .sources
+        .iter()
+        .map(|(id, path)| format!("--disk {}={id}", path.display()))
+        .collect();
+    engine::say!("1. near the cloud, a master target writes the cloud disks:");
+    engine::say!(
+        "     deltaback-master-target --datastore DATASTORE --pki PKI {}",
+        done.sources
+            .iter()
+            .map(|(id, _)| format!("--raw-disk {machine}/{id}=/dev/CLOUD-DISK"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    engine::say!(
+        "2. on premises, an agent replicates the live disks (only differing blocks travel):"
+    );
+    engine::say!(
+        "     deltaback-agent replicate --server {} --pki PKI --machine {machine} {}",
+        args.server,
+        disks.join(" ")
+    );
+    engine::say!(
+        "3. to fail back to the cloud: `deltaback failover --datastore DATASTORE --machine \
+         {machine}` on the cloud side's master target, with the on-premises VM shut down"
+    );
+    Ok(())
 }

@@ -51,6 +51,11 @@ enum Command {
     ///   deltaback failover --datastore /vmfs/ds1 --machine web01 --point latest-app
     #[command(verbatim_doc_comment)]
     Failover(failover::FailoverArgs),
+    /// After a failover, makes the machine's live disks the source of replication the other
+    /// way: an agent on premises reads them, a master target near the cloud writes the cloud
+    /// disks (`--raw-disk MACHINE/DISK=PATH`), comparing what they hold so only differing
+    /// blocks travel. Agents of the old direction stay refused. Prints the commands to run.
+    Reprotect(failover::ReprotectArgs),
     /// Every machine in a master target's datastore: its replicas, their state and how old
     /// its newest recovery point is. With --max-age, exits with status 1 when a machine has
     /// no point that recent, so monitoring can run it.
@@ -143,6 +148,7 @@ fn main() -> ExitCode {
         Command::Points(args) => points::list(args),
         Command::Recover(args) => points::recover_point(args),
         Command::Failover(args) => failover::run(args),
+        Command::Reprotect(args) => failover::run_reprotect(args),
         Command::Status(args) => status::show(args),
         Command::Spool { cache } => spool_status(&cache),
         Command::Check(args) => check::run(args),

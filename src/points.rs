@@ -101,8 +101,13 @@ pub fn list(args: Where) -> anyhow::Result<()> {
     let log = point_log(&retention, &machine)?;
     let mut points: Vec<&RecoveryPoint> = log.points().iter().collect();
     points.reverse();
+    let failed_over = master_target::retention::failover::fenced(&retention, &machine)?;
     // Disks whose replica changed outside deltaback: points before the change are not exact.
     let inexact = |p: &RecoveryPoint| -> anyhow::Result<Vec<String>> {
+        if failed_over.is_some() {
+            // Taken before the failover: the live disks change without journals now.
+            return Ok(p.disks.iter().map(|d| d.id.clone()).collect());
+        }
         let mut disks = Vec::new();
         for d in &p.disks {
             let id = SafeName::new("disk id", &d.id)?;
@@ -123,6 +128,15 @@ pub fn list(args: Where) -> anyhow::Result<()> {
         }
         engine::say!("{}", serde_json::Value::Array(list));
         return Ok(());
+    }
+    if let Some(record) = &failed_over {
+        engine::say!(
+            "machine {machine} was failed over to point {} at {} ({}): the points below were \
+             taken before and can no longer be rebuilt from its live disks",
+            record.point,
+            time_text(record.fenced_ms),
+            serde_json::to_value(record.state)?.as_str().unwrap_or("?")
+        );
     }
     if points.is_empty() {
         engine::say!("machine {machine} has no recovery points");
@@ -151,8 +165,13 @@ pub fn list(args: Where) -> anyhow::Result<()> {
                 String::new()
             } else {
                 format!(
-                    "  (not exact: {} changed outside deltaback since)",
-                    not_exact.join(",")
+                    "  (not exact: {} {})",
+                    not_exact.join(","),
+                    if failed_over.is_some() {
+                        "live since the failover"
+                    } else {
+                        "changed outside deltaback since"
+                    }
                 )
             }
         );

@@ -196,3 +196,64 @@ fn a_failover_fences_a_machine_that_is_replicating_right_now() {
     write_mixed_image(&first, 16 * MIB, 8).unwrap();
     assert!(qemu_img_same(&first, &cluster.vmdk("busy", "disk0")));
 }
+
+/// Blocks of `BLOCK` bytes in which two files differ.
+fn differing_blocks(a: &Path, b: &Path) -> u64 {
+    let (a, b) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert_eq!(a.len(), b.len());
+    a.chunks(BLOCK as usize)
+        .zip(b.chunks(BLOCK as usize))
+        .filter(|(x, y)| x != y)
+        .count() as u64
+}
+
+#[test]
+fn the_whole_cycle_reprotect_failover_reprotect_and_fail_back() {
+    // Stage 1: the cloud VM (`cloud.img`) replicates to the on-premises master target.
+    let onprem = Cluster::start();
+    let (cloud_disk, copies) = three_points(&onprem, "web", 0.05);
+    // Stage 2: the cloud VM is shut down; fail over on premises to point 3, in place.
+    failover(&onprem, "web", "3");
+    assert!(qemu_img_same(&copies[2], &onprem.vmdk("web", "disk0")));
+    // The on-premises VM runs and writes its live disk.
+    let live = onprem.extent("web", "disk0");
+    change_blocks(&live, BLOCK, 0.03, 77).unwrap();
+
+    // Stage 3: reprotect. The live disks are the source now; the cloud disk (still as the
+    // cloud VM left it) is the replica, written by a master target near the cloud.
+    let out = onprem
+        .operator(&["reprotect", "--json", "--machine", "web"])
+        .unwrap();
+    let reprotection: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(reprotection["record"]["state"], "reprotected");
+    assert_eq!(reprotection["sources"][0][1], live.to_str().unwrap());
+    let raw = format!("web/disk0={}", cloud_disk.display());
+    let cloud = Cluster::start_with(&["--raw-disk", &raw]);
+    let before = differing_blocks(&live, &cloud_disk);
+    assert!(before > 0);
+    let disk = format!("{}=disk0", live.display());
+    let report = cloud.sync("web", &[&disk]).unwrap();
+    // Only what differs between the live disk and the cloud disk travelled.
+    assert_eq!(report["disks"][0]["blocks_sent"], before, "{report}");
+    assert_eq!(differing_blocks(&live, &cloud_disk), 0);
+    let at_1 = cloud.path("live-at-1");
+    std::fs::copy(&live, &at_1).unwrap();
+    // Replication goes on; a second point.
+    change_blocks(&live, BLOCK, 0.05, 78).unwrap();
+    cloud.sync("web", &[&disk]).unwrap();
+
+    // Stage 4: fail back to the cloud at point 1, in place on the cloud disk.
+    let back = failover(&cloud, "web", "1");
+    assert_eq!(back["disks"][0]["vmdk"], cloud_disk.to_str().unwrap());
+    assert_eq!(differing_blocks(&at_1, &cloud_disk), 0);
+    // And the on-premises side's agents of the old direction are still refused.
+    let err = onprem
+        .sync_with(
+            "web",
+            &[format!("{}=disk0", cloud_disk.display())],
+            &onprem.pki,
+            &["--retry-for", "0s"],
+        )
+        .unwrap_err();
+    assert!(err.contains("failed over"), "{err}");
+}

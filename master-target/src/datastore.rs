@@ -40,6 +40,11 @@ pub struct ReplicaPaths {
     pub manifest_rebuilt: PathBuf,
     /// The write-ahead record of the blocks written since the manifest's last commit.
     pub touched: PathBuf,
+    /// Where the path of a raw replica is recorded (`--raw-disk`), for operator commands.
+    pub raw_record: PathBuf,
+    /// The extent is a raw image file or block device the operator named (`--raw-disk`),
+    /// outside the datastore's layout: no descriptor, opened by its path.
+    pub raw: bool,
 }
 
 impl ReplicaPaths {
@@ -54,6 +59,45 @@ impl ReplicaPaths {
             manifest: dir.join(".deltaback").join(format!("{id}.manifest")),
             manifest_rebuilt: dir.join(".deltaback").join(format!("{id}.manifest.new")),
             touched: dir.join(".deltaback").join(format!("{id}.touched")),
+            raw_record: dir.join(".deltaback").join(format!("{id}.raw")),
+            raw: false,
+        }
+    }
+
+    /// Paths of disk `id` of `machine` replicated into the raw disk at `raw` (`--raw-disk`);
+    /// its manifest and records stay in the datastore.
+    pub fn raw(datastore: &Path, machine: &SafeName, id: &SafeName, raw: &Path) -> Self {
+        let mut paths = Self::new(datastore, machine, id);
+        paths.extent = raw.to_owned();
+        paths.raw = true;
+        paths
+    }
+
+    /// The paths of a replica as the master target last used them: a raw disk if one was
+    /// recorded for it, the VMDK otherwise.
+    pub fn find(datastore: &Path, machine: &SafeName, id: &SafeName) -> engine::Result<Self> {
+        use engine::storage::beneath::{self, Access};
+        use std::io::Read;
+        let paths = Self::new(datastore, machine, id);
+        let mut text = String::new();
+        match beneath::open(datastore, &paths.raw_record, Access::Read) {
+            Ok(file) => {
+                file.take(4096)
+                    .read_to_string(&mut text)
+                    .map_err(engine::Error::file("read", &paths.raw_record))?;
+                Ok(Self::raw(
+                    datastore,
+                    machine,
+                    id,
+                    Path::new(text.trim_end_matches('\n')),
+                ))
+            }
+            Err(engine::Error::File { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(paths)
+            }
+            Err(e) => Err(e),
         }
     }
 }

@@ -48,6 +48,11 @@ struct Args {
     /// Largest disk a source may announce; larger ones are refused when opened.
     #[arg(long, default_value = "64TiB")]
     max_disk_size: bytesize::ByteSize,
+    /// Replicate disk DISK of machine MACHINE into a raw image file or block device instead
+    /// of a VMDK (repeatable): the cloud disk when a failed-over machine replicates back.
+    /// What it holds is compared first, so only differing blocks travel.
+    #[arg(long = "raw-disk", value_name = "MACHINE/DISK=PATH")]
+    raw_disks: Vec<master_target::config::RawDisk>,
     #[command(flatten)]
     limits: engine::service::LimitArgs,
 }
@@ -85,6 +90,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         retention_window: args.retention_window.into(),
         limits,
         max_disk_size: args.max_disk_size.as_u64(),
+        raw_disks: args.raw_disks,
     };
     serve(listener, &identity, config, shutdown).await?;
     Ok(())

@@ -16,10 +16,11 @@
 //! No mmap for writes: a full disk must be an error, not SIGBUS.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 
+use crate::config::MasterTargetConfig;
 pub use crate::datastore::ReplicaPaths;
 use crate::retention::journal::JournalWriter;
 use crate::touched::TouchedLog;
@@ -75,23 +76,35 @@ impl Replica {
     ///
     /// An existing extent larger than the source is refused; a smaller one is grown. Its
     /// block hashes come from the manifest when the extent is provably unchanged since the
-    /// manifest was saved and `verify` is off; otherwise the extent is hashed.
+    /// manifest was saved and `verify` is off; otherwise the extent is hashed. A raw disk
+    /// the operator named (`--raw-disk`) is opened by its path and never created.
     pub fn open(
-        datastore: &Path,
+        config: &MasterTargetConfig,
         machine: &SafeName,
         id: &SafeName,
         geometry: Geometry,
-        verify: bool,
-        threads: usize,
-        direct_io: bool,
     ) -> Result<Self> {
-        let paths = ReplicaPaths::new(datastore, machine, id);
+        let datastore = config.datastore.as_path();
+        let (verify, threads, direct_io) = (config.verify, config.hash_threads, config.direct_io);
+        let paths = match config.raw_disk(machine, id) {
+            Some(raw) => ReplicaPaths::raw(datastore, machine, id, raw),
+            None => ReplicaPaths::new(datastore, machine, id),
+        };
         let meta_dir = paths.manifest.parent().unwrap_or(datastore);
         // Every file of the replica is reached through no symbolic link (`beneath`).
         beneath::create_dirs(datastore, meta_dir)?;
         let zero = ZeroHashes::new(geometry);
 
-        let existing = beneath::open(datastore, &paths.extent, Access::ReadWrite);
+        let existing = if paths.raw {
+            // Named by the operator, outside the datastore's layout: recorded for
+            // operator commands (failover), then opened as named.
+            let record = format!("{}\n", paths.extent.display());
+            beneath::write_atomic(datastore, &paths.raw_record, record.as_bytes())?;
+            let file = open_raw(&paths.extent, false)?;
+            Ok(file)
+        } else {
+            beneath::open(datastore, &paths.extent, Access::ReadWrite)
+        };
         let mut changed_outside = false;
         let (file, manifest, fresh) = match existing {
             Ok(file) => {
@@ -155,7 +168,7 @@ impl Replica {
         threads: usize,
     ) -> Result<(Manifest, bool)> {
         let stamp = FileStamp::of(file, &paths.extent)?;
-        let old_size = stamp.size;
+        let (old_size, device) = extent_size(file, &paths.extent)?;
         if old_size > geometry.size {
             return Err(Error::Invalid(format!(
                 "source disk {id} ({}) is smaller than its replica ({}); deltaback never \
@@ -182,7 +195,8 @@ impl Replica {
         let durable_seq = saved.as_ref().map_or(0, Manifest::durable_seq);
         let mut changed_outside = false;
         let manifest = match saved {
-            Some(m) if !verify && !m.is_dirty() && m.stamp() == stamp => {
+            // A block device's node says nothing of its content: it is always hashed.
+            Some(m) if !verify && !device && !m.is_dirty() && m.stamp() == stamp => {
                 tracing::info!(disk = %id, "extent unchanged since its manifest was committed; trusting it");
                 m
             }
@@ -301,6 +315,15 @@ impl Replica {
     ) -> Result<Manifest> {
         let old_geometry = old.geometry();
         tracing::info!(disk = %id, from = old_geometry.size, to = geometry.size, "growing the replica");
+        if extent_size(file, &paths.extent)?.1 {
+            return Err(Error::Invalid(format!(
+                "raw disk {} ({}) is smaller than source disk {id} ({}); give a device at \
+                 least as large",
+                paths.extent.display(),
+                bytesize::ByteSize(old_geometry.size),
+                bytesize::ByteSize(geometry.size)
+            )));
+        }
         file.set_len(geometry.size)
             .and_then(|()| file.sync_all())
             .map_err(Error::file("grow extent", &paths.extent))?;
@@ -324,7 +347,9 @@ impl Replica {
         builder.push_zeros(geometry.blocks() - old_geometry.blocks())?;
         let mut manifest = builder.finish(0, FileStamp::default())?;
         manifest.commit(old.durable_seq(), FileStamp::of(file, &paths.extent)?)?;
-        vmdk::write_descriptor(&paths.root, &paths.descriptor, &paths.extent, geometry.size)?;
+        if !paths.raw {
+            vmdk::write_descriptor(&paths.root, &paths.descriptor, &paths.extent, geometry.size)?;
+        }
         Self::replace_manifest(paths, manifest)
     }
 
@@ -460,7 +485,9 @@ impl Replica {
             self.touched.reset()?;
             self.manifest.mark_dirty()?;
             // The content changes: VMware tools expect a new content id.
-            vmdk::renew_cid(&self.paths.root, &self.paths.descriptor)?;
+            if !self.paths.raw {
+                vmdk::renew_cid(&self.paths.root, &self.paths.descriptor)?;
+            }
             self.dirty = true;
         }
         self.touched.cover(changes.iter().map(|c| c.0))?;
@@ -596,5 +623,33 @@ impl CurrentHashes {
             .first()
             .copied()
             .ok_or_else(|| Error::Invalid(format!("block {index} is past the end of the disk")))
+    }
+}
+
+/// Opens a raw disk the operator named, for reading and writing (with `O_DIRECT` when
+/// `direct`).
+pub fn open_raw(path: &Path, direct: bool) -> Result<File> {
+    let flags = if direct { OFlags::DIRECT.bits() } else { 0 };
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(i32::try_from(flags).unwrap_or(0))
+        .open(path)
+        .map_err(Error::file("open raw disk", path))
+}
+
+/// The size of an extent (a block device's from its end, not its node) and whether it is
+/// a block device.
+pub fn extent_size(file: &File, path: &Path) -> Result<(u64, bool)> {
+    use std::io::Seek;
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file.metadata().map_err(Error::file("stat", path))?;
+    if meta.file_type().is_block_device() {
+        let end = (&*file)
+            .seek(std::io::SeekFrom::End(0))
+            .map_err(Error::file("size", path))?;
+        Ok((end, true))
+    } else {
+        Ok((meta.len(), false))
     }
 }

@@ -126,8 +126,8 @@ impl Writer {
             return Ok(());
         }
         failover::check_fence(&self.config.retention, &self.machine)?;
-        let lock = MachineLock::try_acquire(&self.config.retention, &self.machine)?
-            .ok_or_else(|| {
+        let lock =
+            MachineLock::try_acquire(&self.config.retention, &self.machine)?.ok_or_else(|| {
                 Error::Busy(format!(
                     "machine {} is held by an operator command (a failover?)",
                     self.machine
@@ -228,19 +228,20 @@ impl Writer {
         }
         self.held.push(key);
         no_links_in_retention(&self.config.retention, &self.machine, id)?;
-        let verdict = ownership::inspect(&self.config.datastore, &self.machine, id)?;
-        tracing::info!(machine = %self.machine, disk = %id, verdict = verdict.word(), "{}", verdict.explain());
+        let verdict = match self.config.raw_disk(&self.machine, id) {
+            Some(raw) => {
+                tracing::info!(machine = %self.machine, disk = %id, raw = %raw.display(), "replicating into the raw disk named by --raw-disk");
+                None
+            }
+            None => {
+                let verdict = ownership::inspect(&self.config.datastore, &self.machine, id)?;
+                tracing::info!(machine = %self.machine, disk = %id, verdict = verdict.word(), "{}", verdict.explain());
+                Some(verdict)
+            }
+        };
         self.lock_machine()?;
-        let mut replica = Replica::open(
-            &self.config.datastore,
-            &self.machine,
-            id,
-            geometry,
-            self.config.verify,
-            self.config.hash_threads,
-            self.config.direct_io,
-        )?;
-        if matches!(verdict, ownership::Verdict::Adopt(_)) {
+        let mut replica = Replica::open(&self.config, &self.machine, id, geometry)?;
+        if matches!(verdict, Some(ownership::Verdict::Adopt(_))) {
             replica.mark_adopted();
         }
         if replica.changed_outside() && !self.points.points().is_empty() {

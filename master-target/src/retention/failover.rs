@@ -47,13 +47,16 @@ pub enum FailoverState {
     RollingBack,
     /// Done: the disks are the machine's live disks, as they were at the point.
     FailedOver,
+    /// Reprotected: the live disks are the source of replication the other way. Agents
+    /// of the old direction stay refused.
+    Reprotected,
 }
 
 /// One disk rolled back.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FailedOverDisk {
     pub id: String,
-    /// The live disk: the VMDK descriptor to attach to the on-premises VM.
+    /// The live disk: the VMDK descriptor to attach to the VM (or the raw disk).
     pub vmdk: PathBuf,
     pub size: u64,
     /// Blocks put back from the journals (what changed since the point).
@@ -153,7 +156,7 @@ pub fn failover(
 ) -> Result<FailoverRecord> {
     let log = point_log(retention, machine)?;
     let mut record = match fenced(retention, machine)? {
-        Some(done) if done.state == FailoverState::FailedOver => return Ok(done),
+        Some(done) if done.state != FailoverState::RollingBack => return Ok(done),
         Some(interrupted) => {
             tracing::warn!(%machine, point = interrupted.point, "finishing a failover that was interrupted");
             interrupted
@@ -242,24 +245,29 @@ fn roll_back_disk(
     size: u64,
     points: (u64, u64),
 ) -> Result<FailedOverDisk> {
-    let paths = ReplicaPaths::new(datastore, machine, id);
-    let extent = beneath::open(datastore, &paths.extent, Access::ReadWrite)?;
+    let paths = ReplicaPaths::find(datastore, machine, id)?;
+    let extent = if paths.raw {
+        crate::replica::open_raw(&paths.extent, false)?
+    } else {
+        beneath::open(datastore, &paths.extent, Access::ReadWrite)?
+    };
     let (blocks, bytes) = roll_back(retention, machine, id, size, points, &extent, &paths.extent)?;
-    let current = extent
-        .metadata()
-        .map_err(Error::file("stat", &paths.extent))?
-        .len();
-    if current != size {
+    let (current, device) = crate::replica::extent_size(&extent, &paths.extent)?;
+    if current != size && !device {
         // The disk had another size at the point: so has the live disk.
         extent
             .set_len(size)
             .map_err(Error::file("resize", &paths.extent))?;
-        vmdk::write_descriptor(datastore, &paths.descriptor, &paths.extent, size)?;
+        if !paths.raw {
+            vmdk::write_descriptor(datastore, &paths.descriptor, &paths.extent, size)?;
+        }
     }
     extent
         .sync_all()
         .map_err(Error::file("fsync", &paths.extent))?;
-    vmdk::renew_cid(datastore, &paths.descriptor)?;
+    if !paths.raw {
+        vmdk::renew_cid(datastore, &paths.descriptor)?;
+    }
     // The manifest described the replica for replication; the disk is the machine's now.
     for stale in [&paths.manifest, &paths.manifest_rebuilt, &paths.touched] {
         beneath::remove(datastore, stale)?;
@@ -267,9 +275,57 @@ fn roll_back_disk(
     tracing::info!(%machine, disk = %id, blocks, "rolled back in place");
     Ok(FailedOverDisk {
         id: id.to_string(),
-        vmdk: paths.descriptor,
+        vmdk: if paths.raw {
+            paths.extent
+        } else {
+            paths.descriptor
+        },
         size,
         blocks_rolled_back: blocks,
         bytes_rolled_back: bytes,
     })
+}
+
+/// What replicating a reprotected machine the other way needs: its live disks.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reprotection {
+    pub record: FailoverRecord,
+    /// Each disk's id and the file an agent reads as its source now.
+    pub sources: Vec<(String, PathBuf)>,
+}
+
+/// Reprotects a failed-over machine: its live disks become the source of replication the
+/// other way (an agent on premises reading them, a master target near the cloud writing
+/// the cloud disks with `--raw-disk`). The machine stays fenced against agents of the old
+/// direction, and its points stay listed as taken before the failover.
+pub fn reprotect(datastore: &Path, retention: &Path, machine: &SafeName) -> Result<Reprotection> {
+    let mut record = match fenced(retention, machine)? {
+        Some(r) if r.state == FailoverState::RollingBack => {
+            return Err(Error::Invalid(format!(
+                "the failover of machine {machine} was interrupted; run `deltaback failover \
+                 --machine {machine}` again to finish it first"
+            )))
+        }
+        Some(r) => r,
+        None => {
+            return Err(Error::Invalid(format!(
+                "machine {machine} was not failed over: its replicas are not live disks, so \
+                 there is nothing to reprotect (fail it over first with `deltaback failover`)"
+            )))
+        }
+    };
+    if record.state != FailoverState::Reprotected {
+        record.state = FailoverState::Reprotected;
+        write_fence(retention, machine, &record)?;
+        tracing::info!(%machine, "reprotected: its live disks are the source now");
+    }
+    let mut sources = Vec::new();
+    for disk in &record.disks {
+        let id = SafeName::new("disk id", &disk.id)?;
+        sources.push((
+            disk.id.clone(),
+            ReplicaPaths::find(datastore, machine, &id)?.extent,
+        ));
+    }
+    Ok(Reprotection { record, sources })
 }

@@ -171,7 +171,7 @@ fn recover_disk(
             )));
         }
     }
-    let replica = ReplicaPaths::new(datastore, machine, id);
+    let replica = ReplicaPaths::find(datastore, machine, id)?;
     let out = ReplicaPaths::new(output, machine, id);
     let out_extent = output.join(out.extent.file_name().unwrap_or_default());
     let out_descriptor = output.join(out.descriptor.file_name().unwrap_or_default());
@@ -181,7 +181,11 @@ fn recover_disk(
             out_descriptor.display()
         )));
     }
-    let source = beneath::open(datastore, &replica.extent, beneath::Access::Read)?;
+    let source = if replica.raw {
+        File::open(&replica.extent).map_err(Error::file("open raw disk", &replica.extent))?
+    } else {
+        beneath::open(datastore, &replica.extent, beneath::Access::Read)?
+    };
     let target = OpenOptions::new()
         .read(true)
         .write(true)
