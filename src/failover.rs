@@ -2,8 +2,11 @@
 //! they were at a recovery point, rolled back in place; the machine's agents are fenced.
 //! `deltaback reprotect`: the live disks become the source of replication the other way.
 
+use std::path::PathBuf;
+
+use engine::block::geometry::SafeName;
 use master_target::retention::failover::{
-    failover, reprotect, FailoverRecord, FailoverState, Reprotection,
+    failover, failover_group, reprotect, FailoverRecord, FailoverState, Reprotection,
 };
 use master_target::retention::recover::PointSelector;
 
@@ -11,32 +14,70 @@ use crate::points::{time_text, Where};
 
 #[derive(clap::Args, Debug)]
 pub struct FailoverArgs {
-    #[command(flatten)]
-    at: Where,
+    /// The master target's datastore folder.
+    #[arg(long)]
+    pub datastore: PathBuf,
+    /// The master target's retention folder [default: DATASTORE/.retention].
+    #[arg(long)]
+    pub retention: Option<PathBuf>,
+    /// The machine to fail over.
+    #[arg(long, required_unless_present_any = ["group", "plan"], conflicts_with_all = ["group", "plan"])]
+    machine: Option<String>,
+    /// A consistency group: every member fails over to the group's common point.
+    #[arg(long, conflicts_with = "plan")]
+    group: Option<String>,
+    /// A recovery plan (TOML): groups of machines failed over in order, with a script and
+    /// a timeout after each; it stops at the first failure and says where.
+    #[arg(long)]
+    plan: Option<PathBuf>,
     /// Which point: latest, latest-app, a sequence number from `deltaback points`, or a
     /// time (the newest point at or before it, e.g. 2026-11-25T09:30:00Z).
     #[arg(long, default_value = "latest")]
-    point: String,
+    pub point: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl FailoverArgs {
+    pub fn retention(&self) -> PathBuf {
+        self.retention
+            .clone()
+            .unwrap_or_else(|| master_target::datastore::default_retention(&self.datastore))
+    }
 }
 
 pub fn run(args: FailoverArgs) -> anyhow::Result<()> {
     let selector: PointSelector = args.point.parse()?;
-    let machine = args.at.machine()?;
-    let record = failover(
-        &args.at.datastore,
-        &args.at.retention(),
-        &machine,
-        &selector,
-    )?;
-    if args.at.json {
-        engine::say!("{}", serde_json::to_string(&record)?);
+    if let Some(plan) = &args.plan {
+        return crate::plan::run(&args, plan);
+    }
+    let retention = args.retention();
+    let records = match (&args.machine, &args.group) {
+        (Some(machine), _) => {
+            let machine = crate::points::known_machine(&args.datastore, &retention, machine)?;
+            vec![failover(&args.datastore, &retention, &machine, &selector)?]
+        }
+        (None, Some(group)) => {
+            let group = SafeName::new("group name", group)?;
+            failover_group(&args.datastore, &retention, &group, &selector)?
+        }
+        (None, None) => anyhow::bail!("name a --machine, a --group or a --plan"),
+    };
+    if args.json {
+        match records.as_slice() {
+            [one] if args.machine.is_some() => engine::say!("{}", serde_json::to_string(one)?),
+            all => engine::say!("{}", serde_json::to_string(all)?),
+        }
         return Ok(());
     }
-    print(&record);
+    for record in &records {
+        print(record);
+    }
     Ok(())
 }
 
-fn print(record: &FailoverRecord) {
+pub fn print(record: &FailoverRecord) {
     let done = record.state == FailoverState::FailedOver;
     engine::say!(
         "machine {} {} point {} ({}, {}{})",

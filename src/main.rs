@@ -3,6 +3,7 @@
 mod check;
 mod demo;
 mod failover;
+mod plan;
 mod points;
 mod status;
 
@@ -45,10 +46,24 @@ enum Command {
     /// since the point, not the disk size), and its agents are fenced: every later session
     /// is refused with when and to which point it was failed over. Run it with the cloud
     /// VM shut down (or let the agent's --on-failover hook shut it down). An interrupted
-    /// failover is finished by running it again.
+    /// failover is finished by running it again. --group fails every member of a
+    /// consistency group over to the group's common point; --plan runs a recovery plan
+    /// (TOML: ordered groups of machines, a script and a timeout after each).
     ///
-    /// Example:
+    /// Examples:
     ///   deltaback failover --datastore /vmfs/ds1 --machine web01 --point latest-app
+    ///   deltaback failover --datastore /vmfs/ds1 --group erp
+    ///   deltaback failover --datastore /vmfs/ds1 --plan /srv/plans/erp.toml
+    ///
+    /// A plan:
+    ///   [[group]]
+    ///   name = "databases"
+    ///   machines = ["db01"]
+    ///   script = "/srv/plans/check-db.sh"   # after the group, before the next
+    ///   timeout = "5m"
+    ///   [[group]]
+    ///   name = "front"
+    ///   machines = ["web01", "web02"]
     #[command(verbatim_doc_comment)]
     Failover(failover::FailoverArgs),
     /// After a failover, makes the machine's live disks the source of replication the other

@@ -43,21 +43,31 @@ impl Where {
             .machine
             .as_deref()
             .context("name the machine with --machine")?;
-        let machine = SafeName::new("machine name", name)?;
-        let known = known_machines(&self.datastore, &self.retention());
-        if !known.contains(&machine.to_string()) {
-            anyhow::bail!(
-                "unknown machine {machine} in datastore {}; known machines: {}",
-                self.datastore.display(),
-                if known.is_empty() {
-                    "none".to_owned()
-                } else {
-                    known.join(", ")
-                }
-            );
-        }
-        Ok(machine)
+        known_machine(&self.datastore, &self.retention(), name)
     }
+}
+
+/// Machine `name`, which must be known to the datastore or the retention folder (a typo
+/// lists the machines there are).
+pub fn known_machine(
+    datastore: &std::path::Path,
+    retention: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<SafeName> {
+    let machine = SafeName::new("machine name", name)?;
+    let known = known_machines(datastore, retention);
+    if !known.contains(&machine.to_string()) {
+        anyhow::bail!(
+            "unknown machine {machine} in datastore {}; known machines: {}",
+            datastore.display(),
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        );
+    }
+    Ok(machine)
 }
 
 /// Machines with a folder in the datastore or in the retention folder, sorted.

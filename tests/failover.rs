@@ -257,3 +257,68 @@ fn the_whole_cycle_reprotect_failover_reprotect_and_fail_back() {
         .unwrap_err();
     assert!(err.contains("failed over"), "{err}");
 }
+
+#[test]
+fn a_group_and_a_recovery_plan_fail_over_in_order_and_stop_where_a_script_fails() {
+    let cluster = Cluster::start_full(&[], &["--group", "erp=app1,db1"]);
+    let mut images = Vec::new();
+    for (i, machine) in ["app1", "db1", "web1", "web2"].into_iter().enumerate() {
+        let image = cluster.path(&format!("{machine}.img"));
+        write_mixed_image(&image, 4 * MIB, i as u64).unwrap();
+        let disk = format!("{}=disk0", image.display());
+        cluster.sync(machine, &[&disk]).unwrap();
+        images.push(image);
+    }
+    // The group: both members to the group's common point.
+    let out = cluster
+        .operator(&["failover", "--json", "--group", "erp"])
+        .unwrap();
+    let records: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let members: Vec<&str> = records
+        .iter()
+        .map(|r| r["machine"].as_str().unwrap())
+        .collect();
+    assert_eq!(members, ["app1", "db1"]);
+    assert!(qemu_img_same(&images[1], &cluster.vmdk("db1", "disk0")));
+
+    // A plan whose first group's script fails: web1 is failed over, web2 is not.
+    let plan = cluster.path("plan.toml");
+    let write_plan = |script: &str| {
+        std::fs::write(
+            &plan,
+            format!(
+                "[[group]]\nname = \"first\"\nmachines = [\"web1\"]\nscript = \"{script}\"\n\
+                 timeout = \"10s\"\n\n[[group]]\nname = \"second\"\nmachines = [\"web2\"]\n"
+            ),
+        )
+        .unwrap();
+    };
+    write_plan("exit 4");
+    let err = cluster
+        .operator(&["failover", "--plan", plan.to_str().unwrap()])
+        .unwrap_err();
+    assert!(err.contains("group \"first\" (1 of 2)"), "{err}");
+    assert!(err.contains("failed"), "{err}");
+    let refused = cluster
+        .sync_with(
+            "web1",
+            &[format!("{}=disk0", images[2].display())],
+            &cluster.pki,
+            &["--retry-for", "0s"],
+        )
+        .unwrap_err();
+    assert!(refused.contains("failed over"), "{refused}");
+    cluster
+        .sync("web2", &[format!("{}=disk0", images[3].display())])
+        .expect("web2 was not failed over");
+
+    // Fixed, the plan runs to the end (web1 again is reported, not rolled back twice).
+    write_plan("true");
+    let out = cluster
+        .operator(&["failover", "--json", "--plan", plan.to_str().unwrap()])
+        .unwrap();
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert!(report["stopped"].is_null(), "{report}");
+    assert_eq!(report["groups"][1]["failed_over"][0]["machine"], "web2");
+    assert!(qemu_img_same(&images[3], &cluster.vmdk("web2", "disk0")));
+}

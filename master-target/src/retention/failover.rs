@@ -329,3 +329,30 @@ pub fn reprotect(datastore: &Path, retention: &Path, machine: &SafeName) -> Resu
     }
     Ok(Reprotection { record, sources })
 }
+
+/// Fails every member of consistency group `group` over to the members' points of the
+/// group point `selector` names (their common point). Stops at the first member that
+/// fails, with its name; the members before it stay failed over.
+pub fn failover_group(
+    datastore: &Path,
+    retention: &Path,
+    group: &SafeName,
+    selector: &PointSelector,
+) -> Result<Vec<FailoverRecord>> {
+    let points = super::groups::group_points(retention, group)?;
+    let point =
+        select(&points, selector).map_err(|e| Error::Invalid(format!("group {group}: {e}")))?;
+    let mut records = Vec::new();
+    for (member, seq) in &point.members {
+        let machine = SafeName::new("machine name", member)?;
+        let record =
+            failover(datastore, retention, &machine, &PointSelector::Seq(*seq)).map_err(|e| {
+                Error::Invalid(format!(
+                    "group {group}: member {machine} could not fail over to its point {seq}: {}",
+                    e.chain()
+                ))
+            })?;
+        records.push(record);
+    }
+    Ok(records)
+}

@@ -63,33 +63,61 @@ impl FromStr for PointSelector {
     }
 }
 
-/// Picks the point `selector` names.
-pub fn select<'a>(
-    points: &'a [RecoveryPoint],
-    selector: &PointSelector,
-) -> Result<&'a RecoveryPoint> {
+/// What a point selector looks at: a machine's or a group's points.
+pub trait Selectable {
+    fn seq(&self) -> u64;
+    fn time_ms(&self) -> u64;
+    fn kind(&self) -> PointKind;
+}
+
+impl Selectable for RecoveryPoint {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn time_ms(&self) -> u64 {
+        self.time_ms
+    }
+    fn kind(&self) -> PointKind {
+        self.kind
+    }
+}
+
+impl Selectable for super::groups::GroupPoint {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn time_ms(&self) -> u64 {
+        self.time_ms
+    }
+    fn kind(&self) -> PointKind {
+        self.kind
+    }
+}
+
+/// Picks the point `selector` names among `points` (oldest first).
+pub fn select<'a, P: Selectable>(points: &'a [P], selector: &PointSelector) -> Result<&'a P> {
     let found = match selector {
         PointSelector::Latest => points.last(),
         PointSelector::LatestApp => points
             .iter()
             .rev()
-            .find(|p| p.kind == PointKind::AppConsistent),
-        PointSelector::Seq(seq) => points.iter().find(|p| p.seq == *seq),
+            .find(|p| p.kind() == PointKind::AppConsistent),
+        PointSelector::Seq(seq) => points.iter().find(|p| p.seq() == *seq),
         PointSelector::Time(time) => {
             let ms = time
                 .duration_since(UNIX_EPOCH)
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
                 .unwrap_or(0);
-            points.iter().rev().find(|p| p.time_ms <= ms)
+            points.iter().rev().find(|p| p.time_ms() <= ms)
         }
     };
     found.ok_or_else(|| {
         Error::Invalid(match points.first() {
-            None => "this machine has no recovery points".to_owned(),
+            None => "no recovery points yet".to_owned(),
             Some(first) => format!(
                 "no such point in the retention window (points {} to {} are kept)",
-                first.seq,
-                points.last().map_or(first.seq, |l| l.seq)
+                first.seq(),
+                points.last().map_or(first.seq(), Selectable::seq)
             ),
         })
     })
