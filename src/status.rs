@@ -84,6 +84,17 @@ fn print_machine(m: &MachineStatus) {
         n => format!("{n} points"),
     };
     engine::say!("{}: {points}, {newest}", m.machine);
+    if let Some(f) = &m.failover {
+        engine::say!(
+            "  failed over to point {} at {} ({}): its disks are live",
+            f.point,
+            crate::points::time_text(f.fenced_ms),
+            serde_json::to_value(f.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        );
+    }
     if let Some(p) = &m.latest_app_consistent {
         engine::say!("  newest app-consistent: {} old (point {})", age(p), p.seq);
     }

@@ -322,3 +322,57 @@ fn a_group_and_a_recovery_plan_fail_over_in_order_and_stop_where_a_script_fails(
     assert_eq!(report["groups"][1]["failed_over"][0]["machine"], "web2");
     assert!(qemu_img_same(&images[3], &cluster.vmdk("web2", "disk0")));
 }
+
+#[test]
+fn a_failover_cut_short_is_refused_to_agents_and_finished_exactly_when_run_again() {
+    let cluster = Cluster::start();
+    let (image, copies) = three_points(&cluster, "cut", 0.10);
+    // A failover to point 2 killed halfway: the fence is written, some blocks are back.
+    let point_2 = cluster
+        .points("cut")
+        .into_iter()
+        .find(|p| p["seq"] == 2)
+        .unwrap();
+    let fence = serde_json::json!({
+        "machine": "cut", "state": "rolling-back", "point": 2,
+        "point_time_ms": point_2["time_ms"], "point_kind": "crash-consistent",
+        "point_label": "", "fenced_ms": point_2["time_ms"], "finished_ms": null, "disks": [],
+    });
+    std::fs::write(
+        cluster.datastore.join(".retention/cut/failover.json"),
+        fence.to_string(),
+    )
+    .unwrap();
+    let (at_2, extent) = (
+        std::fs::read(&copies[1]).unwrap(),
+        cluster.extent("cut", "disk0"),
+    );
+    let mut half = std::fs::read(&extent).unwrap();
+    half[..at_2.len() / 2].copy_from_slice(&at_2[..at_2.len() / 2]);
+    std::fs::write(&extent, &half).unwrap();
+
+    // Agents are refused while it is unfinished.
+    let err = cluster
+        .sync_with(
+            "cut",
+            &[format!("{}=disk0", image.display())],
+            &cluster.pki,
+            &["--retry-for", "0s"],
+        )
+        .unwrap_err();
+    assert!(err.contains("failed over to point 2"), "{err}");
+    let status: Value =
+        serde_json::from_str(&cluster.operator(&["status", "--json"]).unwrap()).unwrap();
+    assert_eq!(status[0]["failover"]["state"], "rolling-back", "{status}");
+
+    // Run again, asking for another point: it finishes the one it fenced, exactly.
+    let record = failover(&cluster, "cut", "latest");
+    assert_eq!(record["state"], "failed-over");
+    assert_eq!(record["point"], 2);
+    assert!(qemu_img_same(&copies[1], &cluster.vmdk("cut", "disk0")));
+    let status: Value =
+        serde_json::from_str(&cluster.operator(&["status", "--json"]).unwrap()).unwrap();
+    assert_eq!(status[0]["disks"][0]["state"], "live", "{status}");
+    // A failed-over machine is not "behind" for monitoring.
+    cluster.operator(&["status", "--max-age", "1ms"]).unwrap();
+}

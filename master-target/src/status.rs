@@ -32,6 +32,8 @@ pub enum ReplicaState {
     ChangedOutside,
     /// The manifest cannot be read (damaged): the next sync rehashes the extent.
     ManifestDamaged,
+    /// The machine was failed over: this is its live disk, not a replica any more.
+    Live,
 }
 
 impl ReplicaState {
@@ -42,6 +44,7 @@ impl ReplicaState {
             Self::Writing => "writing",
             Self::ChangedOutside => "changed-outside",
             Self::ManifestDamaged => "manifest-damaged",
+            Self::Live => "live",
         }
     }
 }
@@ -80,12 +83,16 @@ pub struct MachineStatus {
     pub oldest: Option<PointSummary>,
     /// Bytes of the machine's retention folder (undo journals and point log).
     pub retention_bytes: u64,
+    /// Set once the machine was failed over: to which point, when, and how far it got.
+    pub failover: Option<crate::retention::failover::FailoverRecord>,
 }
 
 impl MachineStatus {
     /// Whether the newest point is missing or older than `max_age_ms`.
+    /// A failed-over machine runs on its live disks and replicates no more here: it is
+    /// never behind.
     pub fn is_behind(&self, max_age_ms: u64) -> bool {
-        self.latest.as_ref().is_none_or(|p| p.age_ms > max_age_ms)
+        self.failover.is_none() && self.latest.as_ref().is_none_or(|p| p.age_ms > max_age_ms)
     }
 }
 
@@ -147,6 +154,12 @@ pub fn machine_status(
         )?);
     }
     disks.sort_by(|a, b| a.id.cmp(&b.id));
+    let failover = crate::retention::failover::fenced(retention, machine)?;
+    if failover.is_some() {
+        for disk in &mut disks {
+            disk.state = ReplicaState::Live;
+        }
+    }
 
     let log = PointLog::load(retention, &point_log_path(retention, machine))?;
     let summary = |p: &crate::retention::points::RecoveryPoint| PointSummary {
@@ -168,6 +181,7 @@ pub fn machine_status(
             .map(summary),
         oldest: points.first().map(summary),
         retention_bytes: folder_bytes(&machine_dir(retention, machine)),
+        failover,
     })
 }
 
