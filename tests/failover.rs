@@ -376,3 +376,44 @@ fn a_failover_cut_short_is_refused_to_agents_and_finished_exactly_when_run_again
     // A failed-over machine is not "behind" for monitoring.
     cluster.operator(&["status", "--max-age", "1ms"]).unwrap();
 }
+
+#[test]
+fn a_block_device_can_be_the_replica_and_is_failed_back_in_place() {
+    // The cloud disk is a block device (a loop device here) holding an older copy.
+    let onprem = Cluster::start();
+    let (_, copies) = three_points(&onprem, "dev", 0.05);
+    failover(&onprem, "dev", "3");
+    let live = onprem.extent("dev", "disk0");
+    change_blocks(&live, BLOCK, 0.04, 5).unwrap();
+    let backing = onprem.path("cloud-backing.img");
+    std::fs::copy(&copies[0], &backing).unwrap();
+    let device = crate::util::LoopDevice::attach_writable(&backing);
+    let raw = format!("dev/disk0={}", device.0);
+    let cloud = Cluster::start_with(&["--raw-disk", &raw]);
+    let disk = format!("{}=disk0", live.display());
+
+    let expected = differing_blocks(&live, &backing);
+    let report = cloud.sync("dev", &[&disk]).unwrap();
+    assert_eq!(report["disks"][0]["blocks_sent"], expected, "{report}");
+    let read_device = || {
+        let mut f = std::fs::File::open(&device.0).unwrap();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut bytes).unwrap();
+        bytes
+    };
+    assert!(read_device() == std::fs::read(&live).unwrap());
+    let at_1 = std::fs::read(&live).unwrap();
+    change_blocks(&live, BLOCK, 0.05, 6).unwrap();
+    cloud.sync("dev", &[&disk]).unwrap();
+    // A second session hashes the device again (its node says nothing of its content) and
+    // sends nothing more.
+    let again = cloud.sync("dev", &[&disk]).unwrap();
+    assert_eq!(again["disks"][0]["blocks_sent"], 0, "{again}");
+
+    let back = failover(&cloud, "dev", "1");
+    assert_eq!(back["disks"][0]["vmdk"], device.0.as_str());
+    assert!(
+        read_device() == at_1,
+        "the device is not as it was at point 1"
+    );
+}
