@@ -39,6 +39,18 @@ fn three_points(cluster: &Cluster, machine: &str, change: f64) -> (PathBuf, Vec<
     (image, copies)
 }
 
+/// Syncs `image` as disk0 of `machine` once, without retrying; the agent's error.
+fn refused_sync(cluster: &Cluster, machine: &str, image: &Path) -> String {
+    cluster
+        .sync_with(
+            machine,
+            &[format!("{}=disk0", image.display())],
+            &cluster.pki,
+            &["--retry-for", "0s"],
+        )
+        .unwrap_err()
+}
+
 fn rolled_back_bytes(record: &Value) -> u64 {
     record["disks"][0]["bytes_rolled_back"].as_u64().unwrap()
 }
@@ -247,14 +259,7 @@ fn the_whole_cycle_reprotect_failover_reprotect_and_fail_back() {
     assert_eq!(back["disks"][0]["vmdk"], cloud_disk.to_str().unwrap());
     assert_eq!(differing_blocks(&at_1, &cloud_disk), 0);
     // And the on-premises side's agents of the old direction are still refused.
-    let err = onprem
-        .sync_with(
-            "web",
-            &[format!("{}=disk0", cloud_disk.display())],
-            &onprem.pki,
-            &["--retry-for", "0s"],
-        )
-        .unwrap_err();
+    let err = refused_sync(&onprem, "web", &cloud_disk);
     assert!(err.contains("failed over"), "{err}");
 }
 
@@ -299,14 +304,7 @@ fn a_group_and_a_recovery_plan_fail_over_in_order_and_stop_where_a_script_fails(
         .unwrap_err();
     assert!(err.contains("group \"first\" (1 of 2)"), "{err}");
     assert!(err.contains("failed"), "{err}");
-    let refused = cluster
-        .sync_with(
-            "web1",
-            &[format!("{}=disk0", images[2].display())],
-            &cluster.pki,
-            &["--retry-for", "0s"],
-        )
-        .unwrap_err();
+    let refused = refused_sync(&cluster, "web1", &images[2]);
     assert!(refused.contains("failed over"), "{refused}");
     cluster
         .sync("web2", &[format!("{}=disk0", images[3].display())])
@@ -352,14 +350,7 @@ fn a_failover_cut_short_is_refused_to_agents_and_finished_exactly_when_run_again
     std::fs::write(&extent, &half).unwrap();
 
     // Agents are refused while it is unfinished.
-    let err = cluster
-        .sync_with(
-            "cut",
-            &[format!("{}=disk0", image.display())],
-            &cluster.pki,
-            &["--retry-for", "0s"],
-        )
-        .unwrap_err();
+    let err = refused_sync(&cluster, "cut", &image);
     assert!(err.contains("failed over to point 2"), "{err}");
     let status: Value =
         serde_json::from_str(&cluster.operator(&["status", "--json"]).unwrap()).unwrap();

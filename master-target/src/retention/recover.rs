@@ -70,29 +70,24 @@ pub trait Selectable {
     fn kind(&self) -> PointKind;
 }
 
-impl Selectable for RecoveryPoint {
-    fn seq(&self) -> u64 {
-        self.seq
-    }
-    fn time_ms(&self) -> u64 {
-        self.time_ms
-    }
-    fn kind(&self) -> PointKind {
-        self.kind
-    }
+/// Machine points and group points carry the same three fields.
+macro_rules! selectable {
+    ($($point:ty),*) => {$(
+        impl Selectable for $point {
+            fn seq(&self) -> u64 {
+                self.seq
+            }
+            fn time_ms(&self) -> u64 {
+                self.time_ms
+            }
+            fn kind(&self) -> PointKind {
+                self.kind
+            }
+        }
+    )*};
 }
 
-impl Selectable for super::groups::GroupPoint {
-    fn seq(&self) -> u64 {
-        self.seq
-    }
-    fn time_ms(&self) -> u64 {
-        self.time_ms
-    }
-    fn kind(&self) -> PointKind {
-        self.kind
-    }
-}
+selectable!(RecoveryPoint, super::groups::GroupPoint);
 
 /// Picks the point `selector` names among `points` (oldest first).
 pub fn select<'a, P: Selectable>(points: &'a [P], selector: &PointSelector) -> Result<&'a P> {
