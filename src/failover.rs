@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use engine::block::geometry::SafeName;
+use master_target::jobs::JobHandle;
 use master_target::retention::failover::{
     failover, failover_group, reprotect, FailoverRecord, FailoverState, Reprotection,
 };
@@ -56,11 +57,34 @@ pub fn run(args: FailoverArgs) -> anyhow::Result<()> {
     let records = match (&args.machine, &args.group) {
         (Some(machine), _) => {
             let machine = crate::points::known_machine(&args.datastore, &retention, machine)?;
-            vec![failover(&args.datastore, &retention, &machine, &selector)?]
+            let mut job = JobHandle::start(&retention, "failover", machine.as_str(), &operator())?;
+            let done = failover(
+                &args.datastore,
+                &retention,
+                &machine,
+                &selector,
+                Some(&mut job),
+            );
+            job.finish(&done)?;
+            vec![done?]
         }
         (None, Some(group)) => {
             let group = SafeName::new("group name", group)?;
-            failover_group(&args.datastore, &retention, &group, &selector)?
+            let mut job = JobHandle::start(
+                &retention,
+                "failover",
+                &format!("group {group}"),
+                &operator(),
+            )?;
+            let done = failover_group(
+                &args.datastore,
+                &retention,
+                &group,
+                &selector,
+                Some(&mut job),
+            );
+            job.finish(&done)?;
+            done?
         }
         (None, None) => anyhow::bail!("name a --machine, a --group or a --plan"),
     };
@@ -123,7 +147,11 @@ pub struct ReprotectArgs {
 
 pub fn run_reprotect(args: ReprotectArgs) -> anyhow::Result<()> {
     let machine = args.at.machine()?;
-    let done: Reprotection = reprotect(&args.at.datastore, &args.at.retention(), &machine)?;
+    let retention = args.at.retention();
+    let job = JobHandle::start(&retention, "reprotect", machine.as_str(), &operator())?;
+    let done = reprotect(&args.at.datastore, &retention, &machine);
+    job.finish(&done)?;
+    let done: Reprotection = done?;
     if args.at.json {
         engine::say!("{}", serde_json::to_string(&done)?);
         return Ok(());
@@ -160,4 +188,11 @@ pub fn run_reprotect(args: ReprotectArgs) -> anyhow::Result<()> {
          {machine}` on the cloud side's master target, with the on-premises VM shut down"
     );
     Ok(())
+}
+
+/// Who runs this command, for the job record: the user behind sudo, else the user.
+pub fn operator() -> String {
+    std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "unknown".to_owned())
 }

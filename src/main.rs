@@ -3,6 +3,7 @@
 mod check;
 mod demo;
 mod failover;
+mod jobs;
 mod plan;
 mod points;
 mod status;
@@ -71,6 +72,13 @@ enum Command {
     /// disks (`--raw-disk MACHINE/DISK=PATH`), comparing what they hold so only differing
     /// blocks travel. Agents of the old direction stay refused. Prints the commands to run.
     Reprotect(failover::ReprotectArgs),
+    /// Lists the failovers, reprotects and plans run on this datastore: state (running,
+    /// succeeded, failed with the reason, interrupted), operator, target. An interrupted
+    /// job is run again safely with the same command.
+    Jobs(jobs::JobsArgs),
+    /// One job: its phases with progress, and its log. --follow shows a live progress line
+    /// with the ETA until it ends.
+    Job(jobs::JobArgs),
     /// Every machine in a master target's datastore: its replicas, their state and how old
     /// its newest recovery point is. With --max-age, exits with status 1 when a machine has
     /// no point that recent, so monitoring can run it.
@@ -164,6 +172,8 @@ fn main() -> ExitCode {
         Command::Recover(args) => points::recover_point(args),
         Command::Failover(args) => failover::run(args),
         Command::Reprotect(args) => failover::run_reprotect(args),
+        Command::Jobs(args) => jobs::run_list(args),
+        Command::Job(args) => jobs::run_one(args),
         Command::Status(args) => status::show(args),
         Command::Spool { cache } => spool_status(&cache),
         Command::Check(args) => check::run(args),

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use engine::block::geometry::SafeName;
+use master_target::jobs::JobHandle;
 use master_target::retention::failover::{failover, failover_group, FailoverRecord};
 use master_target::retention::recover::PointSelector;
 use serde::{Deserialize, Serialize};
@@ -86,24 +87,22 @@ fn load(path: &Path) -> anyhow::Result<Plan> {
 pub fn run(args: &FailoverArgs, path: &Path) -> anyhow::Result<()> {
     let plan = load(path)?;
     let retention = args.retention();
-    let mut report = PlanReport {
-        groups: Vec::new(),
-        stopped: None,
+    let mut job = JobHandle::start(
+        &retention,
+        "plan",
+        &path.display().to_string(),
+        &crate::failover::operator(),
+    )?;
+    let outcome = run_plan(args, &plan, &retention, &mut job);
+    let recorded = match &outcome {
+        Ok(report) => match &report.stopped {
+            Some(reason) => Err(engine::Error::Invalid(format!("stopped at {reason}"))),
+            None => Ok(()),
+        },
+        Err(e) => Err(engine::Error::Invalid(format!("{e:#}"))),
     };
-    let total = plan.group.len();
-    for (i, group) in plan.group.iter().enumerate() {
-        let step = format!("group {:?} ({} of {total})", group.name, i + 1);
-        match run_group(args, &retention, group) {
-            Ok(done) => report.groups.push(done),
-            Err(e) => {
-                report.stopped = Some(format!("{step}: {e:#}"));
-                break;
-            }
-        }
-        if !args.json {
-            engine::say!("{step} done");
-        }
-    }
+    job.finish(&recorded)?;
+    let report = outcome?;
     if args.json {
         engine::say!("{}", serde_json::to_string(&report)?);
     } else {
@@ -119,10 +118,41 @@ pub fn run(args: &FailoverArgs, path: &Path) -> anyhow::Result<()> {
     }
 }
 
+fn run_plan(
+    args: &FailoverArgs,
+    plan: &Plan,
+    retention: &Path,
+    job: &mut JobHandle,
+) -> anyhow::Result<PlanReport> {
+    let mut report = PlanReport {
+        groups: Vec::new(),
+        stopped: None,
+    };
+    let total = plan.group.len();
+    for (i, group) in plan.group.iter().enumerate() {
+        let step = format!("group {:?} ({} of {total})", group.name, i + 1);
+        job.log(format!("{step}: starting"))?;
+        match run_group(args, retention, group, job) {
+            Ok(done) => report.groups.push(done),
+            Err(e) => {
+                job.log(format!("{step}: {e:#}"))?;
+                report.stopped = Some(format!("{step}: {e:#}"));
+                break;
+            }
+        }
+        job.log(format!("{step}: done"))?;
+        if !args.json {
+            engine::say!("{step} done");
+        }
+    }
+    Ok(report)
+}
+
 fn run_group(
     args: &FailoverArgs,
     retention: &Path,
     group: &PlanGroup,
+    job: &mut JobHandle,
 ) -> anyhow::Result<GroupReport> {
     let selector: PointSelector = group.point.as_deref().unwrap_or(&args.point).parse()?;
     let mut failed_over = Vec::new();
@@ -133,12 +163,19 @@ fn run_group(
             retention,
             &name,
             &selector,
+            Some(&mut *job),
         )?);
     }
     for machine in &group.machines {
         let machine = crate::points::known_machine(&args.datastore, retention, machine)?;
-        let record = failover(&args.datastore, retention, &machine, &selector)
-            .with_context(|| format!("machine {machine}"))?;
+        let record = failover(
+            &args.datastore,
+            retention,
+            &machine,
+            &selector,
+            Some(&mut *job),
+        )
+        .with_context(|| format!("machine {machine}"))?;
         failed_over.push(record);
     }
     let mut script_seconds = None;
@@ -148,6 +185,7 @@ fn run_group(
                 .with_context(|| format!("timeout {t:?} of group {:?}", group.name))?,
             None => DEFAULT_TIMEOUT,
         };
+        job.log(format!("running `{script}`"))?;
         script_seconds = Some(run_script(script, timeout)?);
     }
     Ok(GroupReport {

@@ -408,3 +408,45 @@ fn a_block_device_can_be_the_replica_and_is_failed_back_in_place() {
         "the device is not as it was at point 1"
     );
 }
+
+#[test]
+fn failovers_are_jobs_with_phases_a_log_and_an_interrupted_state() {
+    let cluster = Cluster::start();
+    three_points(&cluster, "jobbed", 0.10);
+    failover(&cluster, "jobbed", "1");
+    let jobs = cluster.operator_list(&["jobs", "--json"]);
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    let job = &jobs[0];
+    assert_eq!(job["kind"], "failover");
+    assert_eq!(job["target"], "jobbed");
+    assert_eq!(job["state"], "succeeded");
+    assert!(!job["operator"].as_str().unwrap().is_empty());
+    let phase = &job["phases"][0];
+    assert_eq!(phase["name"], "roll back jobbed/disk0");
+    assert!(phase["total_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(phase["done_bytes"], phase["total_bytes"]);
+    assert!(job["log"].as_array().unwrap().len() >= 2, "{job}");
+    let id = job["id"].as_str().unwrap();
+    let shown = cluster.operator(&["job", id, "--follow"]).unwrap();
+    assert!(
+        shown.contains("succeeded") && shown.contains("blocks rolled back"),
+        "{shown}"
+    );
+
+    // A job whose process died while it ran shows as interrupted.
+    let dir = cluster.datastore.join(".retention/.jobs");
+    let mut dead = job.clone();
+    dead["id"] = "1-dead".into();
+    dead["state"] = "running".into();
+    std::fs::write(dir.join("1-dead.json"), dead.to_string()).unwrap();
+    std::fs::write(dir.join("1-dead.lock"), "").unwrap();
+    let jobs = cluster.operator_list(&["jobs", "--json"]);
+    assert_eq!(jobs[0]["state"], "interrupted", "{jobs:?}");
+    let err = cluster
+        .operator(&["job", "1-dead", "--follow"])
+        .unwrap_err();
+    assert!(
+        err.contains("interrupted") && err.contains("run the same command again"),
+        "{err}"
+    );
+}

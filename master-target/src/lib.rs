@@ -15,7 +15,8 @@
 //! | [`vmdk`] | VMDK descriptors: the one we write, parsing the ones we find, CID renewal |
 //! | [`ownership`] | whose disk is it: create, resync ours, adopt a VMware flat disk, or refuse |
 //! | [`datastore`] | every path under the datastore and the retention folder |
-//! | [`retention`] | point logs, undo journals, recovery of a point, consistency groups |
+//! | [`retention`] | point logs, undo journals, recovery of a point, consistency groups, failover |
+//! | [`jobs`] | failovers, reprotects and plans as jobs: state, phases with progress, log |
 //! | [`status`] | each machine's replicas and point ages, read-only |
 //!
 //! ## The journey of a block
@@ -48,6 +49,7 @@
 
 pub mod config;
 pub mod datastore;
+pub mod jobs;
 pub mod ownership;
 pub mod replica;
 pub mod retention;

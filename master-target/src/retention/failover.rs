@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::points::RecoveryPoint;
 use super::recover::{point_log, roll_back, select, PointSelector};
 use crate::datastore::{machine_dir, MachineLock, ReplicaPaths};
+use crate::jobs::JobHandle;
 use crate::vmdk;
 use engine::block::geometry::SafeName;
 use engine::clock::now_ms;
@@ -153,6 +154,7 @@ pub fn failover(
     retention: &Path,
     machine: &SafeName,
     selector: &PointSelector,
+    mut job: Option<&mut JobHandle>,
 ) -> Result<FailoverRecord> {
     let log = point_log(retention, machine)?;
     let mut record = match fenced(retention, machine)? {
@@ -191,20 +193,43 @@ pub fn failover(
     }
     // The fence first: from here on no agent writes these disks.
     write_fence(retention, machine, &record)?;
+    if let Some(job) = job.as_deref_mut() {
+        job.log(format!(
+            "machine {machine} fenced; rolling back to point {}",
+            point.seq
+        ))?;
+    }
     tracing::info!(%machine, point = point.seq, "machine fenced for failover; waiting for its sessions to end");
     let _lock = MachineLock::acquire_within(retention, machine, SESSION_WAIT)?;
     let next_point = log.next_seq();
     record.disks.clear();
     for disk in &point.disks {
         let id = SafeName::new("disk id", &disk.id)?;
-        record.disks.push(roll_back_disk(
+        if let Some(job) = job.as_deref_mut() {
+            let total = super::recover::journal_bytes_after(retention, machine, &id, point.seq);
+            job.phase(&format!("roll back {machine}/{id}"), total)?;
+        }
+        let mut progress = |done: u64| match job.as_deref_mut() {
+            Some(job) => job.progress(done),
+            None => Ok(()),
+        };
+        let done = roll_back_disk(
             datastore,
             retention,
             machine,
             &id,
             disk.size,
             (point.seq, next_point),
-        )?);
+            &mut progress,
+        )?;
+        if let Some(job) = job.as_deref_mut() {
+            job.log(format!(
+                "{machine}/{id}: {} blocks rolled back; live disk {}",
+                done.blocks_rolled_back,
+                done.vmdk.display()
+            ))?;
+        }
+        record.disks.push(done);
     }
     // The journals after the point were put back: they describe nothing any more.
     for disk in &point.disks {
@@ -244,6 +269,7 @@ fn roll_back_disk(
     id: &SafeName,
     size: u64,
     points: (u64, u64),
+    progress: &mut dyn FnMut(u64) -> Result<()>,
 ) -> Result<FailedOverDisk> {
     let paths = ReplicaPaths::find(datastore, machine, id)?;
     let extent = if paths.raw {
@@ -251,7 +277,15 @@ fn roll_back_disk(
     } else {
         beneath::open(datastore, &paths.extent, Access::ReadWrite)?
     };
-    let (blocks, bytes) = roll_back(retention, machine, id, size, points, &extent, &paths.extent)?;
+    let (blocks, bytes) = roll_back(
+        retention,
+        machine,
+        id,
+        size,
+        points,
+        (&extent, &paths.extent),
+        progress,
+    )?;
     let (current, device) = crate::replica::extent_size(&extent, &paths.extent)?;
     if current != size && !device {
         // The disk had another size at the point: so has the live disk.
@@ -338,6 +372,7 @@ pub fn failover_group(
     retention: &Path,
     group: &SafeName,
     selector: &PointSelector,
+    mut job: Option<&mut JobHandle>,
 ) -> Result<Vec<FailoverRecord>> {
     let points = super::groups::group_points(retention, group)?;
     let point =
@@ -345,13 +380,19 @@ pub fn failover_group(
     let mut records = Vec::new();
     for (member, seq) in &point.members {
         let machine = SafeName::new("machine name", member)?;
-        let record =
-            failover(datastore, retention, &machine, &PointSelector::Seq(*seq)).map_err(|e| {
-                Error::Invalid(format!(
-                    "group {group}: member {machine} could not fail over to its point {seq}: {}",
-                    e.chain()
-                ))
-            })?;
+        let record = failover(
+            datastore,
+            retention,
+            &machine,
+            &PointSelector::Seq(*seq),
+            job.as_deref_mut(),
+        )
+        .map_err(|e| {
+            Error::Invalid(format!(
+                "group {group}: member {machine} could not fail over to its point {seq}: {}",
+                e.chain()
+            ))
+        })?;
         records.push(record);
     }
     Ok(records)

@@ -223,8 +223,8 @@ fn recover_disk(
                 id,
                 size,
                 (point, next_point),
-                &target,
-                &out_extent,
+                (&target, &out_extent),
+                &mut |_| Ok(()),
             )
         });
     let restored = match restored {
@@ -259,11 +259,12 @@ pub(super) fn roll_back(
     id: &SafeName,
     size: u64,
     (point, next_point): (u64, u64),
-    target: &File,
-    out_extent: &Path,
+    (target, out_extent): (&File, &Path),
+    progress: &mut dyn FnMut(u64) -> Result<()>,
 ) -> Result<(u64, u64)> {
     let mut restored = HashSet::new();
     let mut bytes = 0u64;
+    let mut journal_bytes = 0u64;
     for (journal_point, path) in journals(retention, machine, id) {
         if journal_point <= point {
             continue;
@@ -300,6 +301,17 @@ pub(super) fn roll_back(
         if reader.torn_tail {
             tracing::warn!(journal = %path.display(), "journal ends in a torn record (a crash); its blocks were never overwritten");
         }
+        journal_bytes += std::fs::metadata(&path).map_or(0, |m| m.len());
+        progress(journal_bytes)?;
     }
     Ok((restored.len() as u64, bytes))
+}
+
+/// Bytes of the journals of `id` after `point`: what rolling back to it reads.
+pub fn journal_bytes_after(retention: &Path, machine: &SafeName, id: &SafeName, point: u64) -> u64 {
+    journals(retention, machine, id)
+        .into_iter()
+        .filter(|(p, _)| *p > point)
+        .map(|(_, path)| std::fs::metadata(path).map_or(0, |m| m.len()))
+        .sum()
 }

@@ -1,0 +1,187 @@
+//! `deltaback jobs` and `deltaback job ID [--follow]`: failovers, reprotects and plans,
+//! their state, phases with progress and ETA, and log.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use master_target::jobs::{get, list, Job, JobState};
+
+use crate::points::time_text;
+
+#[derive(clap::Args, Debug)]
+pub struct JobsArgs {
+    /// The master target's datastore folder.
+    #[arg(long)]
+    datastore: PathBuf,
+    /// The master target's retention folder [default: DATASTORE/.retention].
+    #[arg(long)]
+    retention: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+impl JobsArgs {
+    fn retention(&self) -> PathBuf {
+        self.retention
+            .clone()
+            .unwrap_or_else(|| master_target::datastore::default_retention(&self.datastore))
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct JobArgs {
+    /// The job's id, from `deltaback jobs`.
+    id: String,
+    #[command(flatten)]
+    at: JobsArgs,
+    /// Show progress until the job ends; exits 1 if it failed or was interrupted.
+    #[arg(long)]
+    follow: bool,
+}
+
+pub fn run_list(args: JobsArgs) -> anyhow::Result<()> {
+    let jobs = list(&args.retention())?;
+    if args.json {
+        engine::say!("{}", serde_json::to_string(&jobs)?);
+        return Ok(());
+    }
+    if jobs.is_empty() {
+        engine::say!("no jobs yet");
+        return Ok(());
+    }
+    engine::say!(
+        "{:<20}  {:<10}  {:<12}  {:<20}  {:<10}  TARGET",
+        "ID",
+        "KIND",
+        "STATE",
+        "STARTED (UTC)",
+        "OPERATOR"
+    );
+    for job in jobs {
+        engine::say!(
+            "{:<20}  {:<10}  {:<12}  {:<20}  {:<10}  {}{}",
+            job.id,
+            job.kind,
+            state(job.state),
+            time_text(job.started_ms),
+            job.operator,
+            job.target,
+            job.reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn state(s: JobState) -> &'static str {
+    match s {
+        JobState::Running => "running",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Interrupted => "interrupted",
+    }
+}
+
+pub fn run_one(args: JobArgs) -> anyhow::Result<()> {
+    let retention = args.at.retention();
+    let mut job = get(&retention, &args.id)?;
+    if args.follow {
+        let mut shown = String::new();
+        while job.state == JobState::Running {
+            let line = progress_line(&job);
+            if line != shown {
+                engine::say!("{line}");
+                shown = line;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            job = get(&retention, &args.id)?;
+        }
+    }
+    if args.at.json {
+        engine::say!("{}", serde_json::to_string(&job)?);
+    } else {
+        print(&job);
+    }
+    if args.follow && job.state != JobState::Succeeded {
+        anyhow::bail!(
+            "job {} {}{}",
+            job.id,
+            state(job.state),
+            if job.state == JobState::Interrupted {
+                ": run the same command again; it finishes what was started".to_owned()
+            } else {
+                job.reason.map(|r| format!(": {r}")).unwrap_or_default()
+            }
+        );
+    }
+    Ok(())
+}
+
+/// One line: the current phase, a bar, and the ETA.
+fn progress_line(job: &Job) -> String {
+    match job.phases.last() {
+        None => format!("{} {}: starting", job.kind, job.target),
+        Some(p) => {
+            // Parts of the whole, in integers: `done` never exceeds `total` here.
+            let part = |of: u64| {
+                if p.total_bytes == 0 {
+                    of
+                } else {
+                    u64::try_from(
+                        u128::from(p.done_bytes.min(p.total_bytes)) * u128::from(of)
+                            / u128::from(p.total_bytes),
+                    )
+                    .unwrap_or(of)
+                }
+            };
+            let filled = usize::try_from(part(30)).unwrap_or(30);
+            format!(
+                "{} [{}{}] {:>3}% {} of {}{}",
+                p.name,
+                "#".repeat(filled),
+                "-".repeat(30 - filled),
+                part(100),
+                bytesize::ByteSize(p.done_bytes),
+                bytesize::ByteSize(p.total_bytes),
+                p.eta_seconds
+                    .map(|s| format!(", {s}s left"))
+                    .unwrap_or_default()
+            )
+        }
+    }
+}
+
+fn print(job: &Job) {
+    engine::say!(
+        "job {} ({} of {}) by {}: {}",
+        job.id,
+        job.kind,
+        job.target,
+        job.operator,
+        state(job.state)
+    );
+    engine::say!(
+        "  started {}{}",
+        time_text(job.started_ms),
+        job.finished_ms
+            .map(|f| format!(", ended {}", time_text(f)))
+            .unwrap_or_default()
+    );
+    if let Some(reason) = &job.reason {
+        engine::say!("  reason: {reason}");
+    }
+    for p in &job.phases {
+        engine::say!(
+            "  {}: {} of {}",
+            p.name,
+            bytesize::ByteSize(p.done_bytes),
+            bytesize::ByteSize(p.total_bytes)
+        );
+    }
+    for line in &job.log {
+        engine::say!("  | {line}");
+    }
+}
