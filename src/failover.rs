@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use engine::block::geometry::SafeName;
 use master_target::jobs::JobHandle;
 use master_target::retention::failover::{
-    failover, failover_group, reprotect, FailoverRecord, FailoverState, Reprotection,
+    failover, failover_group, planned_failover, reprotect, FailoverRecord, FailoverState,
+    Reprotection,
 };
 use master_target::retention::recover::PointSelector;
 
@@ -33,8 +34,17 @@ pub struct FailoverArgs {
     plan: Option<PathBuf>,
     /// Which point: latest, latest-app, a sequence number from `deltaback points`, or a
     /// time (the newest point at or before it, e.g. 2026-11-25T09:30:00Z).
-    #[arg(long, default_value = "latest")]
+    #[arg(long, default_value = "latest", conflicts_with = "planned")]
     pub point: String,
+    /// Planned failover (with --machine): the agent, still replicating, is asked for a
+    /// final app-consistent point (its --pre-hook freezes the applications) and to stop;
+    /// the machine then fails over to that point.
+    #[arg(long, requires = "machine")]
+    planned: bool,
+    /// How long a planned failover waits for the final point before it withdraws the
+    /// request (replication then goes on).
+    #[arg(long, default_value = "10m", requires = "planned")]
+    wait: humantime::Duration,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -58,13 +68,23 @@ pub fn run(args: FailoverArgs) -> anyhow::Result<()> {
         (Some(machine), _) => {
             let machine = crate::points::known_machine(&args.datastore, &retention, machine)?;
             let mut job = JobHandle::start(&retention, "failover", machine.as_str(), &operator())?;
-            let done = failover(
-                &args.datastore,
-                &retention,
-                &machine,
-                &selector,
-                Some(&mut job),
-            );
+            let done = if args.planned {
+                planned_failover(
+                    &args.datastore,
+                    &retention,
+                    &machine,
+                    args.wait.into(),
+                    Some(&mut job),
+                )
+            } else {
+                failover(
+                    &args.datastore,
+                    &retention,
+                    &machine,
+                    &selector,
+                    Some(&mut job),
+                )
+            };
             job.finish(&done)?;
             vec![done?]
         }

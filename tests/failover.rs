@@ -450,3 +450,54 @@ fn failovers_are_jobs_with_phases_a_log_and_an_interrupted_state() {
         "{err}"
     );
 }
+
+#[test]
+fn a_planned_failover_asks_the_live_agent_for_a_final_app_consistent_point() {
+    let cluster = Cluster::start();
+    let image = cluster.path("planned.img");
+    write_mixed_image(&image, 8 * MIB, 9).unwrap();
+    let disk = format!("{}=disk0", image.display());
+    cluster.sync("planned", &[&disk]).unwrap();
+    let hooks = cluster.path("hooks.log");
+    let mut agent = std::process::Command::new(bin("deltaback-agent"))
+        .args([
+            "replicate",
+            "--server",
+            &cluster.relay.addr,
+            "--machine",
+            "planned",
+        ])
+        .arg("--pki")
+        .arg(&cluster.pki)
+        .args(["--disk", &disk, "--interval", "200ms"])
+        .args(["--pre-hook", &format!("echo freeze >> {}", hooks.display())])
+        .args(["--post-hook", &format!("echo thaw >> {}", hooks.display())])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    change_blocks(&image, BLOCK, 0.05, 1).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+
+    let out = cluster
+        .operator(&[
+            "failover",
+            "--json",
+            "--planned",
+            "--machine",
+            "planned",
+            "--wait",
+            "30s",
+        ])
+        .unwrap();
+    let record: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(record["state"], "failed-over");
+    assert_eq!(record["point_label"], "final");
+    assert_eq!(record["point_kind"], "app-consistent");
+    // The agent froze the applications for that point, thawed them, and stopped.
+    assert!(agent.wait().unwrap().success());
+    assert_eq!(std::fs::read_to_string(&hooks).unwrap(), "freeze\nthaw\n");
+    // Nothing changed after the final point: the live disk is the source as it was.
+    assert!(qemu_img_same(&image, &cluster.vmdk("planned", "disk0")));
+    assert_eq!(record["disks"][0]["blocks_rolled_back"], 0);
+}

@@ -70,10 +70,34 @@ pub async fn replicate(
             (Some(every), Some(_)) => last_app.is_none_or(|t| t.elapsed() >= every),
             _ => false,
         };
-        let outcome = run_cycle(&tls, options, want_app, cycle).await;
+        let outcome = run_cycle(&tls, options, want_app, format!("cycle {cycle}")).await;
         match &outcome {
             // The machine runs on premises now: no later cycle may write it.
             Err(e) if e.is_failed_over() => return outcome.map(|_| failed),
+            // A planned failover: the final app-consistent point, then stop.
+            Err(e) if e.is_final_requested() => {
+                tracing::info!("{e}");
+                if options.pre_hook.is_none() {
+                    return Err(Error::Invalid(format!(
+                        "{e}; this agent has no --pre-hook to freeze the applications, so it \
+                         cannot make an app-consistent point: stop the applications and run \
+                         `deltaback-agent sync --final`"
+                    )));
+                }
+                let last = run_cycle(&tls, options, true, FINAL_LABEL.to_owned()).await;
+                let made = matches!(&last, Ok(r) if r.point.kind == PointKind::AppConsistent);
+                on_cycle(&last);
+                return match last {
+                    Ok(_) if made => {
+                        tracing::info!("final point made for the planned failover; stopping");
+                        Ok(failed)
+                    }
+                    Ok(_) => Err(Error::Invalid(
+                        "the pre-hook failed: no final app-consistent point could be made".into(),
+                    )),
+                    Err(e) => Err(e),
+                };
+            }
             Err(_) => failed += 1,
             Ok(report) if report.point.kind == PointKind::AppConsistent => {
                 last_app = Some(started);
@@ -92,11 +116,14 @@ pub async fn replicate(
     }
 }
 
+/// The label of the final point of a planned failover.
+const FINAL_LABEL: &str = "final";
+
 async fn run_cycle(
     tls: &Arc<rustls::ClientConfig>,
     options: &ReplicateOptions,
     want_app: bool,
-    cycle: u64,
+    label: String,
 ) -> Result<SyncReport> {
     let mut sync_options = options.sync.clone();
     let mut frozen = false;
@@ -117,7 +144,7 @@ async fn run_cycle(
         } else {
             PointKind::CrashConsistent
         },
-        label: format!("cycle {cycle}"),
+        label,
     };
     let outcome = match &options.source {
         ChangeSource::Scan => sync(tls.clone(), &sync_options, Arc::new(Progress::default())).await,

@@ -36,6 +36,9 @@ pub enum ErrorCode {
     /// The machine was failed over: its replicas are live disks now, and no agent may
     /// write them until it is reprotected. Never retried.
     FailedOver = 11,
+    /// The operator is failing the machine over as planned: make a final app-consistent
+    /// point (label `final`), then stop. Never retried as it is.
+    FinalRequested = 12,
 }
 
 impl ErrorCode {
@@ -52,6 +55,7 @@ impl ErrorCode {
             9 => Self::Unavailable,
             10 => Self::Damaged,
             11 => Self::FailedOver,
+            12 => Self::FinalRequested,
             _ => Self::Internal,
         }
     }
@@ -129,6 +133,9 @@ pub enum Error {
     /// The machine was failed over; what happened and what to run next.
     #[error("{0}")]
     FailedOver(String),
+    /// A planned failover waits for the machine's final app-consistent point.
+    #[error("{0}")]
+    FinalRequested(String),
     /// The far side answered with an error message (never built for our own failures).
     #[error("{peer} refused: {message}")]
     Remote {
@@ -187,6 +194,7 @@ impl Error {
             Error::Corrupt { .. } => ErrorCode::Damaged,
             Error::Version(_) => ErrorCode::Version,
             Error::FailedOver(_) => ErrorCode::FailedOver,
+            Error::FinalRequested(_) => ErrorCode::FinalRequested,
             _ => ErrorCode::Internal,
         }
     }
@@ -214,6 +222,18 @@ impl Error {
             Error::FailedOver(_)
                 | Error::Remote {
                     code: ErrorCode::FailedOver,
+                    ..
+                }
+        )
+    }
+
+    /// True when a planned failover asks for the machine's final point.
+    pub fn is_final_requested(&self) -> bool {
+        matches!(
+            self,
+            Error::FinalRequested(_)
+                | Error::Remote {
+                    code: ErrorCode::FinalRequested,
                     ..
                 }
         )

@@ -315,9 +315,9 @@ impl Writer {
                 )));
             }
         }
-        failover::check_fence(&self.config.retention, &self.machine)?;
         let kind = PointKind::from_u8(kind)
             .ok_or_else(|| Error::Protocol(format!("unknown recovery point kind {kind}")))?;
+        failover::check_point(&self.config.retention, &self.machine, kind, &label)?;
         engine::point::check_label(&label)?;
         if self.made_point {
             return Err(Error::Protocol(

@@ -44,6 +44,9 @@ const SESSION_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FailoverState {
+    /// A planned failover waits for the agent's final app-consistent point: sessions go
+    /// on, but the only point they may make is that one.
+    Draining,
     /// Fenced; the disks are being rolled back (or were, when it was interrupted).
     RollingBack,
     /// Done: the disks are the machine's live disks, as they were at the point.
@@ -129,9 +132,39 @@ pub fn fenced(retention: &Path, machine: &SafeName) -> Result<Option<FailoverRec
         })
 }
 
-/// Refuses work on a failed-over machine with what happened and what to run next.
+/// Refuses work on a failed-over machine with what happened and what to run next (a
+/// machine draining for a planned failover still replicates).
 pub fn check_fence(retention: &Path, machine: &SafeName) -> Result<()> {
     match fenced(retention, machine)? {
+        Some(record) if record.state == FailoverState::Draining => Ok(()),
+        Some(record) => Err(Error::FailedOver(record.refusal())),
+        None => Ok(()),
+    }
+}
+
+/// The label of the final point of a planned failover.
+pub const FINAL_LABEL: &str = "final";
+
+/// Refuses a point other than the final app-consistent one while a planned failover
+/// waits for it (and every point of a failed-over machine).
+pub fn check_point(
+    retention: &Path,
+    machine: &SafeName,
+    kind: engine::point::PointKind,
+    label: &str,
+) -> Result<()> {
+    match fenced(retention, machine)? {
+        Some(record) if record.state == FailoverState::Draining => {
+            if kind == engine::point::PointKind::AppConsistent && label == FINAL_LABEL {
+                Ok(())
+            } else {
+                Err(Error::FinalRequested(format!(
+                    "machine {machine} is being failed over as planned: make a final \
+                     app-consistent point (label {FINAL_LABEL:?}, with the applications \
+                     frozen or stopped), then stop replicating"
+                )))
+            }
+        }
         Some(record) => Err(Error::FailedOver(record.refusal())),
         None => Ok(()),
     }
@@ -158,6 +191,11 @@ pub fn failover(
 ) -> Result<FailoverRecord> {
     let log = point_log(retention, machine)?;
     let mut record = match fenced(retention, machine)? {
+        Some(draining) if draining.state == FailoverState::Draining => {
+            return Err(Error::Busy(format!(
+                "a planned failover of machine {machine} is waiting for its final point"
+            )))
+        }
         Some(done) if done.state != FailoverState::RollingBack => return Ok(done),
         Some(interrupted) => {
             tracing::warn!(%machine, point = interrupted.point, "finishing a failover that was interrupted");
@@ -396,4 +434,80 @@ pub fn failover_group(
         records.push(record);
     }
     Ok(records)
+}
+
+/// A planned failover: asks the machine's agent, through the master target, for a final
+/// app-consistent point (its `--pre-hook` freezes the applications) and to stop, waits up
+/// to `wait` for that point, then fails over to it (nothing to roll back: it is the newest
+/// point). If no final point comes, the request is withdrawn and replication goes on.
+pub fn planned_failover(
+    datastore: &Path,
+    retention: &Path,
+    machine: &SafeName,
+    wait: std::time::Duration,
+    mut job: Option<&mut JobHandle>,
+) -> Result<FailoverRecord> {
+    if let Some(record) = fenced(retention, machine)? {
+        if record.state != FailoverState::Draining {
+            return failover(datastore, retention, machine, &PointSelector::Latest, job);
+        }
+    }
+    let asked = now_ms();
+    let draining = FailoverRecord {
+        machine: machine.to_string(),
+        state: FailoverState::Draining,
+        point: 0,
+        point_time_ms: 0,
+        point_kind: String::new(),
+        point_label: FINAL_LABEL.to_owned(),
+        fenced_ms: asked,
+        finished_ms: None,
+        disks: Vec::new(),
+    };
+    write_fence(retention, machine, &draining)?;
+    if let Some(job) = job.as_deref_mut() {
+        job.log(format!(
+            "asked the agent of {machine} for a final app-consistent point"
+        ))?;
+    }
+    let deadline = std::time::Instant::now() + wait;
+    let last = loop {
+        let log = point_log(retention, machine)?;
+        let last = log
+            .points()
+            .iter()
+            .rev()
+            .find(|p| {
+                p.label == FINAL_LABEL
+                    && p.kind == engine::point::PointKind::AppConsistent
+                    && p.time_ms >= asked
+            })
+            .cloned();
+        if let Some(point) = last {
+            break point;
+        }
+        if std::time::Instant::now() >= deadline {
+            beneath::remove(retention, &fence_path(retention, machine))?;
+            return Err(Error::Unavailable(format!(
+                "the agent of machine {machine} made no final point within {}s; the request \
+                 is withdrawn and replication goes on (fail over unplanned to an existing \
+                 point, or check the agent's --pre-hook)",
+                wait.as_secs()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    if let Some(job) = job.as_deref_mut() {
+        job.log(format!("final point {} made", last.seq))?;
+    }
+    // From the draining record to the failover at the final point, which fences first
+    // (anything written in between is rolled back with the rest).
+    beneath::remove(retention, &fence_path(retention, machine))?;
+    failover(
+        datastore,
+        retention,
+        machine,
+        &PointSelector::Seq(last.seq),
+        job,
+    )
 }
