@@ -501,3 +501,24 @@ fn a_planned_failover_asks_the_live_agent_for_a_final_app_consistent_point() {
     assert!(qemu_img_same(&image, &cluster.vmdk("planned", "disk0")));
     assert_eq!(record["disks"][0]["blocks_rolled_back"], 0);
 }
+
+#[test]
+fn a_spooling_process_server_passes_the_fence_on_to_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let cluster = Cluster::start_full(&[], &["--cache", cache.to_str().unwrap()]);
+    let (image, _) = three_points(&cluster, "spooled", 0.05);
+    failover(&cluster, "spooled", "latest");
+    change_blocks(&image, BLOCK, 0.05, 9).unwrap();
+    let err = refused_sync(&cluster, "spooled", &image);
+    assert!(err.contains("failed over"), "{err}");
+    // Nothing of it waits in the spool to be forwarded later.
+    let waiting: Vec<_> = std::fs::read_dir(cache.join("spooled"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".seg") || n.ends_with(".open"))
+        .collect();
+    assert!(waiting.is_empty(), "{waiting:?}");
+}
