@@ -27,6 +27,8 @@ struct Cli {
     command: Command,
 }
 
+// The help texts show TOML tables (`[[group]]`), which rustdoc would take for links.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Certificates for mutual TLS between the roles.
@@ -47,12 +49,15 @@ enum Command {
     /// since the point, not the disk size), and its agents are fenced: every later session
     /// is refused with when and to which point it was failed over. Run it with the cloud
     /// VM shut down (or let the agent's --on-failover hook shut it down). An interrupted
-    /// failover is finished by running it again. --group fails every member of a
-    /// consistency group over to the group's common point; --plan runs a recovery plan
-    /// (TOML: ordered groups of machines, a script and a timeout after each).
+    /// failover is finished by running it again. --planned asks the still-running agent
+    /// for a final app-consistent point (its --pre-hook) and to stop, then fails over to
+    /// it. --group fails every member of a consistency group over to the group's common
+    /// point; --plan runs a recovery plan (TOML: ordered groups of machines, a script and
+    /// a timeout after each). Every run is a job (`deltaback jobs`).
     ///
     /// Examples:
     ///   deltaback failover --datastore /vmfs/ds1 --machine web01 --point latest-app
+    ///   deltaback failover --datastore /vmfs/ds1 --machine web01 --planned
     ///   deltaback failover --datastore /vmfs/ds1 --group erp
     ///   deltaback failover --datastore /vmfs/ds1 --plan /srv/plans/erp.toml
     ///

@@ -10,7 +10,7 @@
 //! 2. The machine's lock is taken (a running session ends when it meets the fence).
 //! 3. Each disk of the point is rolled back in place: from the journals of the cycles after
 //!    the point, the first old content of every block overwritten since is put back
-//!    ([`super::recover::roll_back`]), so the cost grows with what changed since the point,
+//!    (`recover::roll_back`), so the cost grows with what changed since the point,
 //!    not with the disk. The extent is cut or grown to the size the disk had at the point,
 //!    fdatasynced, and its descriptor gets a new content id. The manifest goes: the disk now
 //!    belongs to the machine running on it, not to replication.
