@@ -30,7 +30,9 @@
 //!
 //! ## Files
 //! The agent keeps no files: the QEMU source's state lives in QEMU's persistent bitmaps,
-//! the replica's state on the master target; QEMU scratch images live only during a cycle.
+//! the replica's state on the master target; QEMU scratch images live only during a cycle,
+//! and the hashes of a disk it compares go to an anonymous manifest file in `$TMPDIR`
+//! (gone when the cycle ends), so its memory stays flat whatever the disk.
 //!
 //! ## Locks
 //! | lock | protects |

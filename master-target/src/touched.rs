@@ -115,10 +115,20 @@ impl TouchedLog {
     /// The blocks the record at `path` (beneath `root`) names, for a disk of `blocks`
     /// blocks.
     pub fn read(root: &Path, path: &Path, blocks: u64) -> Result<Runs> {
+        // A record never holds more than MAX_RUNS runs and the one covering the disk: a
+        // longer file is damage, and is not read whole.
+        let most = (MAGIC.len() + (MAX_RUNS + 1) * RECORD_LEN) as u64;
         let mut bytes = Vec::new();
         beneath::open(root, path, Access::Read)?
+            .take(most + 1)
             .read_to_end(&mut bytes)
             .map_err(Error::file("read", path))?;
+        if bytes.len() as u64 > most {
+            return Err(Error::Corrupt {
+                path: path.to_owned(),
+                reason: format!("longer than the {most} bytes a record can hold"),
+            });
+        }
         let damaged = |reason: String| Error::Corrupt {
             path: path.to_owned(),
             reason,
@@ -239,6 +249,12 @@ mod tests {
             TouchedLog::read(dir.path(), &path, 100),
             Err(Error::Corrupt { .. })
         ));
+        // A file longer than any record can be is damage, and is not read whole.
+        let mut huge = MAGIC.to_vec();
+        huge.resize(MAGIC.len() + (MAX_RUNS + 2) * RECORD_LEN, 0);
+        std::fs::write(&path, &huge).unwrap();
+        let err = TouchedLog::read(dir.path(), &path, 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("longer than"), "{err}");
     }
 
     #[test]

@@ -18,9 +18,10 @@
 //! target slows the agent through TCP back-pressure instead of filling memory. With a spool:
 //! the frame's block indexes are checked against the disk, its hashes update the process
 //! server's copy of the disk's hash tree, it is appended to the machine's open segment
-//! (`spool/segment.rs`, checksummed records) and, live, forwarded; the segment is fsynced
-//! before the agent's `Flush` is acknowledged, and deleted once the master target
-//! acknowledged every sequence in it.
+//! (`spool/segment.rs`, checksummed records, sealed and renamed `.seg` when finished) and,
+//! live, forwarded; the segment is fsynced before the agent's `Flush` is acknowledged, and
+//! deleted once the master target acknowledged every sequence in it. A conversation works
+//! on an anonymous copy of the tree file in the machine's spool folder.
 //!
 //! ## Files and formats
 //! `<cache>/<machine>/<n>.open` and `<n>.seg` (spool segments being written and finished), `<n>.rejected` (refused segments kept for
