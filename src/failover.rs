@@ -12,16 +12,13 @@ use master_target::retention::failover::{
 };
 use master_target::retention::recover::PointSelector;
 
+use crate::folders::Folders;
 use crate::points::{time_text, Where};
 
 #[derive(clap::Args, Debug)]
 pub struct FailoverArgs {
-    /// The master target's datastore folder.
-    #[arg(long)]
-    pub datastore: PathBuf,
-    /// The master target's retention folder [default: DATASTORE/.retention].
-    #[arg(long)]
-    pub retention: Option<PathBuf>,
+    #[command(flatten)]
+    pub at: Folders,
     /// The machine to fail over.
     #[arg(long, required_unless_present_any = ["group", "plan"], conflicts_with_all = ["group", "plan"])]
     machine: Option<String>,
@@ -45,17 +42,6 @@ pub struct FailoverArgs {
     /// request (replication then goes on).
     #[arg(long, default_value = "10m", requires = "planned")]
     wait: humantime::Duration,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    pub json: bool,
-}
-
-impl FailoverArgs {
-    pub fn retention(&self) -> PathBuf {
-        self.retention
-            .clone()
-            .unwrap_or_else(|| master_target::datastore::default_retention(&self.datastore))
-    }
 }
 
 pub fn run(args: FailoverArgs) -> anyhow::Result<()> {
@@ -63,14 +49,14 @@ pub fn run(args: FailoverArgs) -> anyhow::Result<()> {
     if let Some(plan) = &args.plan {
         return crate::plan::run(&args, plan);
     }
-    let retention = args.retention();
+    let retention = args.at.retention();
     let records = match (&args.machine, &args.group) {
         (Some(machine), _) => {
-            let machine = crate::points::known_machine(&args.datastore, &retention, machine)?;
+            let machine = crate::points::known_machine(&args.at.datastore, &retention, machine)?;
             let mut job = JobHandle::start(&retention, "failover", machine.as_str(), &operator())?;
             let done = if args.planned {
                 planned_failover(
-                    &args.datastore,
+                    &args.at.datastore,
                     &retention,
                     &machine,
                     args.wait.into(),
@@ -78,7 +64,7 @@ pub fn run(args: FailoverArgs) -> anyhow::Result<()> {
                 )
             } else {
                 failover(
-                    &args.datastore,
+                    &args.at.datastore,
                     &retention,
                     &machine,
                     &selector,
@@ -97,7 +83,7 @@ pub fn run(args: FailoverArgs) -> anyhow::Result<()> {
                 &operator(),
             )?;
             let done = failover_group(
-                &args.datastore,
+                &args.at.datastore,
                 &retention,
                 &group,
                 &selector,
@@ -108,7 +94,7 @@ pub fn run(args: FailoverArgs) -> anyhow::Result<()> {
         }
         (None, None) => anyhow::bail!("name a --machine, a --group or a --plan"),
     };
-    if args.json {
+    if args.at.json {
         match records.as_slice() {
             [one] if args.machine.is_some() => engine::say!("{}", serde_json::to_string(one)?),
             all => engine::say!("{}", serde_json::to_string(all)?),
@@ -167,12 +153,12 @@ pub struct ReprotectArgs {
 
 pub fn run_reprotect(args: ReprotectArgs) -> anyhow::Result<()> {
     let machine = args.at.machine()?;
-    let retention = args.at.retention();
+    let retention = args.at.folders.retention();
     let job = JobHandle::start(&retention, "reprotect", machine.as_str(), &operator())?;
-    let done = reprotect(&args.at.datastore, &retention, &machine);
+    let done = reprotect(&args.at.folders.datastore, &retention, &machine);
     job.finish(&done)?;
     let done: Reprotection = done?;
-    if args.at.json {
+    if args.at.folders.json {
         engine::say!("{}", serde_json::to_string(&done)?);
         return Ok(());
     }

@@ -1,46 +1,25 @@
 //! `deltaback jobs` and `deltaback job ID [--follow]`: failovers, reprotects and plans,
 //! their state, phases with progress and ETA, and log.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use master_target::jobs::{get, list, Job, JobState};
 
+use crate::folders::Folders;
 use crate::points::time_text;
-
-#[derive(clap::Args, Debug)]
-pub struct JobsArgs {
-    /// The master target's datastore folder.
-    #[arg(long)]
-    datastore: PathBuf,
-    /// The master target's retention folder [default: DATASTORE/.retention].
-    #[arg(long)]
-    retention: Option<PathBuf>,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    json: bool,
-}
-
-impl JobsArgs {
-    fn retention(&self) -> PathBuf {
-        self.retention
-            .clone()
-            .unwrap_or_else(|| master_target::datastore::default_retention(&self.datastore))
-    }
-}
 
 #[derive(clap::Args, Debug)]
 pub struct JobArgs {
     /// The job's id, from `deltaback jobs`.
     id: String,
     #[command(flatten)]
-    at: JobsArgs,
+    at: Folders,
     /// Show progress until the job ends; exits 1 if it failed or was interrupted.
     #[arg(long)]
     follow: bool,
 }
 
-pub fn run_list(args: JobsArgs) -> anyhow::Result<()> {
+pub fn run_list(args: Folders) -> anyhow::Result<()> {
     let jobs = list(&args.retention())?;
     if args.json {
         engine::say!("{}", serde_json::to_string(&jobs)?);

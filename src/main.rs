@@ -3,6 +3,7 @@
 mod check;
 mod demo;
 mod failover;
+mod folders;
 mod jobs;
 mod plan;
 mod points;
@@ -80,7 +81,7 @@ enum Command {
     /// Lists the failovers, reprotects and plans run on this datastore: state (running,
     /// succeeded, failed with the reason, interrupted), operator, target. An interrupted
     /// job is run again safely with the same command.
-    Jobs(jobs::JobsArgs),
+    Jobs(folders::Folders),
     /// One job: its phases with progress, and its log. --follow shows a live progress line
     /// with the ETA until it ends.
     Job(jobs::JobArgs),

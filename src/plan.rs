@@ -86,7 +86,7 @@ fn load(path: &Path) -> anyhow::Result<Plan> {
 
 pub fn run(args: &FailoverArgs, path: &Path) -> anyhow::Result<()> {
     let plan = load(path)?;
-    let retention = args.retention();
+    let retention = args.at.retention();
     let mut job = JobHandle::start(
         &retention,
         "plan",
@@ -103,7 +103,7 @@ pub fn run(args: &FailoverArgs, path: &Path) -> anyhow::Result<()> {
     };
     job.finish(&recorded)?;
     let report = outcome?;
-    if args.json {
+    if args.at.json {
         engine::say!("{}", serde_json::to_string(&report)?);
     } else {
         for group in &report.groups {
@@ -141,7 +141,7 @@ fn run_plan(
             }
         }
         job.log(format!("{step}: done"))?;
-        if !args.json {
+        if !args.at.json {
             engine::say!("{step} done");
         }
     }
@@ -159,7 +159,7 @@ fn run_group(
     if let Some(name) = &group.consistency_group {
         let name = SafeName::new("group name", name)?;
         failed_over.extend(failover_group(
-            &args.datastore,
+            &args.at.datastore,
             retention,
             &name,
             &selector,
@@ -167,9 +167,9 @@ fn run_group(
         )?);
     }
     for machine in &group.machines {
-        let machine = crate::points::known_machine(&args.datastore, retention, machine)?;
+        let machine = crate::points::known_machine(&args.at.datastore, retention, machine)?;
         let record = failover(
-            &args.datastore,
+            &args.at.datastore,
             retention,
             &machine,
             &selector,

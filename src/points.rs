@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Context;
+
+pub use crate::folders::Folders;
 use engine::block::geometry::SafeName;
 use master_target::retention::groups::group_points;
 use master_target::retention::points::RecoveryPoint;
@@ -12,30 +14,17 @@ use master_target::retention::recover::{point_log, recover, PointSelector};
 
 #[derive(clap::Args, Debug)]
 pub struct Where {
-    /// The master target's datastore folder.
-    #[arg(long)]
-    pub datastore: PathBuf,
-    /// The master target's retention folder [default: DATASTORE/.retention].
-    #[arg(long)]
-    retention: Option<PathBuf>,
+    #[command(flatten)]
+    pub folders: Folders,
     /// The machine.
     #[arg(long, required_unless_present = "group")]
     machine: Option<String>,
     /// A consistency group (with `points`: list the group's points).
     #[arg(long, conflicts_with = "machine")]
     group: Option<String>,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
 }
 
 impl Where {
-    pub fn retention(&self) -> PathBuf {
-        self.retention
-            .clone()
-            .unwrap_or_else(|| master_target::datastore::default_retention(&self.datastore))
-    }
-
     /// The machine asked for, which must be known to the datastore or the retention folder
     /// (a typo lists the machines there are).
     pub fn machine(&self) -> anyhow::Result<SafeName> {
@@ -43,7 +32,7 @@ impl Where {
             .machine
             .as_deref()
             .context("name the machine with --machine")?;
-        known_machine(&self.datastore, &self.retention(), name)
+        known_machine(&self.folders.datastore, &self.folders.retention(), name)
     }
 }
 
@@ -107,7 +96,7 @@ pub fn list(args: Where) -> anyhow::Result<()> {
         return list_group(&args, &SafeName::new("group name", group)?);
     }
     let machine = args.machine()?;
-    let retention = args.retention();
+    let retention = args.folders.retention();
     let log = point_log(&retention, &machine)?;
     let mut points: Vec<&RecoveryPoint> = log.points().iter().collect();
     points.reverse();
@@ -129,7 +118,7 @@ pub fn list(args: Where) -> anyhow::Result<()> {
         }
         Ok(disks)
     };
-    if args.json {
+    if args.folders.json {
         let mut list = Vec::new();
         for p in &points {
             let mut value = serde_json::to_value(p)?;
@@ -190,9 +179,9 @@ pub fn list(args: Where) -> anyhow::Result<()> {
 }
 
 fn list_group(args: &Where, group: &SafeName) -> anyhow::Result<()> {
-    let mut points = group_points(&args.retention(), group)?;
+    let mut points = group_points(&args.folders.retention(), group)?;
     points.reverse();
-    if args.json {
+    if args.folders.json {
         engine::say!("{}", serde_json::to_string(&points)?);
         return Ok(());
     }
@@ -223,13 +212,13 @@ pub fn recover_point(args: RecoverArgs) -> anyhow::Result<()> {
     let selector: PointSelector = args.point.parse()?;
     let machine = args.at.machine()?;
     let (point, disks) = recover(
-        &args.at.datastore,
-        &args.at.retention(),
+        &args.at.folders.datastore,
+        &args.at.folders.retention(),
         &machine,
         &selector,
         &args.output,
     )?;
-    if args.at.json {
+    if args.at.folders.json {
         engine::say!("{}", serde_json::json!({ "point": point, "disks": disks }));
         return Ok(());
     }

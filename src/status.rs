@@ -2,7 +2,6 @@
 //! age of its newest recovery point, for people (a table) and for monitoring (JSON, and an
 //! exit status with `--max-age`).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,15 +9,8 @@ use master_target::status::{datastore_status, MachineStatus, PointSummary};
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
-    /// The master target's datastore folder.
-    #[arg(long)]
-    datastore: PathBuf,
-    /// The master target's retention folder [default: DATASTORE/.retention].
-    #[arg(long)]
-    retention: Option<PathBuf>,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    at: crate::folders::Folders,
     /// Fail (exit status 1) when a machine's newest recovery point is older than this, or
     /// it has none (e.g. 15m, 1h): the recovery point objective, for monitoring.
     #[arg(long)]
@@ -26,16 +18,13 @@ pub struct StatusArgs {
 }
 
 pub fn show(args: StatusArgs) -> anyhow::Result<()> {
-    let retention = args
-        .retention
-        .clone()
-        .unwrap_or_else(|| master_target::datastore::default_retention(&args.datastore));
-    let machines = datastore_status(&args.datastore, &retention, engine::clock::now_ms())
-        .with_context(|| format!("cannot read datastore {}", args.datastore.display()))?;
-    if args.json {
+    let retention = args.at.retention();
+    let machines = datastore_status(&args.at.datastore, &retention, engine::clock::now_ms())
+        .with_context(|| format!("cannot read datastore {}", args.at.datastore.display()))?;
+    if args.at.json {
         engine::say!("{}", serde_json::to_string(&machines)?);
     } else if machines.is_empty() {
-        engine::say!("no machines in {}", args.datastore.display());
+        engine::say!("no machines in {}", args.at.datastore.display());
     } else {
         for machine in &machines {
             print_machine(machine);
@@ -45,7 +34,7 @@ pub fn show(args: StatusArgs) -> anyhow::Result<()> {
         anyhow::ensure!(
             !machines.is_empty(),
             "no machine in datastore {} has replicated yet, so none has a recent point",
-            args.datastore.display()
+            args.at.datastore.display()
         );
         let limit = u64::try_from(Duration::from(max_age).as_millis()).unwrap_or(u64::MAX);
         let behind: Vec<String> = machines

@@ -39,6 +39,40 @@ fn three_points(cluster: &Cluster, machine: &str, change: f64) -> (PathBuf, Vec<
     (image, copies)
 }
 
+/// A `size`-byte mixed image replicated once as disk0 of `machine`; the image and its
+/// `--disk` spec.
+fn replicated_once(cluster: &Cluster, machine: &str, size: u64, seed: u64) -> (PathBuf, String) {
+    let image = cluster.path(&format!("{machine}.img"));
+    write_mixed_image(&image, size, seed).unwrap();
+    let disk = format!("{}=disk0", image.display());
+    cluster.sync(machine, &[&disk]).unwrap();
+    (image, disk)
+}
+
+/// `deltaback-agent replicate` of `machine`'s `disk` through the cluster's process server,
+/// with `extra` arguments, not started.
+fn replicate_agent(
+    cluster: &Cluster,
+    machine: &str,
+    disk: &str,
+    extra: &[&str],
+) -> std::process::Command {
+    let mut agent = std::process::Command::new(bin("deltaback-agent"));
+    agent
+        .args([
+            "replicate",
+            "--server",
+            &cluster.relay.addr,
+            "--machine",
+            machine,
+        ])
+        .arg("--pki")
+        .arg(&cluster.pki)
+        .args(["--disk", disk])
+        .args(extra);
+    agent
+}
+
 /// Syncs `image` as disk0 of `machine` once, without retrying; the agent's error.
 fn refused_sync(cluster: &Cluster, machine: &str, image: &Path) -> String {
     cluster
@@ -137,26 +171,14 @@ fn the_cloud_agent_is_fenced_and_writes_on_premises_survive_it() {
     assert!(stderr.contains("deltaback reprotect"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&ran).unwrap(), "ran\n");
     // Continuous replication stops at once too, running the hook once.
-    let out = std::process::Command::new(bin("deltaback-agent"))
-        .args([
-            "replicate",
-            "--server",
-            &cluster.relay.addr,
-            "--machine",
-            "web",
-        ])
-        .arg("--pki")
-        .arg(&cluster.pki)
-        .args([
-            "--disk",
-            &disk,
-            "--interval",
-            "1s",
-            "--on-failover",
-            &hook(&ran),
-        ])
-        .output()
-        .unwrap();
+    let out = replicate_agent(
+        &cluster,
+        "web",
+        &disk,
+        &["--interval", "1s", "--on-failover", &hook(&ran)],
+    )
+    .output()
+    .unwrap();
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(std::fs::read_to_string(&ran).unwrap(), "ran\nran\n");
     // Nothing the agent had reached the live disk; the on-premises writes are there.
@@ -167,33 +189,18 @@ fn the_cloud_agent_is_fenced_and_writes_on_premises_survive_it() {
 #[test]
 fn a_failover_fences_a_machine_that_is_replicating_right_now() {
     let cluster = Cluster::start();
-    let image = cluster.path("busy.img");
-    write_mixed_image(&image, 16 * MIB, 8).unwrap();
-    let disk = format!("{}=disk0", image.display());
-    cluster.sync("busy", &[&disk]).unwrap();
+    let (image, disk) = replicated_once(&cluster, "busy", 16 * MIB, 8);
     let ran = cluster.path("hook.log");
-    let mut agent = std::process::Command::new(bin("deltaback-agent"))
-        .args([
-            "replicate",
-            "--server",
-            &cluster.relay.addr,
-            "--machine",
-            "busy",
-        ])
-        .arg("--pki")
-        .arg(&cluster.pki)
-        .args([
-            "--disk",
-            &disk,
-            "--interval",
-            "100ms",
-            "--on-failover",
-            &hook(&ran),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut agent = replicate_agent(
+        &cluster,
+        "busy",
+        &disk,
+        &["--interval", "100ms", "--on-failover", &hook(&ran)],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
     // Let it make points while the source keeps changing.
     for seed in 0..5 {
         change_blocks(&image, BLOCK, 0.05, 100 + seed).unwrap();
@@ -268,11 +275,7 @@ fn a_group_and_a_recovery_plan_fail_over_in_order_and_stop_where_a_script_fails(
     let cluster = Cluster::start_full(&[], &["--group", "erp=app1,db1"]);
     let mut images = Vec::new();
     for (i, machine) in ["app1", "db1", "web1", "web2"].into_iter().enumerate() {
-        let image = cluster.path(&format!("{machine}.img"));
-        write_mixed_image(&image, 4 * MIB, i as u64).unwrap();
-        let disk = format!("{}=disk0", image.display());
-        cluster.sync(machine, &[&disk]).unwrap();
-        images.push(image);
+        images.push(replicated_once(&cluster, machine, 4 * MIB, i as u64).0);
     }
     // The group: both members to the group's common point.
     let out = cluster
@@ -454,28 +457,29 @@ fn failovers_are_jobs_with_phases_a_log_and_an_interrupted_state() {
 #[test]
 fn a_planned_failover_asks_the_live_agent_for_a_final_app_consistent_point() {
     let cluster = Cluster::start();
-    let image = cluster.path("planned.img");
-    write_mixed_image(&image, 8 * MIB, 9).unwrap();
-    let disk = format!("{}=disk0", image.display());
-    cluster.sync("planned", &[&disk]).unwrap();
+    let (image, disk) = replicated_once(&cluster, "planned", 8 * MIB, 9);
     let hooks = cluster.path("hooks.log");
-    let mut agent = std::process::Command::new(bin("deltaback-agent"))
-        .args([
-            "replicate",
-            "--server",
-            &cluster.relay.addr,
-            "--machine",
-            "planned",
-        ])
-        .arg("--pki")
-        .arg(&cluster.pki)
-        .args(["--disk", &disk, "--interval", "200ms"])
-        .args(["--pre-hook", &format!("echo freeze >> {}", hooks.display())])
-        .args(["--post-hook", &format!("echo thaw >> {}", hooks.display())])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let (freeze, thaw) = (
+        format!("echo freeze >> {}", hooks.display()),
+        format!("echo thaw >> {}", hooks.display()),
+    );
+    let mut agent = replicate_agent(
+        &cluster,
+        "planned",
+        &disk,
+        &[
+            "--interval",
+            "200ms",
+            "--pre-hook",
+            &freeze,
+            "--post-hook",
+            &thaw,
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
     change_blocks(&image, BLOCK, 0.05, 1).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
 
