@@ -271,7 +271,9 @@ impl Writer {
     }
 
     fn write(&mut self, handle: u32, seq: u64, count: u32, batch: &Bytes) -> Result<()> {
-        // A machine fenced for failover takes no more writes: the session ends here.
+        // A machine fenced for failover takes no more writes: the session ends here, at
+        // once, so a failover never waits for a long stream's next flush (one file lookup
+        // per 4 MiB batch).
         failover::check_fence(&self.config.retention, &self.machine)?;
         let disk = self.disk(handle)?;
         if disk.last_seq.checked_add(1) != Some(seq) {

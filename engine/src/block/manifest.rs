@@ -441,11 +441,6 @@ impl Manifest {
         self.bytes_written
     }
 
-    /// Number of block hashes set since the last commit.
-    pub fn pending(&self) -> usize {
-        self.pending.len()
-    }
-
     /// The hash of one block, as set (committed or not).
     pub fn leaf(&self, index: u64) -> Result<BlockHash> {
         if let Some(hash) = self.pending.get(&index) {
