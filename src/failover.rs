@@ -30,7 +30,8 @@ pub struct FailoverArgs {
     #[arg(long)]
     plan: Option<PathBuf>,
     /// Which point: latest, latest-app, a sequence number from `deltaback points`, or a
-    /// time (the newest point at or before it, e.g. 2026-11-25T09:30:00Z).
+    /// time (the newest point at or before it, e.g. 2026-11-25T09:30:00Z). `latest` and
+    /// times skip not-point-in-time points; name one of those by its number.
     #[arg(long, default_value = "latest", conflicts_with = "planned")]
     pub point: String,
     /// Planned failover (with --machine): the agent, still replicating, is asked for a

@@ -78,7 +78,8 @@ pub struct RecoverArgs {
     #[command(flatten)]
     at: Where,
     /// Which point: latest, latest-app, a sequence number from `deltaback points`, or a
-    /// time (the newest point at or before it, e.g. 2026-11-25T09:30:00Z).
+    /// time (the newest point at or before it, e.g. 2026-11-25T09:30:00Z). `latest` and
+    /// times skip not-point-in-time points; name one of those by its number.
     #[arg(long, default_value = "latest")]
     point: String,
     /// Empty folder that receives the machine's VMDKs as they were at that point.

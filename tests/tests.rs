@@ -20,4 +20,5 @@ mod spool;
 mod stale;
 mod status;
 mod storage_daemon;
+mod tracked;
 mod util;

@@ -8,6 +8,7 @@
 //! | --- | --- |
 //! | [`scan`] | the scan change source: hash the disk, compare hash trees, send the difference |
 //! | [`qemu`] | the QEMU change source: persistent dirty bitmaps read point-in-time through a fleecing snapshot; its NBD ([`qemu::nbd`]) and QMP ([`qemu::qmp`]) clients |
+//! | [`tracked`] | the tracked change source: an eBPF program marks written blocks in the guest; rounds prove the point's instant |
 //! | [`compare`] | the top-down walk of two hash trees (pure, unit-tested) |
 //! | [`pipeline`] | the one send pipeline: read, hash, compress and pack blocks on all cores |
 //! | [`session`] | the conversation: open disks, stream batches with background flushes, checkpoint |
@@ -53,6 +54,7 @@ pub mod report;
 pub mod scan;
 pub mod session;
 pub mod sync;
+pub mod tracked;
 
 pub use options::{DiskSpec, SyncOptions};
 pub use progress::{Phase, Progress};
@@ -60,3 +62,4 @@ pub use qemu::QemuSource;
 pub use replicate::{replicate, ChangeSource, ReplicateOptions};
 pub use report::{DiskReport, PointReport, PointRequest, SyncReport};
 pub use sync::{sync, sync_with_retry, Retry};
+pub use tracked::TrackedSource;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use agent::{
     replicate, sync_with_retry, ChangeSource, DiskSpec, PointRequest, Progress, QemuSource,
-    ReplicateOptions, SyncOptions, SyncReport,
+    ReplicateOptions, SyncOptions, SyncReport, TrackedSource,
 };
 use anyhow::{bail, Context};
 use bytesize::ByteSize;
@@ -122,9 +122,20 @@ struct ReplicateArgs {
     /// Change source: `scan` hashes the disks each cycle and compares them with the replica;
     /// `qemu` reads only the blocks a QEMU persistent dirty bitmap marks, through a
     /// point-in-time fleecing snapshot (needs --qmp and --nbd; each --disk names a QEMU
-    /// block node, e.g. --disk drive0=vda).
-    #[arg(long, default_value = "scan", value_parser = ["scan", "qemu"])]
+    /// block node, e.g. --disk drive0=vda); `tracked` (Linux, inside the VM) reads only the
+    /// blocks an eBPF program on the block layer saw written (each --disk a block device
+    /// or partition; needs root or CAP_BPF+CAP_PERFMON, Linux 5.17+, bpffs). Tracking is
+    /// pinned in bpffs and goes on while the agent restarts; after a reboot, or when it was
+    /// detached, the next cycle compares the whole disk and says why.
+    #[arg(long, default_value = "scan", value_parser = ["scan", "qemu", "tracked"])]
     source: String,
+    /// Where bpffs is mounted (with --source tracked; mounted there if it is not).
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+    /// With --source tracked: most rounds of re-reading what was written while a cycle
+    /// read, before its point is labelled not-point-in-time instead of crash-consistent.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    max_rounds: u32,
     /// QMP socket of the VM or qemu-storage-daemon (with --source qemu).
     #[arg(long, required_if_eq("source", "qemu"))]
     qmp: Option<PathBuf>,
@@ -300,6 +311,10 @@ async fn run_replicate(args: ReplicateArgs) -> anyhow::Result<()> {
                 scratch_dir: args.scratch_dir.clone().unwrap_or_else(std::env::temp_dir),
             }),
             ("qemu", _, _) => bail!("--source qemu needs --qmp and --nbd"),
+            ("tracked", _, _) => ChangeSource::Tracked(TrackedSource {
+                bpffs: args.bpffs.clone(),
+                max_rounds: args.max_rounds,
+            }),
             _ => ChangeSource::Scan,
         },
     };
@@ -340,6 +355,20 @@ fn print_summary(report: &SyncReport) {
             disk.durable_seq,
             if disk.fresh { " (new replica)" } else { "" }
         );
+        if let Some(tracker) = &disk.tracker {
+            engine::say!(
+                "  tracked: {} blocks marked, {} written since the last cycle ({:.2} MB/s), {} backlog{}",
+                tracker.marked_blocks,
+                ByteSize(tracker.written_bytes),
+                tracker.write_rate_bytes_per_s / 1e6,
+                ByteSize(tracker.backlog_bytes),
+                tracker
+                    .full_compare
+                    .as_deref()
+                    .map(|why| format!("; compared the whole disk: {why}"))
+                    .unwrap_or_default()
+            );
+        }
     }
     engine::say!(
         "recovery point {} ({}) in {:.2} s, {} on the wire",
@@ -348,4 +377,23 @@ fn print_summary(report: &SyncReport) {
         report.seconds,
         ByteSize(report.wire_bytes)
     );
+    if let Some(consistency) = &report.consistency {
+        let frozen = consistency
+            .frozen_ms
+            .map(|ms| format!("; applications frozen {ms} ms"))
+            .unwrap_or_default();
+        match consistency.instant_ms {
+            Some(ms) => engine::say!(
+                "  the point holds the disks as they were at {} ({} rounds){frozen}",
+                humantime::format_rfc3339_millis(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)
+                ),
+                consistency.rounds
+            ),
+            None => engine::say!(
+                "  the disks changed during all {} rounds: no instant proven{frozen}",
+                consistency.rounds
+            ),
+        }
+    }
 }

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 use engine::block::encoding::BlockEncoder;
-use engine::block::geometry::{hash_block, is_zero, Geometry, ZeroHashes};
+use engine::block::geometry::{hash_block, is_zero, BlockHash, Geometry, ZeroHashes};
 use engine::block::ranges::Run;
 use engine::error::{Error, Result};
 use engine::storage::direct::AlignedBuf;
@@ -52,17 +52,14 @@ pub struct Batch {
     pub zero_blocks: u64,
     /// Bytes of the blocks in `records`, before encoding.
     pub raw_bytes: u64,
+    /// Blocks read and left out because the replica holds them already.
+    pub unchanged_blocks: u64,
 }
 
 impl Batch {
     /// Hashes (zero blocks by their known hash), encodes and appends block `index`.
-    fn push(&mut self, index: u64, data: &[u8], zero: &ZeroHashes, encoder: &mut BlockEncoder) {
-        let hash = if is_zero(data) {
-            zero.of(index)
-        } else {
-            hash_block(data)
-        };
-        append_record(&mut self.records, index, &hash, |out| {
+    fn push(&mut self, index: u64, data: &[u8], hash: &BlockHash, encoder: &mut BlockEncoder) {
+        append_record(&mut self.records, index, hash, |out| {
             encoder.encode(data, out)
         });
         self.count += 1;
@@ -102,6 +99,9 @@ pub struct PipelineConfig {
 enum Job {
     /// Runs to read from the source file.
     Read(Vec<Run>),
+    /// Runs to read from the source file, and the replica's hash of each of their blocks,
+    /// in order: blocks that hash the same are left out.
+    ReadChanged(Vec<Run>, Vec<BlockHash>),
     /// Blocks already read.
     Data(Vec<BlockData>),
 }
@@ -166,6 +166,12 @@ impl Pipeline {
         self.send(Job::Read(runs)).await
     }
 
+    /// Like [`Pipeline::read`], leaving out every block whose hash is the replica's (given
+    /// in run order, one per block).
+    pub async fn read_changed(&self, runs: Vec<Run>, replica: Vec<BlockHash>) -> Result<()> {
+        self.send(Job::ReadChanged(runs, replica)).await
+    }
+
     /// Hands blocks the caller read (at most a batch's worth); waits while the workers are
     /// all busy.
     pub async fn pack(&self, blocks: Vec<BlockData>) -> Result<()> {
@@ -190,48 +196,85 @@ impl Worker {
         let mut batch = Batch::default();
         match job {
             Job::Read(runs) => {
-                let source = self.config.source.as_ref().ok_or_else(|| {
-                    Error::Invalid("the send pipeline has no file to read from".into())
-                })?;
                 for (first, count) in runs {
-                    let (offset, len) =
-                        self.config.geometry.run_span(first, count).ok_or_else(|| {
-                            Error::Invalid(format!(
-                                "blocks {first}..+{count} lie outside {}",
-                                source.path.display()
-                            ))
-                        })?;
-                    let data = buf.get(len);
-                    source
-                        .file
-                        .read_exact_at(data, offset)
-                        .map_err(Error::file("read", &source.path))?;
-                    self.config
-                        .progress
-                        .read
-                        .fetch_add(len as u64, Ordering::Relaxed);
-                    self.pack(first, data, &mut batch, encoder);
+                    let data = self.read_run(first, count, buf)?;
+                    self.pack(first, data, None, &mut batch, encoder);
+                }
+            }
+            Job::ReadChanged(runs, replica) => {
+                let mut expected = replica.as_slice();
+                for (first, count) in runs {
+                    let data = self.read_run(first, count, buf)?;
+                    let n = usize::try_from(count)
+                        .unwrap_or(usize::MAX)
+                        .min(expected.len());
+                    let (these, rest) = expected.split_at(n);
+                    expected = rest;
+                    self.pack(first, data, Some(these), &mut batch, encoder);
                 }
             }
             Job::Data(blocks) => {
                 for (first, data) in &blocks {
-                    self.pack(*first, data, &mut batch, encoder);
+                    self.pack(*first, data, None, &mut batch, encoder);
                 }
             }
         }
         Ok(batch)
     }
 
-    fn pack(&self, first: u64, data: &[u8], batch: &mut Batch, encoder: &mut BlockEncoder) {
+    /// Reads blocks `first..first + count` of the source file into `buf`.
+    fn read_run<'b>(&self, first: u64, count: u64, buf: &'b mut AlignedBuf) -> Result<&'b [u8]> {
+        let source =
+            self.config.source.as_ref().ok_or_else(|| {
+                Error::Invalid("the send pipeline has no file to read from".into())
+            })?;
+        let (offset, len) = self.config.geometry.run_span(first, count).ok_or_else(|| {
+            Error::Invalid(format!(
+                "blocks {first}..+{count} lie outside {}",
+                source.path.display()
+            ))
+        })?;
+        let data = buf.get(len);
+        source
+            .file
+            .read_exact_at(data, offset)
+            .map_err(Error::file("read", &source.path))?;
+        self.config
+            .progress
+            .read
+            .fetch_add(len as u64, Ordering::Relaxed);
+        Ok(data)
+    }
+
+    /// Hashes and packs consecutive blocks from `first`, leaving out those whose hash is
+    /// in `replica` at the same place.
+    fn pack(
+        &self,
+        first: u64,
+        data: &[u8],
+        replica: Option<&[BlockHash]>,
+        batch: &mut Batch,
+        encoder: &mut BlockEncoder,
+    ) {
         let block_bytes = self.config.geometry.block_size.bytes();
-        for (index, block) in (first..).zip(data.chunks(block_bytes)) {
-            if is_zero(block) {
+        for (n, (index, block)) in (first..).zip(data.chunks(block_bytes)).enumerate() {
+            let zero = is_zero(block);
+            if zero {
                 batch.zero_blocks += 1;
                 if self.config.skip_zero {
                     continue;
                 }
             }
-            batch.push(index, block, &self.zero, encoder);
+            let hash = if zero {
+                self.zero.of(index)
+            } else {
+                hash_block(block)
+            };
+            if replica.and_then(|r| r.get(n)) == Some(&hash) {
+                batch.unchanged_blocks += 1;
+                continue;
+            }
+            batch.push(index, block, &hash, encoder);
         }
         self.config
             .progress

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::process::Command;
 
 use super::qemu::{qemu_cycle, QemuSource};
+use super::tracked::{tracked_cycle, Freeze, TrackedSource};
 use super::Progress;
 use crate::options::SyncOptions;
 use crate::report::{PointRequest, SyncReport};
@@ -48,6 +49,8 @@ pub enum ChangeSource {
     Scan,
     /// QEMU persistent dirty bitmaps, read through a fleecing snapshot.
     Qemu(QemuSource),
+    /// The in-guest eBPF write tracker (Linux block devices).
+    Tracked(TrackedSource),
 }
 
 /// Runs cycles until `shutdown` completes or the cycle count is reached; `on_cycle` sees
@@ -125,6 +128,21 @@ async fn run_cycle(
     want_app: bool,
     label: String,
 ) -> Result<SyncReport> {
+    let qemu = match &options.source {
+        ChangeSource::Tracked(source) => {
+            // The tracked source freezes the applications itself, for its last round only.
+            let freeze = match (want_app, &options.pre_hook) {
+                (true, Some(pre_hook)) => Some(Freeze {
+                    pre_hook,
+                    post_hook: options.post_hook.as_deref(),
+                }),
+                _ => None,
+            };
+            return tracked_cycle(tls.clone(), &options.sync, source, freeze, &label).await;
+        }
+        ChangeSource::Qemu(qemu) => Some(qemu),
+        ChangeSource::Scan => None,
+    };
     let mut sync_options = options.sync.clone();
     let mut frozen = false;
     if want_app {
@@ -146,9 +164,9 @@ async fn run_cycle(
         },
         label,
     };
-    let outcome = match &options.source {
-        ChangeSource::Scan => sync(tls.clone(), &sync_options, Arc::new(Progress::default())).await,
-        ChangeSource::Qemu(qemu) => qemu_cycle(tls.clone(), &sync_options, qemu).await,
+    let outcome = match qemu {
+        Some(qemu) => qemu_cycle(tls.clone(), &sync_options, qemu).await,
+        None => sync(tls.clone(), &sync_options, Arc::new(Progress::default())).await,
     };
     if frozen {
         if let Some(post) = &options.post_hook {

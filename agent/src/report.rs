@@ -33,6 +33,36 @@ pub struct PointReport {
     pub group_seq: Option<u64>,
 }
 
+/// How a tracked cycle proved (or could not prove) the instant its point holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsistencyReport {
+    /// Rounds of reading what was written meanwhile, the first included.
+    pub rounds: u32,
+    /// The instant the disks were as the point holds them (milliseconds since the Unix
+    /// epoch, this machine's clock): the moment the tracker showed no write since the
+    /// last round. `None` when no round was quiet: the point is not point-in-time.
+    pub instant_ms: Option<u64>,
+    /// How long the pre-hook kept the applications frozen, if it ran.
+    pub frozen_ms: Option<u64>,
+}
+
+/// What the in-guest tracker saw of one disk in a cycle.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TrackerReport {
+    /// Why the cycle compared the whole disk instead of reading the marked blocks.
+    pub full_compare: Option<String>,
+    /// Blocks the tracker marked that the cycle read (every round together, each once).
+    pub marked_blocks: u64,
+    /// Bytes written to the disk since the last cycle, as the tracker counted them.
+    pub written_bytes: u64,
+    /// `written_bytes` over the time since the last cycle: the disk's churn.
+    pub write_rate_bytes_per_s: f64,
+    /// Marked blocks not yet read when the point was made (writes after it), in bytes.
+    pub backlog_bytes: u64,
+    /// Where the tracker's program and maps are pinned.
+    pub pins: String,
+}
+
 /// What a sync did, as printed by `--json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct SyncReport {
@@ -48,6 +78,9 @@ pub struct SyncReport {
     /// Block bytes handed to the network over all attempts, before compression:
     /// what an interrupted attempt sent again shows here.
     pub block_bytes_all_attempts: u64,
+    /// How a tracked cycle proved its instant (tracked source only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<ConsistencyReport>,
 }
 
 /// Per-disk figures of a sync.
@@ -59,6 +92,8 @@ pub struct DiskReport {
     pub blocks: u64,
     /// Block records sent (data or zero markers).
     pub blocks_sent: u64,
+    /// Blocks read and not sent because the replica held them already.
+    pub blocks_unchanged: u64,
     /// All-zero blocks on the source disk.
     pub zero_blocks: u64,
     /// Encoded payload bytes sent.
@@ -75,8 +110,12 @@ pub struct DiskReport {
     pub hashes_fetched: u64,
     /// Sequence number the master target acknowledged as durable.
     pub durable_seq: u64,
-    /// How the blocks to send were found: `scan`, `qemu-bitmap` or `qemu-full-compare`.
+    /// How the blocks to send were found: `scan`, `qemu-bitmap`, `qemu-full-compare`,
+    /// `tracked` or `tracked-full-compare`.
     pub change_source: &'static str,
+    /// What the in-guest tracker saw (tracked source only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracker: Option<TrackerReport>,
 }
 
 impl DiskReport {
@@ -93,6 +132,7 @@ impl DiskReport {
             block_size: geometry.block_size.get(),
             blocks: geometry.blocks(),
             blocks_sent: 0,
+            blocks_unchanged: 0,
             zero_blocks: 0,
             payload_bytes: 0,
             bytes_read: 0,
@@ -101,6 +141,7 @@ impl DiskReport {
             hashes_fetched: 0,
             durable_seq: state.durable_seq,
             change_source,
+            tracker: None,
         }
     }
 }

@@ -18,6 +18,7 @@ use engine::block::ranges::Runs;
 use engine::error::{Error, Result};
 use engine::storage::direct::open_for_reading;
 use engine::storage::sparse;
+use engine::wire::DiskState;
 
 use crate::compare::differing_blocks;
 use crate::options::{DiskSpec, SyncOptions};
@@ -48,16 +49,59 @@ pub(crate) async fn sync_disk(
     options: &SyncOptions,
     progress: &Arc<Progress>,
 ) -> Result<DiskReport> {
+    let (file, geometry) = open_disk_source(disk, options)?;
+    let state = session.open_disk(handle, &disk.id, geometry).await?;
+    let opened = OpenedDisk {
+        handle,
+        spec: disk,
+        file,
+        geometry,
+        state,
+    };
+    compare_and_send(session, &opened, options, progress).await
+}
+
+/// A source disk open for reading and opened on the master target.
+pub(crate) struct OpenedDisk<'a> {
+    pub handle: u32,
+    pub spec: &'a DiskSpec,
+    pub file: Arc<File>,
+    pub geometry: Geometry,
+    /// What the master target holds of it.
+    pub state: DiskState,
+}
+
+/// Opens a source disk and measures it in blocks of the sync's block size.
+pub(crate) fn open_disk_source(
+    disk: &DiskSpec,
+    options: &SyncOptions,
+) -> Result<(Arc<File>, Geometry)> {
     let (file, size) = open_source(&disk.path)?;
     if size == 0 {
         return Err(Error::Invalid(format!("{} is empty", disk.path.display())));
     }
     let geometry = Geometry::new(size, options.block_size)
         .map_err(|e| Error::Invalid(format!("{}: {e}", disk.path.display())))?;
-    let file = Arc::new(file);
-    let state = session.open_disk(handle, &disk.id, geometry).await?;
+    Ok((Arc::new(file), geometry))
+}
 
-    let mut report = DiskReport::new(&disk.id, geometry, &state, "scan");
+/// Hashes a disk opened on the master target as `state`, compares it with the replica and
+/// sends what differs (everything that is not zero, for a new replica).
+pub(crate) async fn compare_and_send(
+    session: &mut Session,
+    opened: &OpenedDisk<'_>,
+    options: &SyncOptions,
+    progress: &Arc<Progress>,
+) -> Result<DiskReport> {
+    let OpenedDisk {
+        handle,
+        spec: disk,
+        ref file,
+        geometry,
+        ref state,
+    } = *opened;
+    let file = file.clone();
+    let mut report = DiskReport::new(&disk.id, geometry, state, "scan");
     let read_before = progress.read.load(Ordering::Relaxed);
     // A sparse image's holes are zeros: never read, hashed or sent.
     let data = sparse::data_blocks(&file, geometry);
@@ -71,7 +115,9 @@ pub(crate) async fn sync_disk(
         to_read
     } else {
         progress.set_phase(Phase::Hashing);
-        progress.hash_total.fetch_add(size, Ordering::Relaxed);
+        progress
+            .hash_total
+            .fetch_add(geometry.size, Ordering::Relaxed);
         let (manifest, zero_blocks) = hash_disk(
             file.clone(),
             disk.path.clone(),

@@ -114,6 +114,7 @@ impl Session {
                 if fresh {
                     report.zero_blocks += batch.zero_blocks;
                 }
+                report.blocks_unchanged += batch.unchanged_blocks;
                 if batch.count == 0 {
                     continue;
                 }

@@ -97,5 +97,6 @@ pub async fn sync(
         point,
         attempts: 1,
         block_bytes_all_attempts: progress.on_the_wire.load(Ordering::Relaxed),
+        consistency: None,
     })
 }

@@ -35,6 +35,9 @@ pub enum PointKind {
     CrashConsistent = 1,
     /// Taken while the application or filesystem was frozen by the pre-hook.
     AppConsistent = 2,
+    /// The disks were read while they changed and no instant could be proven: blocks may
+    /// come from different moments. Recoverable by number, never chosen as `latest`.
+    NotPointInTime = 3,
 }
 
 impl PointKind {
@@ -43,6 +46,7 @@ impl PointKind {
         match b {
             1 => Some(Self::CrashConsistent),
             2 => Some(Self::AppConsistent),
+            3 => Some(Self::NotPointInTime),
             _ => None,
         }
     }
@@ -52,6 +56,26 @@ impl PointKind {
         match self {
             Self::CrashConsistent => "crash-consistent",
             Self::AppConsistent => "app-consistent",
+            Self::NotPointInTime => "not-point-in-time",
+        }
+    }
+
+    /// True when the point holds the disks as they were at one instant.
+    pub fn is_point_in_time(self) -> bool {
+        self != Self::NotPointInTime
+    }
+
+    /// The weaker of two kinds: what a point made of both can claim.
+    pub fn weaker(self, other: Self) -> Self {
+        let rank = |k: Self| match k {
+            Self::NotPointInTime => 0,
+            Self::CrashConsistent => 1,
+            Self::AppConsistent => 2,
+        };
+        if rank(other) < rank(self) {
+            other
+        } else {
+            self
         }
     }
 }

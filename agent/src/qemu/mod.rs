@@ -384,6 +384,7 @@ async fn converse(
         disks: reports,
         point,
         attempts: 1,
+        consistency: None,
     })
 }
 

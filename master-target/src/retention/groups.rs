@@ -85,9 +85,7 @@ pub fn try_commit(
         if previous.is_some_and(|s| s >= newest.seq) {
             return Ok(None);
         }
-        if newest.kind == PointKind::CrashConsistent {
-            kind = PointKind::CrashConsistent;
-        }
+        kind = kind.weaker(newest.kind);
         parts.push(PointDisk {
             id: member.to_string(),
             size: newest.seq,

@@ -30,13 +30,13 @@ use engine::storage::sparse::{copy_sparse, punch_hole};
 /// Which point to recover.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PointSelector {
-    /// The newest point.
+    /// The newest point that holds one instant (crash- or app-consistent).
     Latest,
     /// The newest app-consistent point.
     LatestApp,
     /// The point with this sequence number.
     Seq(u64),
-    /// The newest point taken at or before this time.
+    /// The newest point that holds one instant, taken at or before this time.
     Time(SystemTime),
 }
 
@@ -92,7 +92,8 @@ selectable!(RecoveryPoint, super::groups::GroupPoint);
 /// Picks the point `selector` names among `points` (oldest first).
 pub fn select<'a, P: Selectable>(points: &'a [P], selector: &PointSelector) -> Result<&'a P> {
     let found = match selector {
-        PointSelector::Latest => points.last(),
+        // Latest names the newest point that holds one instant.
+        PointSelector::Latest => points.iter().rev().find(|p| p.kind().is_point_in_time()),
         PointSelector::LatestApp => points
             .iter()
             .rev()
@@ -103,7 +104,10 @@ pub fn select<'a, P: Selectable>(points: &'a [P], selector: &PointSelector) -> R
                 .duration_since(UNIX_EPOCH)
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
                 .unwrap_or(0);
-            points.iter().rev().find(|p| p.time_ms() <= ms)
+            points
+                .iter()
+                .rev()
+                .find(|p| p.time_ms() <= ms && p.kind().is_point_in_time())
         }
     };
     found.ok_or_else(|| {
