@@ -329,3 +329,228 @@ fn tracking_survives_kill_9_of_the_agent_and_a_detached_tracker_forces_a_full_co
         &last,
     );
 }
+
+/// Writes generation after generation over a raw device, block by block in order, each
+/// write durable before the next, in bursts with pauses: at any instant the device holds
+/// generation g in blocks [0, k) and g - 1 after (one block may be half written).
+struct SequentialWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl SequentialWriter {
+    /// `pauses`: rest 40 ms after every 24 blocks; otherwise write without a break.
+    fn start(device: &str, blocks: u64, pauses: bool) -> SequentialWriter {
+        use std::os::unix::fs::FileExt;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(device)
+            .unwrap();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut written = 0u64;
+            for generation in 1u64.. {
+                for block in 0..blocks {
+                    if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                        return written;
+                    }
+                    let data: Vec<u8> = std::iter::repeat_n(generation.to_le_bytes(), BLOCK / 8)
+                        .flatten()
+                        .collect();
+                    file.write_all_at(&data, block * BLOCK as u64).unwrap();
+                    file.sync_data().unwrap();
+                    written += 1;
+                    if pauses && written % 24 == 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(40));
+                    }
+                }
+            }
+            written
+        });
+        SequentialWriter {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// True when `image` is a state the sequential writer passed through: generations never
+/// rise along the disk, differ by at most one, and only one block mixes two of them.
+fn is_a_writer_state(image: &[u8]) -> bool {
+    let sector_gen = |s: &[u8]| u64::from_le_bytes(s[..8].try_into().unwrap());
+    let mut gens = Vec::new();
+    let mut mixed = 0;
+    for block in image.chunks(BLOCK) {
+        let first = sector_gen(block);
+        if block
+            .chunks(8)
+            .any(|w| u64::from_le_bytes(w.try_into().unwrap()) != first)
+        {
+            mixed += 1;
+            // A block caught half written holds the two generations around it.
+            gens.push(block.chunks(512).map(sector_gen).max().unwrap());
+        } else {
+            gens.push(first);
+        }
+    }
+    let top = *gens.iter().max().unwrap();
+    let ordered = gens.windows(2).all(|w| w[0] >= w[1]);
+    ordered && gens.iter().all(|&g| g + 1 >= top) && mixed <= 1
+}
+
+#[test]
+fn a_writer_during_the_cycle_gives_a_proven_instant_or_an_honest_label() {
+    let cluster = Cluster::start();
+    let dir = cluster.dir.path();
+    let bpffs = Bpffs::at(dir.join("bpffs"));
+    let image = dir.join("busy.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let device = LoopDevice::attach_writable(&image);
+    let disks = vec![format!("{}=busy", device.0)];
+    tracked_cycle(&cluster, &bpffs, "vm3", &disks, &[]);
+
+    // Bursts with pauses, cycles every 50 ms meanwhile.
+    let writer = SequentialWriter::start(&device.0, 256, true);
+    let mut reports = Vec::new();
+    while reports.len() < 10 {
+        reports.push(tracked_cycle(&cluster, &bpffs, "vm3", &disks, &[]));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let written = writer.stop();
+    assert!(written > 200, "the writer wrote {written} blocks");
+    // Without pauses and one round only: no instant can be proven.
+    let writer = SequentialWriter::start(&device.0, 256, false);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let hurried = tracked_cycle(&cluster, &bpffs, "vm3", &disks, &["--max-rounds", "1"]);
+    writer.stop();
+
+    assert_eq!(
+        hurried["point"]["kind"], "not-point-in-time",
+        "{}",
+        hurried["log"]
+    );
+    assert!(hurried["consistency"]["instant_ms"].is_null());
+    assert!(hurried["log"]
+        .as_str()
+        .unwrap()
+        .contains("not-point-in-time"));
+    let mut proven = 0;
+    for report in &reports {
+        let seq = report["point"]["seq"].to_string();
+        let out = cluster.recover("vm3", &seq).unwrap();
+        let raw = dir.join(format!("busy-{seq}.raw"));
+        stdout_ok(
+            Command::new("qemu-img")
+                .args(["convert", "-O", "raw"])
+                .arg(out.join("busy.vmdk"))
+                .arg(&raw),
+        );
+        let state = std::fs::read(&raw).unwrap();
+        match report["point"]["kind"].as_str().unwrap() {
+            "crash-consistent" => {
+                assert!(
+                    is_a_writer_state(&state),
+                    "point {seq} claims an instant it does not hold"
+                );
+                assert!(report["consistency"]["instant_ms"].is_u64());
+                proven += 1;
+            }
+            "not-point-in-time" => assert!(report["consistency"]["instant_ms"].is_null()),
+            other => panic!("point {seq} is {other}"),
+        }
+    }
+    // The writer pauses between bursts, so some cycles find a quiet round.
+    assert!(
+        proven > 0,
+        "no cycle proved an instant in {} tries",
+        reports.len()
+    );
+}
+
+#[test]
+fn an_app_consistent_point_freezes_the_filesystem_for_the_last_round_only() {
+    let cluster = Cluster::start();
+    let dir = cluster.dir.path();
+    let bpffs = Bpffs::at(dir.join("bpffs"));
+    let fs = Ext4::make(dir, "db", 64);
+    fs.write("table", 4 << 20, 11);
+    let disks = vec![format!("{}=db", fs.device.0)];
+    tracked_cycle(&cluster, &bpffs, "vm4", &disks, &[]);
+
+    // A database-like writer keeps changing files through the mount.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, mount) = (stop.clone(), fs.mount.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let path = mount.join(format!("log-{}", n % 16));
+                crate::util::random_image(&path, 128 << 10, n);
+                std::fs::File::open(&path).unwrap().sync_all().unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mount = fs.mount.display().to_string();
+    let report = tracked_cycle(
+        &cluster,
+        &bpffs,
+        "vm4",
+        &disks,
+        &[
+            "--app-consistent-every",
+            "1s",
+            "--pre-hook",
+            &format!("fsfreeze -f {mount}"),
+            "--post-hook",
+            &format!("fsfreeze -u {mount}"),
+        ],
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let files = writer.join().unwrap();
+    assert!(files > 2, "the writer wrote {files} files");
+
+    assert_eq!(
+        report["point"]["kind"], "app-consistent",
+        "{}",
+        report["log"]
+    );
+    let frozen = report["consistency"]["frozen_ms"].as_u64().unwrap();
+    let cycle_ms = (report["seconds"].as_f64().unwrap() * 1000.0) as u64;
+    assert!(
+        frozen <= cycle_ms,
+        "frozen {frozen} ms of a {cycle_ms} ms cycle"
+    );
+    // The point is a clean filesystem: frozen means journal committed, nothing half done.
+    let out = cluster
+        .recover("vm4", &report["point"]["seq"].to_string())
+        .unwrap();
+    let raw = dir.join("db-app.raw");
+    stdout_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(out.join("db.vmdk"))
+            .arg(&raw),
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "fsck of the app-consistent point: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
