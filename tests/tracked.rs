@@ -554,3 +554,126 @@ fn an_app_consistent_point_freezes_the_filesystem_for_the_last_round_only() {
         String::from_utf8_lossy(&fsck.stdout)
     );
 }
+
+#[test]
+fn a_scan_of_a_disk_written_while_it_is_read_claims_no_instant() {
+    let cluster = Cluster::start();
+    let dir = cluster.dir.path();
+    let image = dir.join("live.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let device = LoopDevice::attach_writable(&image);
+    let disks = [format!("{}=live", device.0)];
+    let idle = cluster.sync("vm5", &disks).unwrap();
+    assert_eq!(idle["point"]["kind"], "crash-consistent");
+
+    let writer = SequentialWriter::start(&device.0, 256, false);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let busy = cluster.sync("vm5", &disks).unwrap();
+    writer.stop();
+    assert_eq!(busy["point"]["kind"], "not-point-in-time");
+    // `latest` never names it: failing over or recovering "latest" takes the idle point.
+    let points = cluster.points("vm5");
+    assert_eq!(points[0]["kind"], "not-point-in-time");
+    let latest = cluster.recover("vm5", "latest").unwrap();
+    let by_number = cluster
+        .recover("vm5", &idle["point"]["seq"].to_string())
+        .unwrap();
+    assert!(crate::util::qemu_img_same(
+        &{
+            let raw = dir.join("idle.raw");
+            stdout_ok(
+                Command::new("qemu-img")
+                    .args(["convert", "-O", "raw"])
+                    .arg(by_number.join("live.vmdk"))
+                    .arg(&raw),
+            );
+            raw
+        },
+        &latest.join("live.vmdk")
+    ));
+}
+
+/// The device node of partition `number` of a loop device, made in `dir` (no udev here).
+fn partition_node(device: &LoopDevice, number: u32, dir: &Path) -> PathBuf {
+    let name = format!("{}p{number}", device.0.trim_start_matches("/dev/"));
+    let sys = PathBuf::from(format!("/sys/class/block/{name}/dev"));
+    if !sys.exists() {
+        let _ = Command::new("partx").args(["-a", &device.0]).output();
+    }
+    let dev = std::fs::read_to_string(&sys).unwrap();
+    let (major, minor) = dev.trim().split_once(':').unwrap();
+    let node = dir.join(&name);
+    stdout_ok(Command::new("mknod").arg(&node).args(["b", major, minor]));
+    node
+}
+
+fn write_blocks(path: &Path, blocks: &[u64], seed: u8) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    for &block in blocks {
+        let data = vec![seed.wrapping_add(block as u8) | 1; BLOCK];
+        file.write_all_at(&data, block * BLOCK as u64).unwrap();
+    }
+    file.sync_data().unwrap();
+}
+
+#[test]
+fn a_partition_is_tracked_as_its_range_of_the_disk() {
+    let cluster = Cluster::start();
+    let dir = cluster.dir.path();
+    let bpffs = Bpffs::at(dir.join("bpffs"));
+    let image = dir.join("parted.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(48 << 20)
+        .unwrap();
+    let mut sfdisk = Command::new("sfdisk")
+        .arg("-q")
+        .arg(&image)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        sfdisk.stdin.as_mut().unwrap(),
+        b"label: dos\n2048,32768,83\n34816,,83\n",
+    )
+    .unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    let out = Command::new("losetup")
+        .args(["--find", "--show", "--partscan"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let device = LoopDevice(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    let first = partition_node(&device, 1, dir);
+    let second = partition_node(&device, 2, dir);
+    write_blocks(&first, &[0, 1, 2, 200], 1);
+    let disks = vec![format!("{}=p1", first.display())];
+    let full = tracked_cycle(&cluster, &bpffs, "vm6", &disks, &[]);
+    assert_eq!(disk(&full, "p1")["size"], 32768 * 512);
+
+    // Writes to the other partition are not this disk's; those to the first are, at
+    // their place in it.
+    write_blocks(&second, &[0, 1, 2, 3, 4, 5], 2);
+    write_blocks(&first, &[5, 6, 100], 3);
+    let next = tracked_cycle(&cluster, &bpffs, "vm6", &disks, &[]);
+    let d = disk(&next, "p1");
+    assert_eq!(d["change_source"], "tracked");
+    assert_eq!(d["tracker"]["marked_blocks"], 3, "{d}");
+    assert_eq!(d["blocks_sent"], 3);
+    let copy = dir.join("p1.raw");
+    stdout_ok(
+        Command::new("dd")
+            .arg(format!("if={}", first.display()))
+            .arg(format!("of={}", copy.display()))
+            .args(["bs=1M", "iflag=direct", "status=none"]),
+    );
+    let out = cluster
+        .recover("vm6", &next["point"]["seq"].to_string())
+        .unwrap();
+    assert!(qemu_img_same(&copy, &out.join("p1.vmdk")));
+}

@@ -12,6 +12,7 @@
 //! | [`compare`] | the top-down walk of two hash trees (pure, unit-tested) |
 //! | [`pipeline`] | the one send pipeline: read, hash, compress and pack blocks on all cores |
 //! | [`session`] | the conversation: open disks, stream batches with background flushes, checkpoint |
+//! | [`stamp`] | whether a disk changed while a scan read it (no instant is claimed then) |
 //! | [`options`] | what to replicate and how |
 //! | [`report`] | the point asked for and made, per-disk figures (`--json`) |
 //! | [`sync`](mod@sync) | one-shot sync of a machine's disks, retries with back-off |
@@ -53,6 +54,7 @@ pub mod replicate;
 pub mod report;
 pub mod scan;
 pub mod session;
+pub mod stamp;
 pub mod sync;
 pub mod tracked;
 

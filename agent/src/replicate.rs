@@ -95,9 +95,12 @@ pub async fn replicate(
                         tracing::info!("final point made for the planned failover; stopping");
                         Ok(failed)
                     }
-                    Ok(_) => Err(Error::Invalid(
-                        "the pre-hook failed: no final app-consistent point could be made".into(),
-                    )),
+                    Ok(report) => Err(Error::Invalid(format!(
+                        "no final app-consistent point could be made (the point is {}): the \
+                         pre-hook failed, or the disks changed while they were read; see the \
+                         warnings above",
+                        report.point.kind.name()
+                    ))),
                     Err(e) => Err(e),
                 };
             }

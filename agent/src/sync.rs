@@ -13,7 +13,9 @@ use crate::options::SyncOptions;
 use crate::report::SyncReport;
 use crate::scan;
 use crate::session::Session;
+use crate::stamp::ChangeStamp;
 use crate::{Phase, Progress};
+use engine::point::PointKind;
 
 /// Like [`sync`], but retries transient failures (a cut connection, a restarting service,
 /// a busy or full disk on the far side) with exponential back-off, for up to `retry_for`
@@ -81,12 +83,28 @@ pub async fn sync(
     let started = Instant::now();
     progress.set_phase(Phase::Starting);
     let mut session = Session::for_machine(options, tls).await?;
+    // A scan reads over time: if any disk changed meanwhile, no instant can be claimed.
+    let stamps = options
+        .disks
+        .iter()
+        .map(|d| ChangeStamp::of(&d.path))
+        .collect::<Result<Vec<_>>>()?;
     let mut disks = Vec::new();
     for (handle, disk) in options.disks.iter().enumerate() {
         let handle = u32::try_from(handle).map_err(|_| Error::Invalid("too many disks".into()))?;
         disks.push(scan::sync_disk(&mut session, handle, disk, options, &progress).await?);
     }
-    let point = session.checkpoint(&options.point).await?;
+    let mut point = options.point.clone();
+    for (disk, before) in options.disks.iter().zip(&stamps) {
+        if before.changed_by(&ChangeStamp::of(&disk.path)?) {
+            tracing::warn!(
+                disk = %disk.path.display(),
+                "the disk changed while it was read: this point is labelled not-point-in-time                  (use --source tracked or qemu, or freeze the applications with hooks)"
+            );
+            point.kind = PointKind::NotPointInTime;
+        }
+    }
+    let point = session.checkpoint(&point).await?;
     let wire_bytes = session.finish().await?;
     progress.set_phase(Phase::Done);
     Ok(SyncReport {
