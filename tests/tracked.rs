@@ -677,3 +677,81 @@ fn a_partition_is_tracked_as_its_range_of_the_disk() {
         .unwrap();
     assert!(qemu_img_same(&copy, &out.join("p1.vmdk")));
 }
+
+#[test]
+fn what_tracking_cannot_trust_or_do_is_said_and_untrack_stops_it() {
+    let cluster = Cluster::start();
+    let dir = cluster.dir.path();
+    let bpffs = Bpffs::at(dir.join("bpffs"));
+    let image = dir.join("small.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let device = LoopDevice::attach_writable(&image);
+    let disks = vec![format!("{}=small", device.0)];
+
+    // Without CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN: refused before anything is loaded.
+    let mut unprivileged = Command::new("setpriv");
+    unprivileged
+        .args(["--bounding-set", "-sys_admin,-bpf,-perfmon", "--"])
+        .arg(bin("deltaback-agent"))
+        .args(tracked_command(&cluster, &bpffs, "vm7", &disks, &["--cycles", "1"]).get_args());
+    let out = unprivileged.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("CAP_BPF") && stderr.contains("--source scan"),
+        "{stderr}"
+    );
+    assert!(bpffs.pins().is_empty());
+
+    // An image file is not a block device.
+    let file_disk = vec![format!("{}=small", image.display())];
+    let out = tracked_command(&cluster, &bpffs, "vm7", &file_disk, &["--cycles", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("not a block device"), "{stderr}");
+
+    tracked_cycle(&cluster, &bpffs, "vm7", &disks, &[]);
+    write_blocks(Path::new(&device.0), &[3], 4);
+    assert_eq!(
+        disk(
+            &tracked_cycle(&cluster, &bpffs, "vm7", &disks, &[]),
+            "small"
+        )["change_source"],
+        "tracked"
+    );
+
+    // An event the program could not record: the marks are no longer the whole truth.
+    let pins = bpffs.pins();
+    stdout_ok(
+        Command::new("bpftool")
+            .args(["map", "update", "pinned"])
+            .arg(pins[0].join("stats"))
+            .args([
+                "key", "2", "0", "0", "0", "value", "1", "0", "0", "0", "0", "0", "0", "0",
+            ]),
+    );
+    let lost = tracked_cycle(&cluster, &bpffs, "vm7", &disks, &[]);
+    let why = disk(&lost, "small")["tracker"]["full_compare"].to_string();
+    assert!(why.contains("could not record 1 write"), "{why}");
+    // Once compared, the loss is accounted for: back to incremental.
+    write_blocks(Path::new(&device.0), &[4], 5);
+    let after = tracked_cycle(&cluster, &bpffs, "vm7", &disks, &[]);
+    assert_eq!(disk(&after, "small")["change_source"], "tracked");
+
+    // untrack detaches and unpins; the next cycle says no tracker was running.
+    let out = stdout_ok(
+        Command::new(bin("deltaback-agent"))
+            .args(["untrack", "--disk", &device.0, "--bpffs"])
+            .arg(&bpffs.0),
+    );
+    assert!(out.contains("tracking stopped"), "{out}");
+    assert!(bpffs.pins().is_empty());
+    let again = tracked_cycle(&cluster, &bpffs, "vm7", &disks, &[]);
+    let why = disk(&again, "small")["tracker"]["full_compare"].to_string();
+    assert!(why.contains("no tracker was running"), "{why}");
+}

@@ -47,6 +47,23 @@ enum Command {
     ///       --app-consistent-every 1h --pre-hook 'fsfreeze -f /data' --post-hook 'fsfreeze -u /data'
     #[command(verbatim_doc_comment)]
     Replicate(ReplicateArgs),
+    /// Stops in-guest tracking of disks (--source tracked): detaches the eBPF program and
+    /// removes its pins. The next tracked cycle compares the whole disk and tracks again.
+    ///
+    /// Example:
+    ///   deltaback-agent untrack --disk /dev/vdb
+    #[command(verbatim_doc_comment)]
+    Untrack(UntrackArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct UntrackArgs {
+    /// A tracked block device or partition. Repeat for each disk.
+    #[arg(long = "disk", value_name = "PATH", required = true)]
+    disks: Vec<PathBuf>,
+    /// Where bpffs is mounted.
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -179,6 +196,7 @@ async fn main() -> ExitCode {
             let hook = args.connection.on_failover.clone();
             (run_replicate(args).await, hook)
         }
+        Command::Untrack(args) => (untrack(&args), None),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -337,6 +355,18 @@ async fn run_replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     .await?;
     if failed > 0 && options.cycles.is_some() {
         bail!("{failed} of the cycles failed");
+    }
+    Ok(())
+}
+
+fn untrack(args: &UntrackArgs) -> anyhow::Result<()> {
+    for path in &args.disks {
+        let device = agent::tracked::device::TrackedDevice::resolve(path)?;
+        if agent::tracked::tracker::remove(&args.bpffs, &device)? {
+            engine::say!("{}: tracking stopped", path.display());
+        } else {
+            engine::say!("{}: was not tracked", path.display());
+        }
     }
     Ok(())
 }
