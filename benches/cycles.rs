@@ -1,9 +1,11 @@
-//! Continuous replication benchmark: the `qemu` change source against the `scan` source on
-//! the same disk with 1% of its 64 KiB blocks changed per cycle, and the cost of recovering
-//! points at different depths.
+//! Continuous replication benchmark: the `qemu` and `tracked` change sources against the
+//! `scan` source on the same disk with 1% of its 64 KiB blocks changed per cycle, the
+//! tracker's cost to a writer (fio, or dd, with and without tracking), and the cost of
+//! recovering points at different depths.
 //!
-//! `cargo bench --bench cycles` (needs qemu-utils). `DELTABACK_BENCH_SIZE=512MiB` for a
-//! quicker run. Times are wall-clock on a shared machine: compare the ratios.
+//! `cargo bench --bench cycles` (needs qemu-utils; the tracked source needs root, fio is
+//! used when installed). `DELTABACK_BENCH_SIZE=512MiB` for a quicker run. Times are
+//! wall-clock on a shared machine: compare the ratios.
 
 #![allow(clippy::cast_possible_truncation)]
 
@@ -134,6 +136,8 @@ fn main() {
         100.0 * mean(&qemu_times) / mean(&scan_times)
     );
 
+    tracked_cycles(&bins, dir, &raw, &pki, &relay.addr, &noise, mean(&scan_times));
+
     // Recovering points at increasing depth: the copy of the replica, plus the blocks
     // changed since the point.
     println!();
@@ -246,4 +250,125 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The tracked source on a loop device over a copy of the image, then the writer's cost.
+fn tracked_cycles(
+    bins: &Path,
+    dir: &Path,
+    raw: &Path,
+    pki: &Path,
+    relay: &str,
+    noise: &[u8],
+    scan_mean: f64,
+) {
+    println!();
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        println!("tracked source: skipped (the eBPF tracker needs root)");
+        return;
+    }
+    let image = dir.join("tracked.img");
+    run_ok(Command::new("cp").arg("--sparse=always").arg(raw).arg(&image));
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&image)
+        .output()
+        .expect("losetup");
+    let device = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let bpffs = dir.join("bpffs");
+    let cycle = || {
+        let mut cmd = Command::new(bins.join("deltaback-agent"));
+        cmd.args(["replicate", "--json", "--cycles", "1", "--source", "tracked"])
+            .args(["--server", relay, "--machine", "tracked", "--pki", s(pki)])
+            .args(["--bpffs", s(&bpffs), "--disk", &format!("{device}=vda")]);
+        measure(cmd)
+    };
+    let first = cycle();
+    println!(
+        "tracked source, first cycle (new tracker: compares everything): {:.2} s",
+        first.wall.as_secs_f64()
+    );
+    let size = std::fs::metadata(raw).map(|m| m.len()).unwrap_or(0);
+    let blocks = size / BLOCK;
+    let mut times = Vec::new();
+    for round in 0..3u64 {
+        let chosen = pick(blocks, (blocks / 100).max(1), 200 + round);
+        write_raw(Path::new(&device), &chosen, noise);
+        run_ok(Command::new("sync").arg(&device));
+        let t = cycle();
+        let report = json(&t);
+        println!(
+            "cycle {}: tracked {:.3} s ({} blocks marked, {} sent) | tracked/scan {:.1}%",
+            round + 2,
+            t.wall.as_secs_f64(),
+            report["disks"][0]["tracker"]["marked_blocks"],
+            report["disks"][0]["blocks_sent"],
+            100.0 * t.wall.as_secs_f64() / scan_mean
+        );
+        times.push(t.wall.as_secs_f64());
+    }
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    println!(
+        "mean cycle: tracked {mean:.3} s, scan {scan_mean:.3} s: a tracked cycle costs {:.1}% of a scan cycle (goal < 5%)",
+        100.0 * mean / scan_mean
+    );
+
+    // The writer's cost: the same random writes with the tracker attached and without,
+    // alternated so drift in the machine's speed falls on both.
+    let untrack = || {
+        run_ok(
+            Command::new(bins.join("deltaback-agent"))
+                .args(["untrack", "--disk", &device, "--bpffs", s(&bpffs)]),
+        );
+    };
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        with.push(writer_rate(&device));
+        untrack();
+        without.push(writer_rate(&device));
+        cycle();
+    }
+    untrack();
+    let (with, without) = (
+        with.iter().sum::<f64>() / with.len() as f64,
+        without.iter().sum::<f64>() / without.len() as f64,
+    );
+    println!(
+        "writer ({}): {with:.0} writes/s tracked, {without:.0} untracked: tracking costs the writer {:.1}% (goal < 3%)",
+        if has_fio() { "fio 4 KiB random direct writes" } else { "dd 4 KiB direct writes" },
+        100.0 * (1.0 - with / without)
+    );
+    let _ = Command::new("losetup").args(["-d", &device]).status();
+}
+
+fn has_fio() -> bool {
+    Command::new("fio").arg("--version").output().is_ok()
+}
+
+/// 4 KiB direct writes per second to `device` for a few seconds.
+fn writer_rate(device: &str) -> f64 {
+    if has_fio() {
+        let out = Command::new("fio")
+            .args(["--name=w", "--rw=randwrite", "--bs=4k", "--direct=1"])
+            .args(["--ioengine=psync", "--runtime=4", "--time_based", "--size=512M"])
+            .args(["--output-format=json", &format!("--filename={device}")])
+            .output()
+            .expect("fio");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio JSON");
+        return report["jobs"][0]["write"]["iops"].as_f64().unwrap_or(0.0);
+    }
+    let started = Instant::now();
+    run_ok(Command::new("dd").args([
+        "if=/dev/zero",
+        &format!("of={device}"),
+        "bs=4k",
+        "count=50000",
+        "oflag=direct",
+        "status=none",
+    ]));
+    50_000.0 / started.elapsed().as_secs_f64()
 }
