@@ -22,7 +22,8 @@
 //! ## The journey of a block
 //! A change source decides which blocks to send, as runs of consecutive blocks
 //! (`engine::block::ranges`): the scan source from the tree compare, the QEMU source from
-//! the dirty bitmap's extents. The runs are cut into jobs of one batch (4 MiB of blocks) and
+//! the dirty bitmap's extents, the tracked source from the marks its eBPF program set (each
+//! block then sent only if its hash differs from the replica's). The runs are cut into jobs of one batch (4 MiB of blocks) and
 //! handed to the [`pipeline`]: its workers read the blocks (the scan source's file; the QEMU
 //! source reads NBD itself and hands the data over), hash them, encode them and pack them
 //! into `Blocks` records. The [`session`] sends each batch with the next sequence number,
@@ -31,7 +32,9 @@
 //! makes the recovery point.
 //!
 //! ## Files
-//! The agent keeps no files: the QEMU source's state lives in QEMU's persistent bitmaps,
+//! The agent keeps no files of its own. The tracked source's state lives in the kernel, pinned
+//! in bpffs (`<bpffs>/deltaback/<disk>/`: programs, links, marks, stats; see [`tracked`]);
+//! the QEMU source's state lives in QEMU's persistent bitmaps,
 //! the replica's state on the master target; QEMU scratch images live only during a cycle,
 //! and the hashes of a disk it compares go to an anonymous manifest file in `$TMPDIR`
 //! (gone when the cycle ends), so its memory stays flat whatever the disk.
@@ -41,6 +44,10 @@
 //! | --- | --- |
 //! | the pipeline's job receiver (mutex) | taken by one worker at a time to take the next job |
 //! | `engine::block::hashing` work cursor (mutex) | the next chunk to hash |
+//!
+//! The tracker's bitmaps are shared with the kernel without locks: the BPF program and the
+//! agent change them only with atomic operations ([`tracked::marks`]). Two agents tracking
+//! the same disk are not supported; run one agent per machine.
 //!
 //! Channels between the source, the workers and the session are bounded, so memory stays at
 //! a few batches per worker whatever the disk size.
