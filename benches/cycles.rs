@@ -136,7 +136,15 @@ fn main() {
         100.0 * mean(&qemu_times) / mean(&scan_times)
     );
 
-    tracked_cycles(&bins, dir, &raw, &pki, &relay.addr, &noise, mean(&scan_times));
+    tracked_cycles(
+        &bins,
+        dir,
+        &raw,
+        &pki,
+        &relay.addr,
+        &noise,
+        mean(&scan_times),
+    );
 
     // Recovering points at increasing depth: the copy of the replica, plus the blocks
     // changed since the point.
@@ -272,7 +280,12 @@ fn tracked_cycles(
         return;
     }
     let image = dir.join("tracked.img");
-    run_ok(Command::new("cp").arg("--sparse=always").arg(raw).arg(&image));
+    run_ok(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(raw)
+            .arg(&image),
+    );
     let out = Command::new("losetup")
         .args(["--find", "--show"])
         .arg(&image)
@@ -282,9 +295,16 @@ fn tracked_cycles(
     let bpffs = dir.join("bpffs");
     let cycle = || {
         let mut cmd = Command::new(bins.join("deltaback-agent"));
-        cmd.args(["replicate", "--json", "--cycles", "1", "--source", "tracked"])
-            .args(["--server", relay, "--machine", "tracked", "--pki", s(pki)])
-            .args(["--bpffs", s(&bpffs), "--disk", &format!("{device}=vda")]);
+        cmd.args([
+            "replicate",
+            "--json",
+            "--cycles",
+            "1",
+            "--source",
+            "tracked",
+        ])
+        .args(["--server", relay, "--machine", "tracked", "--pki", s(pki)])
+        .args(["--bpffs", s(&bpffs), "--disk", &format!("{device}=vda")]);
         measure(cmd)
     };
     let first = cycle();
@@ -320,10 +340,13 @@ fn tracked_cycles(
     // The writer's cost: the same random writes with the tracker attached and without,
     // alternated so drift in the machine's speed falls on both.
     let untrack = || {
-        run_ok(
-            Command::new(bins.join("deltaback-agent"))
-                .args(["untrack", "--disk", &device, "--bpffs", s(&bpffs)]),
-        );
+        run_ok(Command::new(bins.join("deltaback-agent")).args([
+            "untrack",
+            "--disk",
+            &device,
+            "--bpffs",
+            s(&bpffs),
+        ]));
     };
     let (mut with, mut without) = (Vec::new(), Vec::new());
     for _ in 0..3 {
@@ -354,7 +377,12 @@ fn writer_rate(device: &str) -> f64 {
     if has_fio() {
         let out = Command::new("fio")
             .args(["--name=w", "--rw=randwrite", "--bs=4k", "--direct=1"])
-            .args(["--ioengine=psync", "--runtime=4", "--time_based", "--size=512M"])
+            .args([
+                "--ioengine=psync",
+                "--runtime=4",
+                "--time_based",
+                "--size=512M",
+            ])
             .args(["--output-format=json", &format!("--filename={device}")])
             .output()
             .expect("fio");

@@ -3,13 +3,15 @@
 // deltaback's in-guest write tracker: marks the blocks of one disk (or one partition's range
 // of it) that writes touch, in a bitmap the agent maps into its memory.
 //
-// Attached to two block tracepoints:
-//   block:block_bio_queue    a write is submitted (partitions are already remapped: the
-//                            device is the whole disk, the sector is on the whole disk);
-//   block:block_rq_complete  a request completes: a write the agent read while it was in
-//                            flight is marked again, so the next round reads it once more.
-// Field offsets differ between the two events and between kernels; the agent reads them from
-// tracefs and sets them below before loading, so no kernel headers are needed.
+// Attached to block:block_rq_complete: a write request of a blk-mq disk has reached the
+// device. Requests are on the whole disk (a partition's writes were remapped when they were
+// submitted), so the device is the disk and the sector is on the disk. Marking at completion
+// is what makes the agent's rounds sound: a block it read while a write to it was in flight
+// is marked when the write lands, so it is read again. One program only: two tracing
+// programs on one CPU make the kernel skip the second (recursion_misses), which would cost a
+// full compare.
+// Field offsets differ between kernels; the agent reads them from tracefs and sets them
+// below before loading, so no kernel headers are needed.
 //
 // Map `marks`, BPF_F_MMAPABLE, 2 * words u64: [0, words) is the live bitmap this program
 // sets (atomic OR); [words, 2 * words) is the agent's taken set (only the agent writes it).
@@ -24,12 +26,11 @@ const volatile __u64 first_sector = 0;  // first 512-byte sector of the tracked 
 const volatile __u64 sector_count = 0;  // its length in sectors
 const volatile __u32 block_shift = 7;   // log2(block size / 512)
 const volatile __u32 whole_disk = 1;    // writes past the range mean the disk grew: lost
-const volatile __u32 queue_dev = 8, queue_sector = 16, queue_nr = 24, queue_rwbs = 28;
 const volatile __u32 done_dev = 8, done_sector = 16, done_nr = 24, done_rwbs = 34;
 
 // Counters in `stats` (indexes shared with the agent's tracked/map.rs).
-#define STAT_WRITES 0        // write events inside the range
-#define STAT_BYTES 1         // bytes those events cover (queued writes only)
+#define STAT_WRITES 0        // write completions inside the range
+#define STAT_BYTES 1         // bytes they cover
 #define STAT_LOST 2          // events that could not be recorded
 #define STAT_ENTRIES 64
 
@@ -62,6 +63,7 @@ struct span {
 };
 
 // One word of the live bitmap per call: the bits of blocks first..last that fall in it.
+// Returns 1 to stop (past the last word, or a word that cannot be marked: counted as lost).
 static long mark_word(__u64 i, void *data)
 {
 	struct span *span = data;
@@ -74,9 +76,7 @@ static long mark_word(__u64 i, void *data)
 	if (word == (span->last_block >> 6) && (span->last_block & 63) != 63)
 		bits &= (1ULL << ((span->last_block & 63) + 1)) - 1;
 	__u32 key = word;
-	if (key != word)
-		return 1;
-	__u64 *slot = bpf_map_lookup_elem(&marks, &key);
+	__u64 *slot = key == word ? bpf_map_lookup_elem(&marks, &key) : 0;
 	if (!slot) {
 		count(STAT_LOST, 1);
 		return 1;
@@ -86,7 +86,7 @@ static long mark_word(__u64 i, void *data)
 }
 
 static __always_inline int mark(void *ctx, __u32 dev_off, __u32 sector_off, __u32 nr_off,
-				__u32 rwbs_off, int queued)
+				__u32 rwbs_off)
 {
 	__u32 dev = 0, nr = 0;
 	__u64 sector = 0;
@@ -123,30 +123,24 @@ static __always_inline int mark(void *ctx, __u32 dev_off, __u32 sector_off, __u3
 		.last_block = (end - 1 - first_sector) >> block_shift,
 	};
 	__u64 words = (span.last_block >> 6) - (span.first_block >> 6) + 1;
-	if (words > (1 << 23))
+	if (words == 1) {
+		// The common case, a write within one word of the bitmap: no loop.
+		mark_word(0, &span);
+	} else if (words > (1 << 23) || bpf_loop(words, mark_word, &span, 0) < 0) {
 		goto lost;
-	if (bpf_loop(words, mark_word, &span, 0) < 0)
-		goto lost;
-	if (queued) {
-		count(STAT_WRITES, 1);
-		count(STAT_BYTES, (end - sector) << 9);
 	}
+	count(STAT_WRITES, 1);
+	count(STAT_BYTES, (end - sector) << 9);
 	return 0;
 lost:
 	count(STAT_LOST, 1);
 	return 0;
 }
 
-SEC("tracepoint/block/block_bio_queue")
-int deltaback_queue(void *ctx)
-{
-	return mark(ctx, queue_dev, queue_sector, queue_nr, queue_rwbs, 1);
-}
-
 SEC("tracepoint/block/block_rq_complete")
 int deltaback_done(void *ctx)
 {
-	return mark(ctx, done_dev, done_sector, done_nr, done_rwbs, 0);
+	return mark(ctx, done_dev, done_sector, done_nr, done_rwbs);
 }
 
 char LICENSE[] SEC("license") = "GPL";

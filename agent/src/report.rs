@@ -57,6 +57,8 @@ pub struct TrackerReport {
     pub written_bytes: u64,
     /// `written_bytes` over the time since the last cycle: the disk's churn.
     pub write_rate_bytes_per_s: f64,
+    /// Bytes of block payload this cycle sent for the disk (after compression).
+    pub sent_bytes: u64,
     /// Marked blocks not yet read when the point was made (writes after it), in bytes.
     pub backlog_bytes: u64,
     /// Where the tracker's program and maps are pinned.

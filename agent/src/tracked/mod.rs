@@ -249,6 +249,7 @@ pub async fn tracked_cycle(
             0.0
         };
         figures.backlog_bytes = backlog.saturating_mul(block);
+        figures.sent_bytes = disk.report.payload_bytes;
         figures.pins = disk.tracker.pins().display().to_string();
         tracing::info!(
             disk = %disk.opened.spec.path.display(),
@@ -256,6 +257,7 @@ pub async fn tracked_cycle(
             rate_mb_s = format!("{:.2}", figures.write_rate_bytes_per_s / 1e6),
             marked,
             sent = disk.report.blocks_sent,
+            sent_bytes = figures.sent_bytes,
             backlog = figures.backlog_bytes,
             "tracked cycle acknowledged"
         );

@@ -1,5 +1,5 @@
 //! The kernel side of in-guest tracking: the BPF program of `bpf/tracker.bpf.c`, attached
-//! to the block tracepoints for one disk, its maps, and their pins in bpffs.
+//! to the block layer's write completions for one disk, its maps, and their pins in bpffs.
 //!
 //! Everything is pinned under `<bpffs>/deltaback/<disk>/` (programs, links, `marks`,
 //! `stats`), so tracking goes on while the agent is stopped, restarted or killed; the agent
@@ -58,10 +58,8 @@ const FLAG_BASELINE: u64 = 1;
 /// taken blocks already, so its root may differ from the one recorded.
 const FLAG_IN_PROGRESS: u64 = 2;
 
-const PROGRAMS: [(&str, &str); 2] = [
-    ("deltaback_queue", "block_bio_queue"),
-    ("deltaback_done", "block_rq_complete"),
-];
+/// The program and the tracepoint it is attached to (see `bpf/tracker.bpf.c` for why one).
+const PROGRAMS: [(&str, &str); 1] = [("deltaback_done", "block_rq_complete")];
 
 /// One disk's tracker, its maps mapped into this process.
 pub struct Tracker {
@@ -443,11 +441,10 @@ fn event_layout(event: &str) -> Result<EventLayout> {
     })
 }
 
-/// Loads the program for `device`, attaches it to both tracepoints and pins it all.
+/// Loads the program for `device`, attaches it to the tracepoint and pins it all.
 #[cfg(deltaback_bpf)]
 fn create(device: &TrackedDevice, dir: &Path, block_size: BlockSize, blocks: u64) -> Result<()> {
     use aya::programs::{links::FdLink, TracePoint};
-    let queue = event_layout("block_bio_queue")?;
     let done = event_layout("block_rq_complete")?;
     let entries = u32::try_from(words_for(blocks).saturating_mul(2))
         .map_err(|_| Error::Invalid("disk too large to track".into()))?;
@@ -466,10 +463,6 @@ fn create(device: &TrackedDevice, dir: &Path, block_size: BlockSize, blocks: u64
         .set_global("sector_count", &device.sectors, true)
         .set_global("block_shift", &shift, true)
         .set_global("whole_disk", &whole, true)
-        .set_global("queue_dev", &queue.dev, true)
-        .set_global("queue_sector", &queue.sector, true)
-        .set_global("queue_nr", &queue.nr_sector, true)
-        .set_global("queue_rwbs", &queue.rwbs, true)
         .set_global("done_dev", &done.dev, true)
         .set_global("done_sector", &done.sector, true)
         .set_global("done_nr", &done.nr_sector, true)
@@ -556,11 +549,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_block_tracepoints_of_this_kernel_have_the_fields_the_program_reads() {
+    fn the_block_tracepoint_of_this_kernel_has_the_fields_the_program_reads() {
         // tracefs is readable by root, as the agent's tracking needs anyway.
-        let queue = event_layout("block_bio_queue").unwrap();
         let done = event_layout("block_rq_complete").unwrap();
-        assert_eq!((queue.dev, queue.sector, queue.nr_sector), (8, 16, 24));
-        assert!(queue.rwbs >= 28 && done.rwbs >= 28);
+        assert_eq!((done.dev, done.sector, done.nr_sector), (8, 16, 24));
+        assert!(done.rwbs >= 28);
     }
 }
