@@ -344,10 +344,13 @@ fn tracked_cycles(
         100.0 * idle.wall.as_secs_f64() / scan_mean
     );
 
-    run_ok(
-        Command::new(bins.join("deltaback-agent"))
-            .args(["untrack", "--disk", &device, "--bpffs", s(&bpffs)]),
-    );
+    run_ok(Command::new(bins.join("deltaback-agent")).args([
+        "untrack",
+        "--disk",
+        &device,
+        "--bpffs",
+        s(&bpffs),
+    ]));
     let _ = Command::new("losetup").args(["-d", &device]).status();
     writer_cost(bins, dir, pki, relay);
     // The agent mounted this bpffs; unmounting it leaves nothing attached.
@@ -377,16 +380,26 @@ fn writer_cost(bins: &Path, dir: &Path, pki: &Path, relay: &str) {
     let bpffs = dir.join("bpffs");
     let track = || {
         let mut cmd = Command::new(bins.join("deltaback-agent"));
-        cmd.args(["replicate", "--json", "--cycles", "1", "--source", "tracked"])
-            .args(["--server", relay, "--machine", "writer", "--pki", s(pki)])
-            .args(["--bpffs", s(&bpffs), "--disk", &format!("{device}=w")]);
+        cmd.args([
+            "replicate",
+            "--json",
+            "--cycles",
+            "1",
+            "--source",
+            "tracked",
+        ])
+        .args(["--server", relay, "--machine", "writer", "--pki", s(pki)])
+        .args(["--bpffs", s(&bpffs), "--disk", &format!("{device}=w")]);
         measure(cmd);
     };
     let untrack = || {
-        run_ok(
-            Command::new(bins.join("deltaback-agent"))
-                .args(["untrack", "--disk", &device, "--bpffs", s(&bpffs)]),
-        );
+        run_ok(Command::new(bins.join("deltaback-agent")).args([
+            "untrack",
+            "--disk",
+            &device,
+            "--bpffs",
+            s(&bpffs),
+        ]));
     };
     let stats = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");

@@ -111,8 +111,18 @@ pub fn select<'a, P: Selectable>(points: &'a [P], selector: &PointSelector) -> R
         }
     };
     found.ok_or_else(|| {
+        let consistent = points.iter().any(|p| p.kind().is_point_in_time());
         Error::Invalid(match points.first() {
             None => "no recovery points yet".to_owned(),
+            Some(_)
+                if !consistent
+                    && matches!(selector, PointSelector::Latest | PointSelector::Time(_)) =>
+            {
+                "every point kept is not-point-in-time (its disks were read while they changed): \
+                 name one by its sequence number if you accept that, or make a consistent point \
+                 first (--source tracked or qemu, or hooks that freeze the applications)"
+                    .to_owned()
+            }
             Some(first) => format!(
                 "no such point in the retention window (points {} to {} are kept)",
                 first.seq(),
