@@ -753,3 +753,54 @@ fn what_tracking_cannot_trust_or_do_is_said_and_untrack_stops_it() {
     let why = disk(&again, "small")["tracker"]["full_compare"].to_string();
     assert!(why.contains("no tracker was running"), "{why}");
 }
+
+#[test]
+fn an_agent_killed_in_the_middle_of_a_cycle_leaves_its_marks_for_the_next_one() {
+    let cluster = Cluster::start();
+    let dir = cluster.dir.path();
+    let bpffs = Bpffs::at(dir.join("bpffs"));
+    let image = dir.join("big.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(96 << 20)
+        .unwrap();
+    let device = LoopDevice::attach_writable(&image);
+    let disks = vec![format!("{}=big", device.0)];
+    tracked_cycle(&cluster, &bpffs, "vm8", &disks, &[]);
+    for (round, delay_ms) in [20u64, 80, 200].into_iter().enumerate() {
+        // Much to send, so the kill lands while the cycle reads and sends.
+        let blocks: Vec<u64> = (0..1000u64)
+            .map(|b| (b * 7 + round as u64) % 1536)
+            .collect();
+        write_blocks(Path::new(&device.0), &blocks, round as u8 * 16);
+        let mut agent = tracked_command(&cluster, &bpffs, "vm8", &disks, &["--cycles", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        agent.kill().unwrap();
+        agent.wait().unwrap();
+        let copy = dir.join(format!("big-{round}.raw"));
+        stdout_ok(
+            Command::new("dd")
+                .arg(format!("if={}", device.0))
+                .arg(format!("of={}", copy.display()))
+                .args(["bs=1M", "iflag=direct", "status=none"]),
+        );
+        let next = tracked_cycle(&cluster, &bpffs, "vm8", &disks, &[]);
+        assert_eq!(
+            disk(&next, "big")["change_source"],
+            "tracked",
+            "killed after {delay_ms} ms: {}",
+            next["log"]
+        );
+        let out = cluster
+            .recover("vm8", &next["point"]["seq"].to_string())
+            .unwrap();
+        assert!(
+            qemu_img_same(&copy, &out.join("big.vmdk")),
+            "killed after {delay_ms} ms"
+        );
+    }
+}
