@@ -558,6 +558,26 @@ impl Replica {
             return Ok(());
         };
         let geometry = self.manifest.geometry();
+        // The old blocks are scattered over the extent: ask for all of them at once, so the
+        // device reads them in parallel while the loop below takes them one by one.
+        let mut to_read = Vec::new();
+        for &(index, _, _) in changes {
+            if !journal.has(index) && current.get(&self.manifest, index)? != self.zero.of(index) {
+                to_read.push(index);
+            }
+        }
+        if to_read.len() > 1 {
+            for &index in &to_read {
+                let len = geometry.block_len(index).unwrap_or(0) as u64;
+                // Only advice: a refusal costs speed, never correctness.
+                let _ = rustix::fs::fadvise(
+                    &self.file,
+                    geometry.offset(index),
+                    len,
+                    rustix::fs::Advice::WillNeed,
+                );
+            }
+        }
         let mut old = vec![0u8; geometry.block_size.bytes()];
         for &(index, _, _) in changes {
             if journal.has(index) {
