@@ -119,7 +119,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
             id: SafeName::new("disk id", "disk0")?,
         }],
         block_size,
-        compress: true,
+        compression: agent::Compression::Zstd,
         threads: engine::block::hashing::default_threads(),
         point: Default::default(),
         throttle: None,

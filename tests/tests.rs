@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
+mod compression;
 mod failback;
 mod failover;
 mod faults;

@@ -10,6 +10,7 @@
 //! | [`qemu`] | the QEMU change source: persistent dirty bitmaps read point-in-time through a fleecing snapshot; its NBD ([`qemu::nbd`]) and QMP ([`qemu::qmp`]) clients |
 //! | [`tracked`] | the tracked change source: an eBPF program marks written blocks in the guest; rounds prove the point's instant |
 //! | [`compare`] | the top-down walk of two hash trees (pure, unit-tested) |
+//! | [`compression`] | `--compress auto|zstd|none`: per stream, the link measured against the compressor |
 //! | [`pipeline`] | the one send pipeline: read, hash, compress and pack blocks on all cores |
 //! | [`session`] | the conversation: open disks, stream batches with background flushes, checkpoint |
 //! | [`stamp`] | whether a disk changed while a scan read it (no instant is claimed then) |
@@ -53,6 +54,7 @@
 //! a few batches per worker whatever the disk size.
 
 pub mod compare;
+pub mod compression;
 pub mod options;
 pub mod pipeline;
 pub mod progress;
@@ -65,6 +67,7 @@ pub mod stamp;
 pub mod sync;
 pub mod tracked;
 
+pub use compression::Compression;
 pub use options::{DiskSpec, SyncOptions};
 pub use progress::{Phase, Progress};
 pub use qemu::QemuSource;

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use agent::{
-    replicate, sync_with_retry, ChangeSource, DiskSpec, PointRequest, Progress, QemuSource,
-    ReplicateOptions, SyncOptions, SyncReport, TrackedSource,
+    replicate, sync_with_retry, ChangeSource, Compression, DiskSpec, PointRequest, Progress,
+    QemuSource, ReplicateOptions, SyncOptions, SyncReport, TrackedSource,
 };
 use anyhow::{bail, Context};
 use bytesize::ByteSize;
@@ -84,8 +84,13 @@ struct Connection {
     /// Block size: a power of two from 4KiB to 4MiB.
     #[arg(long, default_value = "64KiB")]
     block_size: ByteSize,
-    /// Send blocks raw instead of zstd-compressed (faster on a fast LAN, slower on a WAN).
-    #[arg(long)]
+    /// Compression of block payloads: `auto` measures, per stream, the link against the
+    /// compressor and compresses only while the link is the slower (a WAN, a --max-rate),
+    /// not on a LAN faster than zstd; `zstd` always; `none` never.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "zstd", "none"])]
+    compress: String,
+    /// The same as --compress none.
+    #[arg(long, hide = true, conflicts_with = "compress")]
     no_compress: bool,
     /// Threads for hashing and compressing [default: all cores].
     #[arg(long)]
@@ -255,7 +260,11 @@ impl Connection {
             machine: SafeName::new("machine name", &self.machine)?,
             disks,
             block_size: BlockSize::new(self.block_size.as_u64())?,
-            compress: !self.no_compress,
+            compression: if self.no_compress {
+                Compression::None
+            } else {
+                self.compress.parse().map_err(anyhow::Error::msg)?
+            },
             threads: self
                 .threads
                 .unwrap_or_else(engine::block::hashing::default_threads)
@@ -406,6 +415,20 @@ fn print_summary(report: &SyncReport) {
         report.point.kind.name(),
         report.seconds,
         ByteSize(report.wire_bytes)
+    );
+    let c = &report.compression;
+    let speeds = match (c.link_mb_s, c.compressor_mb_s) {
+        (Some(link), Some(zstd)) => format!(" (link {link} MB/s, compressor {zstd} MB/s)"),
+        _ => String::new(),
+    };
+    engine::say!(
+        "  compression {}: {} batches compressed, {} raw{speeds}",
+        serde_json::to_value(c.mode)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        c.compressed_batches,
+        c.raw_batches
     );
     if let Some(consistency) = &report.consistency {
         let frozen = consistency

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use engine::block::geometry::{BlockSize, SafeName};
 use engine::wire::throttle::Throttle;
 
+use crate::compression::Compression;
 use crate::report::PointRequest;
 
 /// One disk to replicate.
@@ -29,8 +30,8 @@ pub struct SyncOptions {
     pub disks: Vec<DiskSpec>,
     /// Block size for hashing and sending.
     pub block_size: BlockSize,
-    /// Compress payloads with zstd (kept only where smaller).
-    pub compress: bool,
+    /// Whether payloads are compressed: `auto` measures the link against the compressor.
+    pub compression: Compression,
     /// Threads for hashing and compressing.
     pub threads: usize,
     /// The recovery point the sync ends with.

@@ -32,6 +32,7 @@ use engine::error::{Error, Result};
 use engine::storage::direct::AlignedBuf;
 use engine::wire::message::{append_record, RECORD_HEADER_LEN};
 
+use crate::compression::{Compression, CompressionControl};
 use crate::Progress;
 
 /// Most raw bytes of blocks in one batch; with headers it stays under the frame limit.
@@ -54,14 +55,27 @@ pub struct Batch {
     pub raw_bytes: u64,
     /// Blocks read and left out because the replica holds them already.
     pub unchanged_blocks: u64,
+    /// Time spent encoding (compressing) the records.
+    pub encode_time: std::time::Duration,
+    /// True when the records were tried with zstd.
+    pub compressed: bool,
+}
+
+impl Batch {
+    /// Bytes this batch puts on the wire (records with their headers).
+    pub fn wire_bytes(&self) -> u64 {
+        self.records.len() as u64
+    }
 }
 
 impl Batch {
     /// Hashes (zero blocks by their known hash), encodes and appends block `index`.
     fn push(&mut self, index: u64, data: &[u8], hash: &BlockHash, encoder: &mut BlockEncoder) {
+        let started = std::time::Instant::now();
         append_record(&mut self.records, index, hash, |out| {
             encoder.encode(data, out)
         });
+        self.encode_time += started.elapsed();
         self.count += 1;
         self.raw_bytes += data.len() as u64;
     }
@@ -83,8 +97,8 @@ pub struct SourceFile {
 /// How the pipeline packs one disk.
 pub struct PipelineConfig {
     pub geometry: Geometry,
-    /// Compress payloads with zstd (kept only where smaller).
-    pub compress: bool,
+    /// Whether payloads are compressed, batch by batch (kept per block only where smaller).
+    pub compression: Arc<CompressionControl>,
     /// Worker threads.
     pub threads: usize,
     /// Leave all-zero blocks out (counted in [`Batch::zero_blocks`]): the replica is new
@@ -125,7 +139,8 @@ impl Pipeline {
             config,
         });
         for _ in 0..threads {
-            let mut encoder = BlockEncoder::new(worker.config.compress)?;
+            let mut encoder =
+                BlockEncoder::new(worker.config.compression.mode() != Compression::None)?;
             let (jobs, batches, worker) = (jobs_rx.clone(), batches_tx.clone(), worker.clone());
             std::thread::Builder::new()
                 .name("pack".into())
@@ -194,6 +209,7 @@ struct Worker {
 impl Worker {
     fn run(&self, job: Job, encoder: &mut BlockEncoder, buf: &mut AlignedBuf) -> Result<Batch> {
         let mut batch = Batch::default();
+        encoder.set_compress(self.config.compression.next_batch());
         match job {
             Job::Read(runs) => {
                 for (first, count) in runs {
@@ -218,6 +234,12 @@ impl Worker {
                     self.pack(*first, data, None, &mut batch, encoder);
                 }
             }
+        }
+        batch.compressed = encoder.compresses();
+        if batch.compressed && batch.raw_bytes > 0 {
+            self.config
+                .compression
+                .record_compression(batch.raw_bytes, batch.encode_time);
         }
         Ok(batch)
     }
@@ -321,7 +343,7 @@ mod tests {
     fn config(geometry: Geometry, skip_zero: bool, source: Option<SourceFile>) -> PipelineConfig {
         PipelineConfig {
             geometry,
-            compress: true,
+            compression: Arc::new(CompressionControl::new(Compression::Zstd, 3)),
             threads: 3,
             skip_zero,
             source,

@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 
+use crate::compression::CompressionReport;
 use engine::block::geometry::{Geometry, SafeName};
 use engine::point::PointKind;
 use engine::wire::DiskState;
@@ -80,6 +81,8 @@ pub struct SyncReport {
     /// Block bytes handed to the network over all attempts, before compression:
     /// what an interrupted attempt sent again shows here.
     pub block_bytes_all_attempts: u64,
+    /// Whether payloads were compressed, and the speeds `auto` measured to decide.
+    pub compression: CompressionReport,
     /// How a tracked cycle proved its instant (tracked source only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub consistency: Option<ConsistencyReport>,

@@ -148,7 +148,7 @@ pub(crate) async fn compare_and_send(
     progress.set_phase(Phase::Sending);
     let (pipeline, batches) = Pipeline::start(PipelineConfig {
         geometry,
-        compress: options.compress,
+        compression: session.compression(),
         threads: options.threads,
         skip_zero: state.fresh,
         source: Some(SourceFile {

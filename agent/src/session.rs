@@ -13,11 +13,11 @@ use tokio::sync::mpsc;
 use engine::block::geometry::{BlockHash, Geometry, SafeName};
 use engine::error::Result;
 use engine::wire::client::Conversation;
-use engine::wire::throttle::Throttle;
 use engine::wire::tls::Role;
 use engine::wire::DiskState;
 
 use crate::compare::RemoteTree;
+use crate::compression::CompressionControl;
 use crate::options::SyncOptions;
 use crate::pipeline::Batch;
 use crate::report::{DiskReport, PointReport, PointRequest};
@@ -30,33 +30,37 @@ pub const FLUSH_EVERY: u64 = 256 << 20;
 /// One open conversation.
 pub struct Session {
     conversation: Conversation,
+    /// Whether this stream's payloads are compressed, and what that decision measured.
+    compression: Arc<CompressionControl>,
 }
 
 impl Session {
-    /// Connects to the process server and introduces `machine`.
-    pub async fn start(
-        server: &str,
-        tls: Arc<rustls::ClientConfig>,
-        machine: &SafeName,
-        throttle: Option<Arc<Throttle>>,
-    ) -> Result<Self> {
-        let conversation =
-            Conversation::open(server, tls, Role::ProcessServer, machine, throttle).await?;
-        Ok(Self { conversation })
-    }
-
-    /// Connects to the process server of `options` for its machine, throttled as asked.
+    /// Connects to the process server of `options` for its machine, throttled and
+    /// compressing as asked.
     pub async fn for_machine(
         options: &SyncOptions,
         tls: Arc<rustls::ClientConfig>,
     ) -> Result<Self> {
-        Self::start(
+        let conversation = Conversation::open(
             &options.server,
             tls,
+            Role::ProcessServer,
             &options.machine,
             options.throttle.clone(),
         )
-        .await
+        .await?;
+        Ok(Self {
+            conversation,
+            compression: Arc::new(CompressionControl::new(
+                options.compression,
+                options.threads,
+            )),
+        })
+    }
+
+    /// This stream's compression control, for the send pipelines that feed it.
+    pub fn compression(&self) -> Arc<CompressionControl> {
+        self.compression.clone()
     }
 
     /// Opens disk `id` under `handle`; returns what the master target holds of it.
@@ -100,6 +104,7 @@ impl Session {
     ) -> Result<()> {
         let fresh = report.fresh;
         let conversation = &mut self.conversation;
+        let compression = &self.compression;
         let mut seq = report.durable_seq;
         let send_all = async {
             let mut since_flush = 0u64;
@@ -122,9 +127,12 @@ impl Session {
                 report.payload_bytes += batch.payload_bytes();
                 since_flush += batch.records.len() as u64;
                 seq += 1;
+                let (wire_bytes, compressed) = (batch.wire_bytes(), batch.compressed);
+                let sending = std::time::Instant::now();
                 conversation
                     .send_blocks(handle, seq, batch.count, batch.records.into())
                     .await?;
+                compression.record_send(wire_bytes, sending.elapsed(), compressed);
                 progress
                     .on_the_wire
                     .fetch_add(batch.raw_bytes, Ordering::Relaxed);

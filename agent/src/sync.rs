@@ -105,6 +105,7 @@ pub async fn sync(
         }
     }
     let point = session.checkpoint(&point).await?;
+    let compression = session.compression().report();
     let wire_bytes = session.finish().await?;
     progress.set_phase(Phase::Done);
     Ok(SyncReport {
@@ -116,5 +117,6 @@ pub async fn sync(
         attempts: 1,
         block_bytes_all_attempts: progress.on_the_wire.load(Ordering::Relaxed),
         consistency: None,
+        compression,
     })
 }

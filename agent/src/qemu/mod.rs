@@ -372,6 +372,7 @@ async fn converse(
         reports.push(report?);
     }
     let point = session.checkpoint(&options.point).await?;
+    let compression = session.compression().report();
     let wire_bytes = session.finish().await?;
     Ok(SyncReport {
         machine: options.machine.to_string(),
@@ -385,6 +386,7 @@ async fn converse(
         point,
         attempts: 1,
         consistency: None,
+        compression,
     })
 }
 
@@ -419,7 +421,7 @@ async fn send_disk(
     };
     let (pipeline, batches) = Pipeline::start(PipelineConfig {
         geometry,
-        compress: options.compress,
+        compression: session.compression(),
         threads: options.threads,
         skip_zero: state.fresh,
         source: None,

@@ -262,6 +262,7 @@ pub async fn tracked_cycle(
             "tracked cycle acknowledged"
         );
     }
+    let compression = session.compression().report();
     let wire_bytes = session.finish().await?;
     let reports: Vec<DiskReport> = disks.into_iter().map(|d| d.report).collect();
     Ok(SyncReport {
@@ -275,6 +276,7 @@ pub async fn tracked_cycle(
         disks: reports,
         point,
         attempts: 1,
+        compression,
         consistency: Some(ConsistencyReport {
             rounds,
             instant_ms,
@@ -345,7 +347,7 @@ async fn send_marked(
         }
         let (pipeline, batches) = Pipeline::start(PipelineConfig {
             geometry: disk.opened.geometry,
-            compress: options.compress,
+            compression: session.compression(),
             threads: options.threads,
             skip_zero: false,
             source: Some(SourceFile {

@@ -37,6 +37,8 @@ impl Encoding {
 /// Compresses blocks, reusing one zstd context and one scratch buffer.
 pub struct BlockEncoder {
     compressor: Option<zstd::bulk::Compressor<'static>>,
+    /// Whether [`BlockEncoder::encode`] tries zstd now (see [`BlockEncoder::set_compress`]).
+    enabled: bool,
     scratch: Vec<u8>,
 }
 
@@ -52,9 +54,21 @@ impl BlockEncoder {
             None
         };
         Ok(Self {
+            enabled: compressor.is_some(),
             compressor,
             scratch: Vec::new(),
         })
+    }
+
+    /// Turns zstd on or off for the blocks that follow (on only if the encoder was made
+    /// with compression): a sender adapting to its link switches per batch.
+    pub fn set_compress(&mut self, on: bool) {
+        self.enabled = on && self.compressor.is_some();
+    }
+
+    /// True when the next blocks are tried with zstd.
+    pub fn compresses(&self) -> bool {
+        self.enabled
     }
 
     /// Encodes `data`, appending the payload to `out`; returns the encoding chosen.
@@ -62,7 +76,7 @@ impl BlockEncoder {
         if is_zero(data) {
             return Encoding::Zero;
         }
-        if let Some(compressor) = &mut self.compressor {
+        if let Some(compressor) = self.compressor.as_mut().filter(|_| self.enabled) {
             self.scratch.clear();
             // Capacity below the raw size: zstd fails when the result would not be smaller.
             self.scratch.reserve_exact(data.len());
