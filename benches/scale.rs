@@ -158,8 +158,9 @@ fn change_data_blocks(image: &Path, percent: u64) {
         .expect("image");
     let size = file.metadata().expect("size").len();
     let mut data_blocks = Vec::new();
-    for (start, len) in engine::storage::sparse::data_extents(&file, size) {
-        data_blocks.extend((start / BLOCK)..((start + len).div_ceil(BLOCK)));
+    // Extents are [start, end) byte ranges.
+    for (start, end) in engine::storage::sparse::data_extents(&file, size) {
+        data_blocks.extend((start / BLOCK)..end.div_ceil(BLOCK));
     }
     let count = (data_blocks.len() as u64 * percent / 100).max(1) as usize;
     let mut rng = SmallRng::seed_from_u64(7);
@@ -178,9 +179,9 @@ fn page_hashes(path: &Path) -> std::collections::HashMap<u64, [u8; 32]> {
     let size = file.metadata().expect("size").len();
     let mut pages = std::collections::HashMap::new();
     let mut buf = vec![0u8; 4096];
-    for (start, len) in engine::storage::sparse::data_extents(&file, size) {
+    for (start, end) in engine::storage::sparse::data_extents(&file, size) {
         let mut page = start / 4096;
-        while page * 4096 < start + len {
+        while page * 4096 < end {
             let n = file.read_at(&mut buf, page * 4096).unwrap_or(0);
             pages.insert(page, *blake3::hash(&buf[..n]).as_bytes());
             page += 1;
@@ -207,7 +208,7 @@ fn many_agents(bins: &Path, dir: &Path) {
             let f = std::fs::File::open(p).expect("image");
             engine::storage::sparse::data_extents(&f, EACH)
                 .iter()
-                .map(|e| e.1)
+                .map(|(start, end)| end - start)
                 .sum::<u64>()
         })
         .collect();
