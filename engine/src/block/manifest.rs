@@ -654,6 +654,25 @@ impl Manifest {
     }
 
     /// Reads nodes of `level` as stored (holes mapped to their zero subtrees), unchecked.
+    /// Node ranges `[first, end)` of `level` (of `len` nodes) that may hold stored hashes,
+    /// aligned to whole groups of siblings: the rest of the level is holes (zero subtrees).
+    /// Found with `SEEK_DATA`, so building a huge sparse disk's tree costs what it holds.
+    fn stored_stretches(&self, level: usize, len: u64) -> Vec<(u64, u64)> {
+        let base = self.shape.levels[level].offset;
+        let end = base + len * HASH_LEN;
+        let mut stretches: Vec<(u64, u64)> = Vec::new();
+        for (from, to) in crate::storage::sparse::data_extents_between(&self.file, base, end) {
+            let first = (from - base) / HASH_LEN / FANOUT * FANOUT;
+            let last = ((to - base).div_ceil(HASH_LEN)).div_ceil(FANOUT) * FANOUT;
+            let last = last.min(len);
+            match stretches.last_mut() {
+                Some((_, prev_end)) if first <= *prev_end => *prev_end = (*prev_end).max(last),
+                _ => stretches.push((first, last)),
+            }
+        }
+        stretches
+    }
+
     fn read_stored(&self, level: usize, start: u64, count: u64) -> Result<Vec<BlockHash>> {
         let base = self.shape.levels[level].offset;
         let mut bytes = vec![0u8; usize::try_from(count * HASH_LEN).unwrap_or(0)];
@@ -832,32 +851,36 @@ impl ManifestBuilder {
         let first_cached = manifest.first_cached;
         for level in 1..manifest.depth() {
             let below = manifest.level_len(level - 1);
-            let mut start = 0;
-            let mut bytes = Vec::new();
-            while start < below {
-                let count = (below - start).min(STREAM_NODES * FANOUT);
-                let children = manifest.read_stored(level - 1, start, count)?;
-                bytes.clear();
-                for (k, group) in children.chunks(FANOUT_USIZE).enumerate() {
-                    let index = start / FANOUT + k as u64;
-                    let hash = node_hash(group);
-                    if level >= first_cached {
-                        if let Some(slot) = usize::try_from(index)
-                            .ok()
-                            .and_then(|i| manifest.cached[level - first_cached].get_mut(i))
-                        {
-                            *slot = hash;
+            // Only stretches of the level below that hold data can have parents that are
+            // not zero subtrees: the rest stays holes, and the cache already holds zeros.
+            for (first, end) in manifest.stored_stretches(level - 1, below) {
+                let mut start = first;
+                let mut bytes = Vec::new();
+                while start < end {
+                    let count = (end - start).min(STREAM_NODES * FANOUT);
+                    let children = manifest.read_stored(level - 1, start, count)?;
+                    bytes.clear();
+                    for (k, group) in children.chunks(FANOUT_USIZE).enumerate() {
+                        let index = start / FANOUT + k as u64;
+                        let hash = node_hash(group);
+                        if level >= first_cached {
+                            if let Some(slot) = usize::try_from(index)
+                                .ok()
+                                .and_then(|i| manifest.cached[level - first_cached].get_mut(i))
+                            {
+                                *slot = hash;
+                            }
                         }
+                        let stored = if hash == manifest.shape.zero(level, index) {
+                            STORED_ZERO
+                        } else {
+                            hash
+                        };
+                        bytes.extend_from_slice(&stored);
                     }
-                    let stored = if hash == manifest.shape.zero(level, index) {
-                        STORED_ZERO
-                    } else {
-                        hash
-                    };
-                    bytes.extend_from_slice(&stored);
+                    write_unless_zero(&mut manifest, level, start / FANOUT, &bytes)?;
+                    start += count;
                 }
-                write_unless_zero(&mut manifest, level, start / FANOUT, &bytes)?;
-                start += count;
             }
         }
         if first_cached == 0 {
@@ -1086,6 +1109,67 @@ mod tests {
         assert_eq!(back.stamp().mtime_ns, 3);
         assert!(!back.is_dirty());
         assert_eq!(back.nodes(0, 70, 10).unwrap(), l[70..80]);
+    }
+
+    #[test]
+    fn building_a_huge_sparse_disk_costs_what_it_holds_and_gives_the_same_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        // 4 TiB at 64 KiB blocks: 64 Mi block hashes, data in three distant stretches.
+        let g = Geometry::new(4 << 40, BlockSize::new(64 << 10).unwrap()).unwrap();
+        let zero = ZeroHashes::new(g);
+        let stretches = [(0u64, 3u64), (g.blocks() / 2 + 5, 40), (g.blocks() - 2, 2)];
+        let mut builder = Manifest::build_in(
+            std::fs::File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(dir.path().join("built"))
+                .unwrap(),
+            &dir.path().join("built"),
+            g,
+        )
+        .unwrap();
+        let mut next = 0;
+        let mut reference = Manifest::create(&dir.path().join("updated"), g).unwrap();
+        for &(first, count) in &stretches {
+            builder.push_zeros(first - next).unwrap();
+            let hashes: Vec<BlockHash> = (first..first + count)
+                .map(|i| [(i % 251) as u8 + 1; 32])
+                .collect();
+            builder.push(&hashes).unwrap();
+            for (i, h) in (first..).zip(&hashes) {
+                reference.set_leaf(i, *h).unwrap();
+            }
+            next = first + count;
+        }
+        builder.push_zeros(g.blocks() - next).unwrap();
+        let rchar = || {
+            let io = std::fs::read_to_string("/proc/self/io").unwrap();
+            io.lines()
+                .find_map(|l| l.strip_prefix("rchar: "))
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        };
+        let before = rchar();
+        let built = builder.finish(1, FileStamp::default()).unwrap();
+        // The leaves alone are 2 GiB, nearly all holes: only the stretches are read.
+        let read = rchar() - before;
+        assert!(read < 16 << 20, "{read} bytes read to build the tree");
+        reference.commit(1, FileStamp::default()).unwrap();
+        // Built in one pass over the stretches or updated in place: the same tree.
+        assert_eq!(built.root(), reference.root());
+        assert_ne!(
+            built.root(),
+            Manifest::create(&dir.path().join("z"), g).unwrap().root()
+        );
+        for &(first, count) in &stretches {
+            assert_eq!(
+                built.nodes(0, first, count).unwrap(),
+                reference.nodes(0, first, count).unwrap()
+            );
+        }
+        assert_eq!(built.leaf(12_345).unwrap(), zero.of(12_345));
     }
 
     #[test]

@@ -59,9 +59,14 @@ pub fn copy_sparse(
 /// `SEEK_DATA`/`SEEK_HOLE`; everything else is a hole that reads as zeros. A filesystem
 /// without hole reporting shows one range: everything.
 pub fn data_extents(file: &File, end: u64) -> Vec<(u64, u64)> {
+    data_extents_between(file, 0, end)
+}
+
+/// The byte ranges of `file` within `[from, end)` that hold data (see [`data_extents`]).
+pub fn data_extents_between(file: &File, from: u64, end: u64) -> Vec<(u64, u64)> {
     use rustix::fs::{seek, SeekFrom};
     let mut extents = Vec::new();
-    let mut at = 0u64;
+    let mut at = from;
     while at < end {
         let Ok(data) = seek(file, SeekFrom::Data(i64::try_from(at).unwrap_or(i64::MAX))) else {
             break; // ENXIO: no data after `at`.
