@@ -281,6 +281,7 @@ impl Replica {
         let data = engine::storage::sparse::data_blocks(file, geometry);
         let mut differs = false;
         let mut next = 0u64;
+        let zero = ZeroHashes::new(geometry);
         hashing::hash_file(
             file,
             &paths.extent,
@@ -288,15 +289,25 @@ impl Replica {
             threads,
             &AtomicU64::new(0),
             data.as_ref(),
-            &mut |hashes| {
+            &mut |hashed| {
+                let count = match &hashed {
+                    hashing::Hashed::Blocks(hashes) => hashes.len() as u64,
+                    hashing::Hashed::Zeros(count) => *count,
+                };
                 if let Some(old) = old.filter(|_| !differs) {
                     // Unreadable old hashes prove nothing either way.
-                    differs = old
-                        .nodes(0, next, hashes.len() as u64)
-                        .is_ok_and(|before| before != hashes);
+                    differs = old.nodes(0, next, count).is_ok_and(|before| match &hashed {
+                        hashing::Hashed::Blocks(hashes) => before != *hashes,
+                        hashing::Hashed::Zeros(_) => {
+                            before.iter().zip(next..).any(|(h, i)| *h != zero.of(i))
+                        }
+                    });
                 }
-                next += hashes.len() as u64;
-                builder.push(hashes)
+                next += count;
+                match hashed {
+                    hashing::Hashed::Blocks(hashes) => builder.push(hashes),
+                    hashing::Hashed::Zeros(count) => builder.push_zeros(count),
+                }
             },
         )?;
         let mut manifest = builder.finish(0, FileStamp::default())?;

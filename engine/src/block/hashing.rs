@@ -33,8 +33,17 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
+/// What [`hash_file`] hands its sink, in block order.
+#[derive(Debug)]
+pub enum Hashed<'a> {
+    /// The hashes of the next blocks.
+    Blocks(&'a [BlockHash]),
+    /// The next this many blocks lie in a hole: all zeros, neither read nor hashed.
+    Zeros(u64),
+}
+
 /// Hashes every block of `file` (`path` only names it in errors) and hands the hashes to
-/// `sink` in order, a window at a time. `progress` grows by the bytes hashed, so a caller
+/// `sink` in order, a window at a time; a window wholly in holes is handed over as a count. `progress` grows by the bytes hashed, so a caller
 /// can show a progress bar from another thread. With `data` (the blocks that hold data,
 /// from `storage::sparse::data_blocks`), chunks that lie wholly in holes get the zero hash
 /// without being read. Returns the bytes read.
@@ -45,7 +54,7 @@ pub fn hash_file(
     threads: usize,
     progress: &AtomicU64,
     data: Option<&Runs>,
-    sink: &mut dyn FnMut(&[BlockHash]) -> Result<()>,
+    sink: &mut dyn FnMut(Hashed<'_>) -> Result<()>,
 ) -> Result<u64> {
     let zero = ZeroHashes::new(geometry);
     let mut read = 0;
@@ -53,6 +62,16 @@ pub fn hash_file(
     let mut first = 0;
     while first < geometry.blocks() {
         let count = (geometry.blocks() - first).min(WINDOW_BLOCKS);
+        if data.is_some_and(|d| !d.overlaps(first, count)) {
+            // A whole window of hole: the cost of a huge sparse disk is its data.
+            let bytes = geometry
+                .run_span(first, count)
+                .map_or(0, |(_, len)| len as u64);
+            progress.fetch_add(bytes, Ordering::Relaxed);
+            sink(Hashed::Zeros(count))?;
+            first += count;
+            continue;
+        }
         hashes.clear();
         hashes.resize(usize::try_from(count).unwrap_or(0), [0u8; 32]);
         let window = Window {
@@ -64,7 +83,7 @@ pub fn hash_file(
             progress,
         };
         read += window.hash(first, &mut hashes, threads)?;
-        sink(&hashes)?;
+        sink(Hashed::Blocks(&hashes))?;
         first += count;
     }
     Ok(read)
@@ -181,10 +200,17 @@ pub fn hash_into_manifest(
         threads,
         progress,
         data,
-        &mut |hashes| {
-            zero_blocks += zero.count(next, hashes);
-            next += hashes.len() as u64;
-            builder.push(hashes)
+        &mut |hashed| match hashed {
+            Hashed::Blocks(hashes) => {
+                zero_blocks += zero.count(next, hashes);
+                next += hashes.len() as u64;
+                builder.push(hashes)
+            }
+            Hashed::Zeros(count) => {
+                zero_blocks += count;
+                next += count;
+                builder.push_zeros(count)
+            }
         },
     )?;
     let manifest = builder.finish(0, FileStamp::default())?;
@@ -231,7 +257,9 @@ mod tests {
         let progress = AtomicU64::new(0);
         let mut hashes = Vec::new();
         let read = hash_file(&file, &path, geometry, 3, &progress, None, &mut |h| {
-            hashes.extend_from_slice(h);
+            if let Hashed::Blocks(h) = h {
+                hashes.extend_from_slice(h);
+            }
             Ok(())
         })
         .unwrap();

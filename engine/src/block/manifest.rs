@@ -769,7 +769,10 @@ impl Manifest {
 pub struct ManifestBuilder {
     manifest: Manifest,
     next: u64,
+    /// Stored hashes of consecutive leaves from `buffer_first`, not yet written. Zero
+    /// leaves before the first non-zero one are not buffered: they stay holes.
     buffer: Vec<u8>,
+    buffer_first: u64,
 }
 
 impl ManifestBuilder {
@@ -781,6 +784,7 @@ impl ManifestBuilder {
             manifest: Manifest::with_file(file, path, shape),
             next: 0,
             buffer: Vec::new(),
+            buffer_first: 0,
         })
     }
 
@@ -814,12 +818,16 @@ impl ManifestBuilder {
         }
         let shape = &self.manifest.shape;
         for (hash, i) in leaves.iter().zip(self.next..) {
-            let stored = if *hash == shape.zero(0, i) {
-                STORED_ZERO
+            if *hash == shape.zero(0, i) {
+                if !self.buffer.is_empty() {
+                    self.buffer.extend_from_slice(&STORED_ZERO);
+                }
             } else {
-                *hash
-            };
-            self.buffer.extend_from_slice(&stored);
+                if self.buffer.is_empty() {
+                    self.buffer_first = i;
+                }
+                self.buffer.extend_from_slice(hash);
+            }
         }
         self.next = end;
         if self.buffer.len() as u64 >= STREAM_NODES * HASH_LEN {
@@ -829,9 +837,7 @@ impl ManifestBuilder {
     }
 
     fn write_buffer(&mut self) -> Result<()> {
-        let count = self.buffer.len() as u64 / HASH_LEN;
-        let first = self.next - count;
-        write_unless_zero(&mut self.manifest, 0, first, &self.buffer)?;
+        write_unless_zero(&mut self.manifest, 0, self.buffer_first, &self.buffer)?;
         self.buffer.clear();
         Ok(())
     }
