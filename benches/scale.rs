@@ -85,7 +85,8 @@ fn spread(dense: &Path, sparse: &Path) {
     let to = std::fs::File::create(sparse).expect("sparse image");
     to.set_len(SPARSE).expect("size");
     let piece = DATA / 16;
-    let mut buf = vec![0u8; 4 << 20];
+    // Block by block, so the dense image's holes stay holes and both hold the same data.
+    let mut buf = vec![0u8; BLOCK as usize];
     for i in 0..16u64 {
         let (src, dst) = (i * piece, i * (SPARSE / 16));
         let mut done = 0;
