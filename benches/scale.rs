@@ -48,6 +48,14 @@ fn main() {
     let dense_run = failback_and_resync(&bins, dir, "dense", &dense);
     let sparse_run = failback_and_resync(&bins, dir, "sparse", &sparse);
     for (name, run) in [("dense 2 GiB", &dense_run), ("sparse 1 TiB", &sparse_run)] {
+        let r = json(&run.resync);
+        println!(
+            "{name:>13}: resync read {} of the source, fetched {} tree hashes; master target {:.2} CPU-s, process server {:.2} CPU-s",
+            ByteSize(r["disks"][0]["bytes_read"].as_u64().unwrap_or(0)),
+            r["disks"][0]["hashes_fetched"],
+            run.resync_cpu.0,
+            run.resync_cpu.1
+        );
         println!(
             "{name:>13}: full failback {:.2} s, resync (1% of data blocks) {:.2} s ({} blocks sent); peak RSS agent {} / process server {} / master target {}; the resync's flush rewrote {} of manifest",
             run.full.wall.as_secs_f64(),
@@ -104,6 +112,8 @@ fn spread(dense: &Path, sparse: &Path) {
 struct Run {
     full: Measured,
     resync: Measured,
+    /// CPU seconds of the master target and process server during the resync.
+    resync_cpu: (f64, f64),
     relay_rss: u64,
     target_rss: u64,
     manifest_rewritten: u64,
@@ -134,7 +144,12 @@ fn failback_and_resync(bins: &Path, dir: &Path, name: &str, image: &Path) -> Run
         .join(name)
         .join(".deltaback/disk0.manifest");
     let before = page_hashes(&manifest);
+    let cpu = (services.target.cpu_seconds(), services.relay.cpu_seconds());
     let resync = agent();
+    let resync_cpu = (
+        services.target.cpu_seconds() - cpu.0,
+        services.relay.cpu_seconds() - cpu.1,
+    );
     let after = page_hashes(&manifest);
     let rewritten = after
         .iter()
@@ -144,6 +159,7 @@ fn failback_and_resync(bins: &Path, dir: &Path, name: &str, image: &Path) -> Run
     Run {
         full,
         resync,
+        resync_cpu,
         relay_rss: services.relay.peak_rss(),
         target_rss: services.target.peak_rss(),
         manifest_rewritten: rewritten,

@@ -109,6 +109,21 @@ impl Service {
     pub fn peak_rss(&self) -> u64 {
         vm_hwm(self.child.id())
     }
+
+    /// CPU seconds (user and system) the service has used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .ok()
+            .and_then(|stat| {
+                // Fields after the command name, which is in parentheses.
+                let rest = stat.rsplit_once(')')?.1;
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                let ticks =
+                    fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+                Some(ticks / 100.0)
+            })
+            .unwrap_or(0.0)
+    }
 }
 
 impl Drop for Service {
