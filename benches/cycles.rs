@@ -286,27 +286,9 @@ fn tracked_cycles(
             .arg(raw)
             .arg(&image),
     );
-    let out = Command::new("losetup")
-        .args(["--find", "--show"])
-        .arg(&image)
-        .output()
-        .expect("losetup");
-    let device = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let device = attach_loop(&image);
     let bpffs = dir.join("bpffs");
-    let cycle = || {
-        let mut cmd = Command::new(bins.join("deltaback-agent"));
-        cmd.args([
-            "replicate",
-            "--json",
-            "--cycles",
-            "1",
-            "--source",
-            "tracked",
-        ])
-        .args(["--server", relay, "--machine", "tracked", "--pki", s(pki)])
-        .args(["--bpffs", s(&bpffs), "--disk", &format!("{device}=vda")]);
-        measure(cmd)
-    };
+    let cycle = || measure(tracked_cycle(bins, relay, pki, &bpffs, "tracked", &device));
     let first = cycle();
     println!(
         "tracked source, first cycle (new tracker: compares everything): {:.2} s",
@@ -371,26 +353,10 @@ fn writer_cost(bins: &Path, dir: &Path, pki: &Path, relay: &str) {
         "count=512",
         "status=none",
     ]));
-    let out = Command::new("losetup")
-        .args(["--find", "--show"])
-        .arg(&image)
-        .output()
-        .expect("losetup");
-    let device = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let device = attach_loop(&image);
     let bpffs = dir.join("bpffs");
     let track = || {
-        let mut cmd = Command::new(bins.join("deltaback-agent"));
-        cmd.args([
-            "replicate",
-            "--json",
-            "--cycles",
-            "1",
-            "--source",
-            "tracked",
-        ])
-        .args(["--server", relay, "--machine", "writer", "--pki", s(pki)])
-        .args(["--bpffs", s(&bpffs), "--disk", &format!("{device}=w")]);
-        measure(cmd);
+        measure(tracked_cycle(bins, relay, pki, &bpffs, "writer", &device));
     };
     let untrack = || {
         run_ok(Command::new(bins.join("deltaback-agent")).args([
@@ -462,6 +428,39 @@ fn program_ns_per_run() -> Option<f64> {
         .find(|p| p["name"] == "deltaback_done")?;
     let (time, count) = (prog["run_time_ns"].as_f64()?, prog["run_cnt"].as_f64()?);
     (count > 0.0).then(|| time / count)
+}
+
+/// Attaches `image` to a free loop device; returns the device's path.
+fn attach_loop(image: &Path) -> String {
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(image)
+        .output()
+        .expect("losetup");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// One tracked cycle of `device` for `machine`, as a command.
+fn tracked_cycle(
+    bins: &Path,
+    relay: &str,
+    pki: &Path,
+    bpffs: &Path,
+    machine: &str,
+    device: &str,
+) -> Command {
+    let mut cmd = Command::new(bins.join("deltaback-agent"));
+    cmd.args([
+        "replicate",
+        "--json",
+        "--cycles",
+        "1",
+        "--source",
+        "tracked",
+    ])
+    .args(["--server", relay, "--machine", machine, "--pki", s(pki)])
+    .args(["--bpffs", s(bpffs), "--disk", &format!("{device}=vda")]);
+    cmd
 }
 
 fn has_fio() -> bool {

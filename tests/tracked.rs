@@ -101,6 +101,17 @@ impl Drop for Ext4 {
     }
 }
 
+/// A blank image of `size` bytes in `dir`, attached to a loop device for writing.
+fn blank_loop_device(dir: &Path, name: &str, size: u64) -> (PathBuf, LoopDevice) {
+    let image = dir.join(format!("{name}.img"));
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let device = LoopDevice::attach_writable(&image);
+    (image, device)
+}
+
 /// Blocks that differ between two copies of a disk.
 fn differing_blocks(a: &[u8], b: &[u8]) -> u64 {
     a.chunks(BLOCK)
@@ -434,12 +445,7 @@ fn a_writer_during_the_cycle_gives_a_proven_instant_or_an_honest_label() {
     let cluster = Cluster::start();
     let dir = cluster.dir.path();
     let bpffs = Bpffs::at(dir.join("bpffs"));
-    let image = dir.join("busy.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    let device = LoopDevice::attach_writable(&image);
+    let (_, device) = blank_loop_device(dir, "busy", 16 << 20);
     let disks = vec![format!("{}=busy", device.0)];
     tracked_cycle(&cluster, &bpffs, "vm3", &disks, &[]);
 
@@ -584,12 +590,7 @@ fn an_app_consistent_point_freezes_the_filesystem_for_the_last_round_only() {
 fn a_scan_of_a_disk_written_while_it_is_read_claims_no_instant() {
     let cluster = Cluster::start();
     let dir = cluster.dir.path();
-    let image = dir.join("live.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    let device = LoopDevice::attach_writable(&image);
+    let (_, device) = blank_loop_device(dir, "live", 16 << 20);
     let disks = [format!("{}=live", device.0)];
     let idle = cluster.sync("vm5", &disks).unwrap();
     assert_eq!(idle["point"]["kind"], "crash-consistent");
@@ -708,12 +709,7 @@ fn what_tracking_cannot_trust_or_do_is_said_and_untrack_stops_it() {
     let cluster = Cluster::start();
     let dir = cluster.dir.path();
     let bpffs = Bpffs::at(dir.join("bpffs"));
-    let image = dir.join("small.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
-    let device = LoopDevice::attach_writable(&image);
+    let (image, device) = blank_loop_device(dir, "small", 8 << 20);
     let disks = vec![format!("{}=small", device.0)];
 
     // Without CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN: refused before anything is loaded.
@@ -786,12 +782,7 @@ fn an_agent_killed_in_the_middle_of_a_cycle_leaves_its_marks_for_the_next_one() 
     let cluster = Cluster::start();
     let dir = cluster.dir.path();
     let bpffs = Bpffs::at(dir.join("bpffs"));
-    let image = dir.join("big.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(96 << 20)
-        .unwrap();
-    let device = LoopDevice::attach_writable(&image);
+    let (_, device) = blank_loop_device(dir, "big", 96 << 20);
     let disks = vec![format!("{}=big", device.0)];
     tracked_cycle(&cluster, &bpffs, "vm8", &disks, &[]);
     for (round, delay_ms) in [20u64, 80, 200].into_iter().enumerate() {
