@@ -371,12 +371,15 @@ fn tracking_survives_kill_9_of_the_agent_and_a_detached_tracker_forces_a_full_co
 /// generation g in blocks [0, k) and g - 1 after (one block may be half written).
 struct SequentialWriter {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pauses: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<u64>>,
 }
 
 impl SequentialWriter {
     /// `pauses`: rest 40 ms after every 24 blocks; otherwise write without a break.
     fn start(device: &str, blocks: u64, pauses: bool) -> SequentialWriter {
+        let pauses = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(pauses));
+        let resting = pauses.clone();
         use std::os::unix::fs::FileExt;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let file = std::fs::OpenOptions::new()
@@ -397,7 +400,7 @@ impl SequentialWriter {
                     file.write_all_at(&data, block * BLOCK as u64).unwrap();
                     file.sync_data().unwrap();
                     written += 1;
-                    if pauses && written % 24 == 0 {
+                    if resting.load(std::sync::atomic::Ordering::Relaxed) && written % 24 == 0 {
                         std::thread::sleep(std::time::Duration::from_millis(40));
                     }
                 }
@@ -406,8 +409,15 @@ impl SequentialWriter {
         });
         SequentialWriter {
             stop,
+            pauses,
             thread: Some(thread),
         }
+    }
+
+    /// From now on, no more pauses (the states written stay one sequence).
+    fn without_pauses(&self) {
+        self.pauses
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn stop(mut self) -> u64 {
@@ -456,24 +466,32 @@ fn a_writer_during_the_cycle_gives_a_proven_instant_or_an_honest_label() {
         reports.push(tracked_cycle(&cluster, &bpffs, "vm3", &disks, &[]));
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    // Without pauses and one round only: no instant can be proven. (A starved writer may
+    // leave a round quiet on a loaded machine: then the point must hold a writer state.)
+    writer.without_pauses();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut hurried_unproven = 0;
+    for _ in 0..5 {
+        let hurried = tracked_cycle(&cluster, &bpffs, "vm3", &disks, &["--max-rounds", "1"]);
+        if hurried["point"]["kind"] == "not-point-in-time" {
+            assert!(hurried["consistency"]["instant_ms"].is_null());
+            assert!(hurried["log"]
+                .as_str()
+                .unwrap()
+                .contains("not-point-in-time"));
+            hurried_unproven += 1;
+        }
+        reports.push(hurried);
+        if hurried_unproven > 0 {
+            break;
+        }
+    }
     let written = writer.stop();
     assert!(written > 200, "the writer wrote {written} blocks");
-    // Without pauses and one round only: no instant can be proven.
-    let writer = SequentialWriter::start(&device.0, 256, false);
-    std::thread::sleep(std::time::Duration::from_millis(100));
-    let hurried = tracked_cycle(&cluster, &bpffs, "vm3", &disks, &["--max-rounds", "1"]);
-    writer.stop();
-
-    assert_eq!(
-        hurried["point"]["kind"], "not-point-in-time",
-        "{}",
-        hurried["log"]
+    assert!(
+        hurried_unproven > 0,
+        "one round against a busy writer proved an instant five times"
     );
-    assert!(hurried["consistency"]["instant_ms"].is_null());
-    assert!(hurried["log"]
-        .as_str()
-        .unwrap()
-        .contains("not-point-in-time"));
     let mut proven = 0;
     for report in &reports {
         let seq = report["point"]["seq"].to_string();

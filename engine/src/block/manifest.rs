@@ -72,6 +72,7 @@ const HEADER_FIELDS: usize = 96;
 const HEADER_USED: usize = HEADER_FIELDS + 32;
 const FLAG_DIRTY: u16 = 1;
 const HASH_LEN: u64 = 32;
+const HASH_LEN_USIZE: usize = 32;
 /// What a stored hole stands for: the zero subtree at that place.
 const STORED_ZERO: BlockHash = [0; 32];
 /// Block hashes set before the tree above them is brought up to date in the file.
@@ -773,7 +774,13 @@ pub struct ManifestBuilder {
     /// leaves before the first non-zero one are not buffered: they stay holes.
     buffer: Vec<u8>,
     buffer_first: u64,
+    /// Length of `buffer` up to its last non-zero hash: a long zero tail is dropped, not
+    /// written, so a sparse disk's manifest is written where it holds data.
+    buffer_data_end: usize,
 }
+
+/// Zero leaves after data kept in the buffer before they are dropped as holes.
+const ZERO_TAIL_LEAVES: usize = 4096;
 
 impl ManifestBuilder {
     fn new(file: File, path: &Path, geometry: Geometry) -> Result<Self> {
@@ -785,6 +792,7 @@ impl ManifestBuilder {
             next: 0,
             buffer: Vec::new(),
             buffer_first: 0,
+            buffer_data_end: 0,
         })
     }
 
@@ -816,17 +824,26 @@ impl ManifestBuilder {
                 self.manifest.level_len(0)
             )));
         }
-        let shape = &self.manifest.shape;
         for (hash, i) in leaves.iter().zip(self.next..) {
-            if *hash == shape.zero(0, i) {
+            if *hash == self.manifest.shape.zero(0, i) {
                 if !self.buffer.is_empty() {
                     self.buffer.extend_from_slice(&STORED_ZERO);
+                    if self.buffer.len() - self.buffer_data_end >= ZERO_TAIL_LEAVES * HASH_LEN_USIZE
+                    {
+                        // A long run of zeros after data: write the data, leave the zeros
+                        // as holes.
+                        self.buffer.truncate(self.buffer_data_end);
+                        write_unless_zero(&mut self.manifest, 0, self.buffer_first, &self.buffer)?;
+                        self.buffer.clear();
+                        self.buffer_data_end = 0;
+                    }
                 }
             } else {
                 if self.buffer.is_empty() {
                     self.buffer_first = i;
                 }
                 self.buffer.extend_from_slice(hash);
+                self.buffer_data_end = self.buffer.len();
             }
         }
         self.next = end;
@@ -837,8 +854,10 @@ impl ManifestBuilder {
     }
 
     fn write_buffer(&mut self) -> Result<()> {
+        self.buffer.truncate(self.buffer_data_end);
         write_unless_zero(&mut self.manifest, 0, self.buffer_first, &self.buffer)?;
         self.buffer.clear();
+        self.buffer_data_end = 0;
         Ok(())
     }
 
@@ -1124,6 +1143,7 @@ mod tests {
         let g = Geometry::new(4 << 40, BlockSize::new(64 << 10).unwrap()).unwrap();
         let zero = ZeroHashes::new(g);
         let stretches = [(0u64, 3u64), (g.blocks() / 2 + 5, 40), (g.blocks() - 2, 2)];
+        // Leaves 3..9003 are zero, 9003..9006 data (pushed with the first stretch).
         let mut builder = Manifest::build_in(
             std::fs::File::options()
                 .read(true)
@@ -1147,6 +1167,17 @@ mod tests {
                 reference.set_leaf(i, *h).unwrap();
             }
             next = first + count;
+            if first == 0 {
+                // Data, a long run of zero hashes and data again, in one push: the zeros
+                // are dropped as holes, the data after them lands at its place.
+                let mut mixed: Vec<BlockHash> = (next..next + 9000).map(|i| zero.of(i)).collect();
+                mixed.extend((0..3u8).map(|k| [200 + k; 32]));
+                builder.push(&mixed).unwrap();
+                for (k, i) in (next + 9000..next + 9003).enumerate() {
+                    reference.set_leaf(i, [200 + k as u8; 32]).unwrap();
+                }
+                next += 9003;
+            }
         }
         builder.push_zeros(g.blocks() - next).unwrap();
         let rchar = || {
@@ -1169,7 +1200,7 @@ mod tests {
             built.root(),
             Manifest::create(&dir.path().join("z"), g).unwrap().root()
         );
-        for &(first, count) in &stretches {
+        for &(first, count) in stretches.iter().chain(&[(0, 9006)]) {
             assert_eq!(
                 built.nodes(0, first, count).unwrap(),
                 reference.nodes(0, first, count).unwrap()
