@@ -326,13 +326,7 @@ fn tracked_cycles(
         100.0 * idle.wall.as_secs_f64() / scan_mean
     );
 
-    run_ok(Command::new(bins.join("deltaback-agent")).args([
-        "untrack",
-        "--disk",
-        &device,
-        "--bpffs",
-        s(&bpffs),
-    ]));
+    untrack(bins, &device, &bpffs);
     let _ = Command::new("losetup").args(["-d", &device]).status();
     writer_cost(bins, dir, pki, relay);
     // The agent mounted this bpffs; unmounting it leaves nothing attached.
@@ -340,7 +334,7 @@ fn tracked_cycles(
 }
 
 /// The writer's cost: the same random writes with the tracker attached and without, in
-/// the order without, with, with, without (three times) so drift in the machine's speed
+/// blocks of without, with, with, without (five of them) so drift in the machine's speed
 /// falls on both, on a fully allocated image (a sparse one gets faster as it fills). The
 /// program's own time per write comes from the kernel's BPF statistics, switched on for
 /// the run.
@@ -358,15 +352,7 @@ fn writer_cost(bins: &Path, dir: &Path, pki: &Path, relay: &str) {
     let track = || {
         measure(tracked_cycle(bins, relay, pki, &bpffs, "writer", &device));
     };
-    let untrack = || {
-        run_ok(Command::new(bins.join("deltaback-agent")).args([
-            "untrack",
-            "--disk",
-            &device,
-            "--bpffs",
-            s(&bpffs),
-        ]));
-    };
+    let untrack = || untrack(bins, &device, &bpffs);
     writer_rate(&device);
     // Five blocks of without, with, with, without: each block's ratio cancels the drift
     // within it; the median of the blocks is the figure, their spread the noise.
@@ -428,6 +414,17 @@ fn program_ns_per_run() -> Option<f64> {
         .find(|p| p["name"] == "deltaback_done")?;
     let (time, count) = (prog["run_time_ns"].as_f64()?, prog["run_cnt"].as_f64()?);
     (count > 0.0).then(|| time / count)
+}
+
+/// Stops tracking `device` (detaches the program, removes its pins).
+fn untrack(bins: &Path, device: &str, bpffs: &Path) {
+    run_ok(Command::new(bins.join("deltaback-agent")).args([
+        "untrack",
+        "--disk",
+        device,
+        "--bpffs",
+        s(bpffs),
+    ]));
 }
 
 /// Attaches `image` to a free loop device; returns the device's path.

@@ -20,7 +20,7 @@ use crate::compare::RemoteTree;
 use crate::compression::CompressionControl;
 use crate::options::SyncOptions;
 use crate::pipeline::Batch;
-use crate::report::{DiskReport, PointReport, PointRequest};
+use crate::report::{DiskReport, PointReport, PointRequest, SyncReport};
 use crate::Progress;
 
 /// Bytes sent between background flushes: an interrupted stream loses at most this much of
@@ -165,6 +165,33 @@ impl Session {
             time_ms: created.time_ms,
             kind: point.kind,
             group_seq: created.group_seq,
+        })
+    }
+
+    /// Says goodbye and closes, and reports a cycle of `machine` that began at `started`:
+    /// its disks, its point, what went on the wire and how it was compressed.
+    pub async fn finish_cycle(
+        self,
+        machine: &SafeName,
+        started: std::time::Instant,
+        disks: Vec<DiskReport>,
+        point: PointReport,
+    ) -> Result<SyncReport> {
+        let compression = self.compression.report();
+        let wire_bytes = self.finish().await?;
+        Ok(SyncReport {
+            machine: machine.to_string(),
+            seconds: started.elapsed().as_secs_f64(),
+            wire_bytes,
+            block_bytes_all_attempts: disks
+                .iter()
+                .map(|d| d.blocks_sent * u64::from(d.block_size))
+                .sum(),
+            disks,
+            point,
+            attempts: 1,
+            consistency: None,
+            compression,
         })
     }
 

@@ -372,22 +372,9 @@ async fn converse(
         reports.push(report?);
     }
     let point = session.checkpoint(&options.point).await?;
-    let compression = session.compression().report();
-    let wire_bytes = session.finish().await?;
-    Ok(SyncReport {
-        machine: options.machine.to_string(),
-        seconds: started.elapsed().as_secs_f64(),
-        wire_bytes,
-        block_bytes_all_attempts: reports
-            .iter()
-            .map(|d| d.blocks_sent * u64::from(d.block_size))
-            .sum(),
-        disks: reports,
-        point,
-        attempts: 1,
-        consistency: None,
-        compression,
-    })
+    session
+        .finish_cycle(&options.machine, started, reports, point)
+        .await
 }
 
 async fn send_disk(

@@ -262,27 +262,16 @@ pub async fn tracked_cycle(
             "tracked cycle acknowledged"
         );
     }
-    let compression = session.compression().report();
-    let wire_bytes = session.finish().await?;
     let reports: Vec<DiskReport> = disks.into_iter().map(|d| d.report).collect();
-    Ok(SyncReport {
-        machine: options.machine.to_string(),
-        seconds: started.elapsed().as_secs_f64(),
-        wire_bytes,
-        block_bytes_all_attempts: reports
-            .iter()
-            .map(|d| d.blocks_sent * u64::from(d.block_size))
-            .sum(),
-        disks: reports,
-        point,
-        attempts: 1,
-        compression,
-        consistency: Some(ConsistencyReport {
-            rounds,
-            instant_ms,
-            frozen_ms,
-        }),
-    })
+    let mut report = session
+        .finish_cycle(&options.machine, started, reports, point)
+        .await?;
+    report.consistency = Some(ConsistencyReport {
+        rounds,
+        instant_ms,
+        frozen_ms,
+    });
+    Ok(report)
 }
 
 /// Takes what was written since the last round and reads it, until a take finds nothing
