@@ -71,6 +71,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
         limits: Default::default(),
         max_disk_size: master_target::config::DEFAULT_MAX_DISK_SIZE,
         raw_disks: Vec::new(),
+        nbd: None,
     };
     let target = tokio::spawn(async move {
         master_target::serve(target_listener, &target_identity, target_config, async {

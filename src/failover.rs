@@ -4,13 +4,13 @@
 
 use std::path::PathBuf;
 
-use engine::block::geometry::SafeName;
-use master_target::jobs::JobHandle;
-use master_target::retention::failover::{
-    failover, failover_group, planned_failover, reprotect, FailoverRecord, FailoverState,
-    Reprotection,
-};
+use anyhow::Context as _;
+use master_target::jobs::Job;
+use master_target::operator::{JobStarted, Request, TestServed};
+use master_target::plan::PlanReport;
+use master_target::retention::failover::{FailoverRecord, FailoverState, Reprotection};
 use master_target::retention::recover::PointSelector;
+use master_target::retention::test_failover::TestFailover;
 
 use crate::folders::Folders;
 use crate::points::{time_text, Where};
@@ -43,58 +43,82 @@ pub struct FailoverArgs {
     /// request (replication then goes on).
     #[arg(long, default_value = "10m", requires = "planned")]
     wait: humantime::Duration,
+    /// Test failover (with --machine): the master target serves the point's disks over NBD
+    /// (its --nbd-listen) for a test VM, without copying them, while replication goes on
+    /// and nothing is fenced. The test VM's writes go to a scratch file. Prints an
+    /// nbd:// URI per disk for qemu-img, qemu-nbd, nbdinfo or QEMU.
+    #[arg(long, requires = "machine", conflicts_with_all = ["planned", "group", "plan"])]
+    test: bool,
+    /// With --test: end the machine's test failover; its exports stop and the test VM's
+    /// writes are removed.
+    #[arg(long, requires = "test")]
+    cleanup: bool,
+}
+
+/// Starts the job `request` asks for and follows it to its end (progress on stderr);
+/// the job's result as `T`.
+fn run_job<T: serde::de::DeserializeOwned>(
+    at: &Folders,
+    request: &Request,
+) -> anyhow::Result<(Job, T)> {
+    let started: JobStarted = at.ask(request)?;
+    let quiet = at.json;
+    let job = crate::jobs::follow(at, &started.job, &mut |line| {
+        if !quiet {
+            eprintln!("{line}");
+        }
+    })?;
+    crate::jobs::ended_well(&job)?;
+    let result = job
+        .result
+        .clone()
+        .with_context(|| format!("job {} ended without its result", job.id))?;
+    let result = serde_json::from_value(result).with_context(|| {
+        format!(
+            "job {}: its result is not what this deltaback expects",
+            job.id
+        )
+    })?;
+    Ok((job, result))
 }
 
 pub fn run(args: FailoverArgs) -> anyhow::Result<()> {
-    let selector: PointSelector = args.point.parse()?;
-    if let Some(plan) = &args.plan {
-        return crate::plan::run(&args, plan);
+    let _: PointSelector = args.point.parse()?;
+    if args.test {
+        return run_test(&args);
     }
-    let retention = args.at.retention();
-    let records = match (&args.machine, &args.group) {
-        (Some(machine), _) => {
-            let machine = crate::points::known_machine(&args.at.datastore, &retention, machine)?;
-            let mut job = JobHandle::start(&retention, "failover", machine.as_str(), &operator())?;
-            let done = if args.planned {
-                planned_failover(
-                    &args.at.datastore,
-                    &retention,
-                    &machine,
-                    args.wait.into(),
-                    Some(&mut job),
-                )
-            } else {
-                failover(
-                    &args.at.datastore,
-                    &retention,
-                    &machine,
-                    &selector,
-                    Some(&mut job),
-                )
-            };
-            job.finish(&done)?;
-            vec![done?]
-        }
-        (None, Some(group)) => {
-            let group = SafeName::new("group name", group)?;
-            let mut job = JobHandle::start(
-                &retention,
-                "failover",
-                &format!("group {group}"),
-                &operator(),
-            )?;
-            let done = failover_group(
-                &args.at.datastore,
-                &retention,
-                &group,
-                &selector,
-                Some(&mut job),
-            );
-            job.finish(&done)?;
-            done?
-        }
-        (None, None) => anyhow::bail!("name a --machine, a --group or a --plan"),
+    let plan = match &args.plan {
+        Some(path) => Some((
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the plan {}", path.display()))?,
+            path.display().to_string(),
+        )),
+        None => None,
     };
+    let request = Request::Failover {
+        machine: args.machine.clone(),
+        group: args.group.clone(),
+        plan,
+        point: args.point.clone(),
+        planned: args.planned,
+        wait_ms: u64::try_from(std::time::Duration::from(args.wait).as_millis())
+            .unwrap_or(u64::MAX),
+    };
+    if args.plan.is_some() {
+        let (_, report): (Job, PlanReport) = run_job(&args.at, &request)?;
+        if args.at.json {
+            engine::say!("{}", serde_json::to_string(&report)?);
+        } else {
+            for group in &report.groups {
+                for record in &group.failed_over {
+                    print(record);
+                }
+                engine::say!("group {:?} done", group.name);
+            }
+        }
+        return Ok(());
+    }
+    let (_, records): (Job, Vec<FailoverRecord>) = run_job(&args.at, &request)?;
     if args.at.json {
         match records.as_slice() {
             [one] if args.machine.is_some() => engine::say!("{}", serde_json::to_string(one)?),
@@ -105,6 +129,87 @@ pub fn run(args: FailoverArgs) -> anyhow::Result<()> {
     for record in &records {
         print(record);
     }
+    Ok(())
+}
+
+/// `failover --test [--cleanup]`.
+fn run_test(args: &FailoverArgs) -> anyhow::Result<()> {
+    let machine = args
+        .machine
+        .clone()
+        .context("name the machine with --machine")?;
+    if args.cleanup {
+        if let Some(datastore) = &args.at.datastore {
+            // Exports being served read the files cleanup removes: ask the master target.
+            master_target::datastore::DatastoreLock::acquire(datastore).map_err(|_| {
+                anyhow::anyhow!(
+                    "a master target is running on datastore {}: end the test through it \
+                     (--master-target HOST:PORT --pki DIR), so it stops serving the exports",
+                    datastore.display()
+                )
+            })?;
+        }
+        let (_, test): (Job, TestFailover) = run_job(&args.at, &Request::TestCleanup { machine })?;
+        if args.at.json {
+            engine::say!("{}", serde_json::to_string(&test)?);
+        } else {
+            engine::say!(
+                "test failover of {} at point {} ended: its exports are gone and the test VM's \
+                 writes removed",
+                test.machine,
+                test.point
+            );
+        }
+        return Ok(());
+    }
+    let request = Request::TestFailover {
+        machine,
+        point: args.point.clone(),
+    };
+    let (_, served): (Job, TestServed) = run_job(&args.at, &request)?;
+    let host = if served.nbd.ip().is_unspecified() {
+        match args.at.remote()? {
+            Some(remote) => remote.host().to_owned(),
+            None => "localhost".to_owned(),
+        }
+    } else {
+        served.nbd.ip().to_string()
+    };
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    let uris: Vec<String> = served
+        .test
+        .disks
+        .iter()
+        .map(|d| format!("nbd://{host}:{}/{}", served.nbd.port(), d.export))
+        .collect();
+    if args.at.json {
+        let mut value = serde_json::to_value(&served)?;
+        value["uris"] = serde_json::to_value(&uris)?;
+        engine::say!("{value}");
+        return Ok(());
+    }
+    let test = &served.test;
+    engine::say!(
+        "machine {} is served for testing at point {} ({}, {}); replication goes on",
+        test.machine,
+        test.point,
+        time_text(test.point_time_ms),
+        test.point_kind.name()
+    );
+    for (disk, uri) in test.disks.iter().zip(&uris) {
+        engine::say!("  {}: {uri} ({})", disk.id, bytesize::ByteSize(disk.size));
+    }
+    engine::say!(
+        "boot a test VM from these (e.g. qemu-system-x86_64 -drive file={},format=raw); its \
+         writes go to a scratch file. End the test with `deltaback failover --test --cleanup \
+         --machine {}`",
+        uris.first().map_or("nbd://...", String::as_str),
+        test.machine
+    );
     Ok(())
 }
 
@@ -153,12 +258,11 @@ pub struct ReprotectArgs {
 }
 
 pub fn run_reprotect(args: ReprotectArgs) -> anyhow::Result<()> {
-    let machine = args.at.machine()?;
-    let retention = args.at.folders.retention();
-    let job = JobHandle::start(&retention, "reprotect", machine.as_str(), &operator())?;
-    let done = reprotect(&args.at.folders.datastore, &retention, &machine);
-    job.finish(&done)?;
-    let done: Reprotection = done?;
+    let machine = args.at.machine()?.to_owned();
+    let request = Request::Reprotect {
+        machine: machine.clone(),
+    };
+    let (_, done): (Job, Reprotection) = run_job(&args.at.folders, &request)?;
     if args.at.folders.json {
         engine::say!("{}", serde_json::to_string(&done)?);
         return Ok(());
@@ -195,11 +299,4 @@ pub fn run_reprotect(args: ReprotectArgs) -> anyhow::Result<()> {
          {machine}` on the cloud side's master target, with the on-premises VM shut down"
     );
     Ok(())
-}
-
-/// Who runs this command, for the job record: the user behind sudo, else the user.
-pub fn operator() -> String {
-    std::env::var("SUDO_USER")
-        .or_else(|_| std::env::var("USER"))
-        .unwrap_or_else(|_| "unknown".to_owned())
 }

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use master_target::jobs::{get, list, Job, JobState};
+use master_target::jobs::{Job, JobState};
+use master_target::operator::Request;
 
 use crate::folders::Folders;
 use crate::points::time_text;
@@ -20,7 +21,7 @@ pub struct JobArgs {
 }
 
 pub fn run_list(args: Folders) -> anyhow::Result<()> {
-    let jobs = list(&args.retention())?;
+    let jobs: Vec<Job> = args.ask(&Request::Jobs)?;
     if args.json {
         engine::say!("{}", serde_json::to_string(&jobs)?);
         return Ok(());
@@ -65,38 +66,59 @@ fn state(s: JobState) -> &'static str {
 }
 
 pub fn run_one(args: JobArgs) -> anyhow::Result<()> {
-    let retention = args.at.retention();
-    let mut job = get(&retention, &args.id)?;
-    if args.follow {
-        let mut shown = String::new();
-        while job.state == JobState::Running {
-            let line = progress_line(&job);
-            if line != shown {
-                engine::say!("{line}");
-                shown = line;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-            job = get(&retention, &args.id)?;
-        }
-    }
+    let job = if args.follow {
+        follow(&args.at, &args.id, &mut |line| engine::say!("{line}"))?
+    } else {
+        args.at.ask(&Request::Job {
+            id: args.id.clone(),
+        })?
+    };
     if args.at.json {
         engine::say!("{}", serde_json::to_string(&job)?);
     } else {
         print(&job);
     }
-    if args.follow && job.state != JobState::Succeeded {
-        anyhow::bail!(
-            "job {} {}{}",
-            job.id,
-            state(job.state),
-            if job.state == JobState::Interrupted {
-                ": run the same command again; it finishes what was started".to_owned()
-            } else {
-                job.reason.map(|r| format!(": {r}")).unwrap_or_default()
-            }
-        );
+    if args.follow {
+        ended_well(&job)?;
     }
     Ok(())
+}
+
+/// Asks for job `id` until it ends, showing each new progress line; the job as it ended.
+pub fn follow(at: &Folders, id: &str, show: &mut dyn FnMut(&str)) -> anyhow::Result<Job> {
+    let request = Request::Job { id: id.to_owned() };
+    let mut job: Job = at.ask(&request)?;
+    let mut shown = String::new();
+    while job.state == JobState::Running {
+        let line = progress_line(&job);
+        if line != shown {
+            show(&line);
+            shown = line;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        job = at.ask(&request)?;
+    }
+    Ok(job)
+}
+
+/// An error unless `job` succeeded, saying why and what to do.
+pub fn ended_well(job: &Job) -> anyhow::Result<()> {
+    if job.state == JobState::Succeeded {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "job {} {}{}",
+        job.id,
+        state(job.state),
+        if job.state == JobState::Interrupted {
+            ": run the same command again; it finishes what was started".to_owned()
+        } else {
+            job.reason
+                .as_ref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        }
+    )
 }
 
 /// One line: the current phase, a bar, and the ETA.

@@ -5,8 +5,8 @@ mod demo;
 mod failover;
 mod folders;
 mod jobs;
-mod plan;
 mod points;
+mod remote;
 mod status;
 
 use std::path::PathBuf;
@@ -106,7 +106,7 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum PkiCommand {
     /// Creates a CA and a certificate and key for each role (agent, process-server,
-    /// master-target) in DIR. Copy ca.pem and the role's pair to each machine; keep
+    /// master-target, operator) in DIR. Copy ca.pem and the role's pair to each machine; keep
     /// ca-key.pem offline. The agent certificate written here is a fleet certificate: it
     /// may speak for any machine. In production give each machine its own with
     /// `pki issue --role agent --name MACHINE`, which can speak only for that machine.
@@ -127,10 +127,12 @@ enum PkiCommand {
         #[arg(long)]
         dir: PathBuf,
         /// The role the certificate stands for.
-        #[arg(long, value_parser = ["agent", "process-server", "master-target"])]
+        #[arg(long, value_parser = ["agent", "process-server", "master-target", "operator"])]
         role: String,
         /// The holder: for an agent, the machine name it may speak for (as given to the
-        /// agent's --machine); recorded in the certificate and in issued.txt.
+        /// agent's --machine); for an operator, the person, whose name the master target
+        /// logs with every request and records in every job. Recorded in the certificate
+        /// and in issued.txt.
         #[arg(long)]
         name: String,
         /// Folder that receives the certificate and key (created if missing).
@@ -196,7 +198,7 @@ fn main() -> ExitCode {
 fn pki_init(dir: &std::path::Path, force: bool) -> anyhow::Result<()> {
     engine::wire::pki::init(dir, force)?;
     engine::say!(
-        "wrote a CA and certificates for agent, process-server and master-target to {}",
+        "wrote a CA and certificates for agent, process-server, master-target and operator to {}",
         dir.display()
     );
     Ok(())

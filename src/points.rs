@@ -7,10 +7,9 @@ use std::time::{Duration, UNIX_EPOCH};
 use anyhow::Context;
 
 pub use crate::folders::Folders;
-use engine::block::geometry::SafeName;
-use master_target::retention::groups::group_points;
-use master_target::retention::points::RecoveryPoint;
-use master_target::retention::recover::{point_log, recover, PointSelector};
+use master_target::operator::{MachinePoints, Request};
+use master_target::retention::groups::GroupPoint;
+use master_target::retention::recover::{recover, PointSelector};
 
 #[derive(clap::Args, Debug)]
 pub struct Where {
@@ -25,52 +24,12 @@ pub struct Where {
 }
 
 impl Where {
-    /// The machine asked for, which must be known to the datastore or the retention folder
-    /// (a typo lists the machines there are).
-    pub fn machine(&self) -> anyhow::Result<SafeName> {
-        let name = self
-            .machine
+    /// The machine asked for.
+    pub fn machine(&self) -> anyhow::Result<&str> {
+        self.machine
             .as_deref()
-            .context("name the machine with --machine")?;
-        known_machine(&self.folders.datastore, &self.folders.retention(), name)
+            .context("name the machine with --machine")
     }
-}
-
-/// Machine `name`, which must be known to the datastore or the retention folder (a typo
-/// lists the machines there are).
-pub fn known_machine(
-    datastore: &std::path::Path,
-    retention: &std::path::Path,
-    name: &str,
-) -> anyhow::Result<SafeName> {
-    let machine = SafeName::new("machine name", name)?;
-    let known = known_machines(datastore, retention);
-    if !known.contains(&machine.to_string()) {
-        anyhow::bail!(
-            "unknown machine {machine} in datastore {}; known machines: {}",
-            datastore.display(),
-            if known.is_empty() {
-                "none".to_owned()
-            } else {
-                known.join(", ")
-            }
-        );
-    }
-    Ok(machine)
-}
-
-/// Machines with a folder in the datastore or in the retention folder, sorted.
-fn known_machines(datastore: &std::path::Path, retention: &std::path::Path) -> Vec<String> {
-    let mut names: Vec<String> = [datastore, retention]
-        .iter()
-        .flat_map(|dir| std::fs::read_dir(dir).into_iter().flatten().flatten())
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-        .filter(|n| SafeName::new("machine name", n).is_ok())
-        .collect();
-    names.sort();
-    names.dedup();
-    names
 }
 
 #[derive(clap::Args, Debug)]
@@ -93,43 +52,21 @@ pub fn time_text(ms: u64) -> String {
 }
 
 pub fn list(args: Where) -> anyhow::Result<()> {
-    if let Some(group) = &args.group {
-        return list_group(&args, &SafeName::new("group name", group)?);
-    }
-    let machine = args.machine()?;
-    let retention = args.folders.retention();
-    let log = point_log(&retention, &machine)?;
-    let mut points: Vec<&RecoveryPoint> = log.points().iter().collect();
-    points.reverse();
-    let failed_over = master_target::retention::failover::fenced(&retention, &machine)?;
-    // Disks whose replica changed outside deltaback: points before the change are not exact.
-    let inexact = |p: &RecoveryPoint| -> anyhow::Result<Vec<String>> {
-        if failed_over.is_some() {
-            // Taken before the failover: the live disks change without journals now.
-            return Ok(p.disks.iter().map(|d| d.id.clone()).collect());
-        }
-        let mut disks = Vec::new();
-        for d in &p.disks {
-            let id = SafeName::new("disk id", &d.id)?;
-            if master_target::retention::inexact_before(&retention, &machine, &id)?
-                .is_some_and(|from| p.seq < from)
-            {
-                disks.push(d.id.clone());
-            }
-        }
-        Ok(disks)
+    let request = Request::Points {
+        machine: args.machine.clone(),
+        group: args.group.clone(),
     };
+    if let Some(group) = &args.group {
+        let points: Vec<GroupPoint> = args.folders.ask(&request)?;
+        return print_group(&args, group, &points);
+    }
+    let listed: MachinePoints = args.folders.ask(&request)?;
     if args.folders.json {
-        let mut list = Vec::new();
-        for p in &points {
-            let mut value = serde_json::to_value(p)?;
-            value["exact"] = serde_json::Value::Bool(inexact(p)?.is_empty());
-            list.push(value);
-        }
-        engine::say!("{}", serde_json::Value::Array(list));
+        engine::say!("{}", serde_json::to_string(&listed.points)?);
         return Ok(());
     }
-    if let Some(record) = &failed_over {
+    let machine = &listed.machine;
+    if let Some(record) = &listed.failed_over {
         engine::say!(
             "machine {machine} was failed over to point {} at {} ({}): the points below were \
              taken before and can no longer be rebuilt from its live disks",
@@ -138,7 +75,7 @@ pub fn list(args: Where) -> anyhow::Result<()> {
             serde_json::to_value(record.state)?.as_str().unwrap_or("?")
         );
     }
-    if points.is_empty() {
+    if listed.points.is_empty() {
         engine::say!("machine {machine} has no recovery points");
         return Ok(());
     }
@@ -150,9 +87,9 @@ pub fn list(args: Where) -> anyhow::Result<()> {
         "GROUP",
         "LABEL"
     );
-    for p in points {
+    for listed_point in &listed.points {
+        let p = &listed_point.point;
         let disks: Vec<&str> = p.disks.iter().map(|d| d.id.as_str()).collect();
-        let not_exact = inexact(p)?;
         engine::say!(
             "{:>6}  {:<20}  {:<16}  {:<10}  {:<20}  {}{}",
             p.seq,
@@ -161,13 +98,13 @@ pub fn list(args: Where) -> anyhow::Result<()> {
             p.group.as_deref().unwrap_or("-"),
             p.label,
             disks.join(","),
-            if not_exact.is_empty() {
+            if listed_point.exact {
                 String::new()
             } else {
                 format!(
                     "  (not exact: {} {})",
-                    not_exact.join(","),
-                    if failed_over.is_some() {
+                    listed_point.not_exact.join(","),
+                    if listed.failed_over.is_some() {
                         "live since the failover"
                     } else {
                         "changed outside deltaback since"
@@ -179,11 +116,9 @@ pub fn list(args: Where) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn list_group(args: &Where, group: &SafeName) -> anyhow::Result<()> {
-    let mut points = group_points(&args.folders.retention(), group)?;
-    points.reverse();
+fn print_group(args: &Where, group: &str, points: &[GroupPoint]) -> anyhow::Result<()> {
     if args.folders.json {
-        engine::say!("{}", serde_json::to_string(&points)?);
+        engine::say!("{}", serde_json::to_string(points)?);
         return Ok(());
     }
     if points.is_empty() {
@@ -212,13 +147,32 @@ fn list_group(args: &Where, group: &SafeName) -> anyhow::Result<()> {
 pub fn recover_point(args: RecoverArgs) -> anyhow::Result<()> {
     let selector: PointSelector = args.point.parse()?;
     let machine = args.at.machine()?;
-    let (point, disks) = recover(
-        &args.at.folders.datastore,
-        &args.at.folders.retention(),
-        &machine,
-        &selector,
-        &args.output,
-    )?;
+    let (point, disks) = match (args.at.folders.local(), args.at.folders.remote()?) {
+        (_, Some(remote)) => {
+            let (start, end, disks) = remote.recover(machine, &args.point, &args.output)?;
+            if !args.at.folders.json {
+                engine::say!(
+                    "received {} blocks ({} of them changed since the point) from {}",
+                    end.blocks,
+                    end.blocks_restored,
+                    args.at.folders.describe()
+                );
+            }
+            (start.point, disks)
+        }
+        (Some(ctx), None) => {
+            let machine =
+                master_target::operator::known_machine(&ctx.datastore, &ctx.retention, machine)?;
+            recover(
+                &ctx.datastore,
+                &ctx.retention,
+                &machine,
+                &selector,
+                &args.output,
+            )?
+        }
+        (None, None) => anyhow::bail!("give --datastore, or --master-target and --pki"),
+    };
     if args.at.folders.json {
         engine::say!("{}", serde_json::json!({ "point": point, "disks": disks }));
         return Ok(());

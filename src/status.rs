@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
-use master_target::status::{datastore_status, MachineStatus, PointSummary};
+use master_target::operator::Request;
+use master_target::status::{MachineStatus, PointSummary};
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
@@ -18,13 +18,14 @@ pub struct StatusArgs {
 }
 
 pub fn show(args: StatusArgs) -> anyhow::Result<()> {
-    let retention = args.at.retention();
-    let machines = datastore_status(&args.at.datastore, &retention, engine::clock::now_ms())
-        .with_context(|| format!("cannot read datastore {}", args.at.datastore.display()))?;
+    let machines: Vec<MachineStatus> = args
+        .at
+        .ask(&Request::Status)
+        .map_err(|e| e.context(format!("cannot read {}", args.at.describe())))?;
     if args.at.json {
         engine::say!("{}", serde_json::to_string(&machines)?);
     } else if machines.is_empty() {
-        engine::say!("no machines in {}", args.at.datastore.display());
+        engine::say!("no machines in {}", args.at.describe());
     } else {
         for machine in &machines {
             print_machine(machine);
@@ -33,8 +34,8 @@ pub fn show(args: StatusArgs) -> anyhow::Result<()> {
     if let Some(max_age) = args.max_age {
         anyhow::ensure!(
             !machines.is_empty(),
-            "no machine in datastore {} has replicated yet, so none has a recent point",
-            args.at.datastore.display()
+            "no machine in {} has replicated yet, so none has a recent point",
+            args.at.describe()
         );
         let limit = u64::try_from(Duration::from(max_age).as_millis()).unwrap_or(u64::MAX);
         let behind: Vec<String> = machines

@@ -468,7 +468,7 @@ fn each_service_accepts_only_the_role_that_should_talk_to_it() {
         }
     });
     assert!(
-        message.contains("accepts only process-server certificates"),
+        message.contains("accepts only process-server and operator certificates"),
         "{message}"
     );
     still_serving(&cluster);

@@ -28,7 +28,7 @@ pub fn check_label(label: &str) -> Result<()> {
 }
 
 /// How consistent a point is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PointKind {
     /// As if the machine lost power at that instant.

@@ -31,6 +31,8 @@ pub struct MasterTargetConfig {
     pub max_disk_size: u64,
     /// Disks replicated into a raw image file or block device instead of a VMDK.
     pub raw_disks: Vec<RawDisk>,
+    /// The NBD server for test failovers and the address it listens on (`--nbd-listen`).
+    pub nbd: Option<(crate::nbd::Exports, std::net::SocketAddr)>,
 }
 
 impl MasterTargetConfig {

@@ -54,6 +54,9 @@ pub struct Job {
     pub reason: Option<String>,
     pub phases: Vec<Phase>,
     pub log: Vec<String>,
+    /// What the job produced, once it succeeded (a failover's records, say), as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
 }
 
 /// Lines of log a job keeps.
@@ -100,6 +103,7 @@ impl JobHandle {
                 reason: None,
                 phases: Vec::new(),
                 log: Vec::new(),
+                result: None,
             },
             last_write: Instant::now(),
         };
@@ -161,11 +165,12 @@ impl JobHandle {
     }
 
     /// Records how the job ended.
-    pub fn finish<T>(mut self, result: &Result<T>) -> Result<Job> {
+    pub fn finish<T: serde::Serialize>(mut self, result: &Result<T>) -> Result<Job> {
         self.job.finished_ms = Some(now_ms());
         match result {
-            Ok(_) => {
+            Ok(value) => {
                 self.job.state = JobState::Succeeded;
+                self.job.result = serde_json::to_value(value).ok();
                 for phase in &mut self.job.phases {
                     phase.done_bytes = phase.total_bytes.max(phase.done_bytes);
                     phase.eta_seconds = None;

@@ -53,7 +53,11 @@
 pub mod config;
 pub mod datastore;
 pub mod jobs;
+pub mod nbd;
+pub mod operator;
+mod operator_session;
 pub mod ownership;
+pub mod plan;
 pub mod replica;
 pub mod retention;
 pub mod session;

@@ -8,7 +8,9 @@ use engine::wire::tls::{Identity, Role};
 use master_target::{serve, MasterTargetConfig};
 
 /// The on-premises end of deltaback: receives blocks from process servers, checks each
-/// block's blake3 hash, and writes them into VMDKs in a datastore folder.
+/// block's blake3 hash, and writes them into VMDKs in a datastore folder. It also answers
+/// operators (`deltaback ... --master-target HOST:PORT`, operator certificates) on the
+/// same port: points, status, recover, failover, reprotect, jobs, test failovers.
 ///
 /// Each disk lands in DATASTORE/MACHINE/DISK.vmdk (a monolithicFlat descriptor) with its
 /// data in DISK-flat.vmdk, a sparse file whose zero blocks are holes. Existing VMDKs are
@@ -53,6 +55,13 @@ struct Args {
     /// What it holds is compared first, so only differing blocks travel.
     #[arg(long = "raw-disk", value_name = "MACHINE/DISK=PATH")]
     raw_disks: Vec<master_target::config::RawDisk>,
+    /// Serve test failovers over NBD on this address (`deltaback failover --test`): a
+    /// recovery point as a disk a test VM boots from while replication goes on. NBD has no
+    /// encryption or passwords here (export names carry 64 random bits), so give an
+    /// address of a test network or of this host only; port 0 picks a free port (printed
+    /// as `NBD listening on ADDR`). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    nbd_listen: Option<String>,
     #[command(flatten)]
     limits: engine::service::LimitArgs,
 }
@@ -75,6 +84,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let limits = args.limits.limits()?;
     let shutdown = engine::service::shutdown_signal();
     engine::service::reload_on_hangup();
+    let nbd = match &args.nbd_listen {
+        Some(addr) => {
+            let listener = std::net::TcpListener::bind(addr)
+                .map_err(|e| anyhow::anyhow!("cannot listen for NBD on {addr}: {e}"))?;
+            let local = listener.local_addr()?;
+            println!("NBD listening on {local}");
+            let exports = master_target::nbd::Exports::default();
+            let served = exports.clone();
+            std::thread::Builder::new()
+                .name("nbd-accept".into())
+                .spawn(move || master_target::nbd::serve(listener, served))?;
+            Some((exports, local))
+        }
+        None => None,
+    };
     let listener = engine::service::bind(&args.listen, "master target").await?;
     let retention = args
         .retention
@@ -91,7 +115,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         limits,
         max_disk_size: args.max_disk_size.as_u64(),
         raw_disks: args.raw_disks,
+        nbd,
     };
+    master_target::operator::restore_tests(&master_target::operator::Context {
+        datastore: config.datastore.clone(),
+        retention: config.retention.clone(),
+        nbd: config.nbd.clone(),
+    });
     serve(listener, &identity, config, shutdown).await?;
     Ok(())
 }

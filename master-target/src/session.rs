@@ -38,7 +38,7 @@ pub async fn serve(
     transport::serve(
         listener,
         identity,
-        Role::ProcessServer,
+        &[Role::ProcessServer, Role::Operator],
         config.limits,
         shutdown,
         move |conn| session(conn, config.clone(), locks.clone(), group_commits.clone()),
@@ -46,13 +46,17 @@ pub async fn serve(
     .await
 }
 
-/// One agent's conversation; returns the machine name.
+/// One agent's conversation, or an operator's; returns the machine name (or the
+/// operator's).
 async fn session(
     mut conn: Conn,
     config: Arc<MasterTargetConfig>,
     locks: DiskLocks,
     group_commits: Arc<Mutex<()>>,
 ) -> Result<String> {
+    if conn.peer_role() == Role::Operator {
+        return crate::operator_session::serve(conn, &config).await;
+    }
     let opened = async {
         let hello = handshake::read_hello(&mut conn, "master target").await?;
         handshake::welcome(&mut conn).await?;

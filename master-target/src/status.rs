@@ -17,7 +17,7 @@ use engine::error::{Error, Result};
 use engine::point::PointKind;
 
 /// What state a replica's files are in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ReplicaState {
     /// The manifest matches the extent: the replica holds every block up to its durable
@@ -50,7 +50,7 @@ impl ReplicaState {
 }
 
 /// One replica of a machine.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct DiskStatus {
     pub id: String,
     /// Size of the extent in bytes.
@@ -61,7 +61,7 @@ pub struct DiskStatus {
 }
 
 /// A recovery point, in brief.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct PointSummary {
     pub seq: u64,
     pub time_ms: u64,
@@ -71,7 +71,7 @@ pub struct PointSummary {
 }
 
 /// One machine of the datastore.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct MachineStatus {
     pub machine: String,
     pub disks: Vec<DiskStatus>,

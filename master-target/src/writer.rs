@@ -370,7 +370,13 @@ impl Writer {
         tracing::info!(machine = %self.machine, point = seq, kind = kind.name(), "recovery point durable");
         self.made_point = true;
         let window_ms = u64::try_from(self.config.retention_window.as_millis()).unwrap_or(u64::MAX);
-        if let Some(oldest) = self.points.prune(time_ms.saturating_sub(window_ms))? {
+        let mut keep_from_ms = time_ms.saturating_sub(window_ms);
+        // A test failover holds its point and the journals after it.
+        if let Some(test) = retention::test_failover::active(&self.config.retention, &self.machine)?
+        {
+            keep_from_ms = keep_from_ms.min(test.point_time_ms);
+        }
+        if let Some(oldest) = self.points.prune(keep_from_ms)? {
             self.drop_journals_up_to(oldest);
         }
         let next = self.points.next_seq();

@@ -114,7 +114,7 @@ pub async fn serve(
     transport::serve(
         listener,
         identity,
-        Role::Agent,
+        &[Role::Agent],
         limits,
         shutdown,
         move |agent| {

@@ -21,7 +21,12 @@
 //!   12  Checkpoint   kind u8 (1 crash-consistent, 2 app-consistent), label str,
 //!                    group str (empty: none), members u16, members x machine str
 //!   13  PointCreated seq u64, time_ms u64, group_seq u64 (0: no group point completed)
+//!   14  Operate      request: UTF-8 JSON, the rest of the frame (operator -> master target)
+//!   15  Answer       body: UTF-8 JSON, the rest of the frame (master target -> operator)
 //! ```
+//! An operator's conversation is `Operate` then one `Answer` or `Error`; a recovery
+//! streams the point's blocks as `Blocks` (handle = the disk's place in the first
+//! `Answer`, seq 0) between an `Answer` naming the disks and a last `Answer`.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -137,6 +142,14 @@ pub enum Message {
         group: String,
         members: Vec<String>,
     },
+    /// An operator's request (JSON; see `master_target::operator`).
+    Operate {
+        request: String,
+    },
+    /// The master target's answer to `Operate` (JSON).
+    Answer {
+        body: String,
+    },
     /// The recovery point is durable.
     PointCreated {
         seq: u64,
@@ -221,6 +234,8 @@ impl Message {
             Message::Bye => 11,
             Message::Checkpoint { .. } => KIND_CHECKPOINT,
             Message::PointCreated { .. } => 13,
+            Message::Operate { .. } => 14,
+            Message::Answer { .. } => 15,
         }
     }
 
@@ -240,6 +255,8 @@ impl Message {
             Message::Bye => "Bye",
             Message::Checkpoint { .. } => "Checkpoint",
             Message::PointCreated { .. } => "PointCreated",
+            Message::Operate { .. } => "Operate",
+            Message::Answer { .. } => "Answer",
         }
     }
 
@@ -354,6 +371,9 @@ impl Message {
                 b.put_u64(*seq);
                 b.put_u64(*time_ms);
                 b.put_u64(*group_seq);
+            }
+            Message::Operate { request: text } | Message::Answer { body: text } => {
+                b.put_slice(text.as_bytes());
             }
         }
         Frame {
@@ -471,6 +491,12 @@ impl Message {
                 time_ms: r.u64("point time")?,
                 group_seq: r.u64("group point sequence")?,
             },
+            14 => Message::Operate {
+                request: r.rest_text("operator request")?,
+            },
+            15 => Message::Answer {
+                body: r.rest_text("answer")?,
+            },
             other => return Err(Error::Protocol(format!("unknown message kind {other}"))),
         };
         if !r.0.is_empty() {
@@ -495,6 +521,12 @@ fn put_str(b: &mut BytesMut, s: &str) {
 struct Reader(Bytes);
 
 impl Reader {
+    /// The rest of the body as UTF-8 text (a frame is at most 8 MiB, so this is bounded).
+    fn rest_text(&mut self, what: &str) -> Result<String> {
+        let rest = self.0.split_off(0);
+        String::from_utf8(rest.to_vec())
+            .map_err(|_| Error::Protocol(format!("{what} is not UTF-8")))
+    }
     fn need(&self, n: usize, what: &str) -> Result<()> {
         if self.0.remaining() < n {
             return Err(Error::Protocol(format!("message truncated in {what}")));

@@ -1,8 +1,11 @@
 //! Certificate generation: one CA and a certificate with key for each role.
 //!
 //! Each role's certificate names the role as a DNS subject alternative name
-//! (`agent.deltaback`, `process-server.deltaback`, `master-target.deltaback`); that name is
-//! what [`crate::wire::tls`] checks, so a certificate of one role cannot pose as another.
+//! (`agent.deltaback`, `process-server.deltaback`, `master-target.deltaback`,
+//! `operator.deltaback`); that name is what [`crate::wire::tls`] checks, so a certificate of
+//! one role cannot pose as another. Agent and operator certificates issued by name carry a
+//! second name binding them to their holder (`<machine>.machine.deltaback`,
+//! `<person>.operator.deltaback`).
 //!
 //! Layout of a PKI folder:
 //! ```text
@@ -10,6 +13,8 @@
 //! agent.pem  agent-key.pem                 for deltaback-agent
 //! process-server.pem  process-server-key.pem
 //! master-target.pem  master-target-key.pem
+//! operator.pem  operator-key.pem           for the deltaback CLI against a master target
+//!                                          (holder "operator")
 //! issued.txt                               serial, role, name, expiry of every certificate
 //! revoked.txt, crl.pem                     revoked serials and the CA-signed list of them
 //! ```
@@ -80,6 +85,8 @@ pub fn init(dir: &Path, force: bool) -> Result<()> {
         crate::storage::durable::remove(&dir.join(name))?;
     }
     for role in Role::ALL {
+        // The operator certificate made here names its holder "operator"; agents' is a
+        // fleet certificate, bound to no machine.
         issue_into(
             dir,
             &ca_cert,
@@ -88,7 +95,7 @@ pub fn init(dir: &Path, force: bool) -> Result<()> {
             role.name(),
             CERT_VALIDITY_DAYS,
             dir,
-            false,
+            role == Role::Operator,
         )?;
     }
     write_file(&dir.join("ca-key.pem"), &ca_key.serialize_pem(), 0o600)?;
@@ -111,7 +118,7 @@ fn load_ca(dir: &Path) -> Result<(Certificate, KeyPair)> {
 /// Issues a certificate for `role`, named `name`, valid for `days` from now (0: it expires
 /// at once, for testing rotation), into `out` (created) with `ca.pem` and `crl.pem` beside
 /// it. Returns its serial number. An agent certificate is bound to machine `name`: it can
-/// speak only as that machine. `name` is checked like a machine name, and `out` must be
+/// speak only as that machine; an operator certificate names its holder `name`. `name` is checked like a machine name, and `out` must be
 /// another folder than the PKI and must not hold that role's certificate already.
 pub fn issue(dir: &Path, role: Role, name: &str, days: i64, out: &Path) -> Result<u64> {
     if !(0..=CA_VALIDITY_DAYS).contains(&days) {
@@ -141,7 +148,7 @@ pub fn issue(dir: &Path, role: Role, name: &str, days: i64, out: &Path) -> Resul
     }
     let (ca_cert, ca_key) = load_ca(dir)?;
     fs::create_dir_all(out).map_err(Error::file("create folder", out))?;
-    let bind = role == Role::Agent;
+    let bind = matches!(role, Role::Agent | Role::Operator);
     let serial = issue_into(dir, &ca_cert, &ca_key, role, name, days, out, bind)?;
     for file in ["ca.pem", "crl.pem"] {
         let from = dir.join(file);
@@ -161,7 +168,7 @@ fn issue_into(
     name: &str,
     days: i64,
     out: &Path,
-    bind_machine: bool,
+    bind_holder: bool,
 ) -> Result<u64> {
     let now = OffsetDateTime::now_utc();
     let serial = loop {
@@ -171,8 +178,8 @@ fn issue_into(
         }
     };
     let mut names = vec![role.dns_name().to_owned()];
-    if bind_machine {
-        names.push(crate::wire::tls::machine_dns_name(name)?);
+    if bind_holder {
+        names.push(crate::wire::tls::holder_dns_name(role, name)?);
     }
     let mut params = CertificateParams::new(names).map_err(pki_err)?;
     params.distinguished_name.push(

@@ -27,11 +27,20 @@ pub enum Role {
     ProcessServer,
     /// Writes the replicas.
     MasterTarget,
+    /// A person (or their automation) running `deltaback` against a master target: points,
+    /// status, recover, failover, reprotect, jobs. Every certificate of this role names its
+    /// holder, and the master target logs each request with that name.
+    Operator,
 }
 
 impl Role {
     /// Every role.
-    pub const ALL: [Role; 3] = [Role::Agent, Role::ProcessServer, Role::MasterTarget];
+    pub const ALL: [Role; 4] = [
+        Role::Agent,
+        Role::ProcessServer,
+        Role::MasterTarget,
+        Role::Operator,
+    ];
 
     /// The role's name, also the stem of its certificate files.
     pub fn name(self) -> &'static str {
@@ -39,6 +48,7 @@ impl Role {
             Role::Agent => "agent",
             Role::ProcessServer => "process-server",
             Role::MasterTarget => "master-target",
+            Role::Operator => "operator",
         }
     }
 
@@ -48,6 +58,7 @@ impl Role {
             Role::Agent => "agent",
             Role::ProcessServer => "process server",
             Role::MasterTarget => "master target",
+            Role::Operator => "operator",
         }
     }
 
@@ -57,6 +68,7 @@ impl Role {
             Role::Agent => "agent.deltaback",
             Role::ProcessServer => "process-server.deltaback",
             Role::MasterTarget => "master-target.deltaback",
+            Role::Operator => "operator.deltaback",
         }
     }
 }
@@ -247,6 +259,39 @@ pub fn machine_dns_name(machine: &str) -> Result<String> {
         ))
     })?;
     Ok(name)
+}
+
+/// The DNS suffix of the name that says who holds an operator certificate:
+/// `<name>.operator.deltaback`.
+pub const OPERATOR_SUFFIX: &str = ".operator.deltaback";
+
+/// The subject-alternative DNS name that binds a certificate to holder `name` of `role`
+/// (a machine for agents, a person for operators), refused when the name cannot be one.
+pub fn holder_dns_name(role: Role, name: &str) -> Result<String> {
+    match role {
+        Role::Operator => {
+            let dns = format!("{name}{OPERATOR_SUFFIX}");
+            rustls::pki_types::DnsName::try_from(dns.as_str()).map_err(|_| {
+                Error::Invalid(format!(
+                    "{name} cannot name an operator in a certificate: use letters, digits and \
+                     hyphens, not at the start or end of a dot-separated part"
+                ))
+            })?;
+            Ok(dns)
+        }
+        _ => machine_dns_name(name),
+    }
+}
+
+/// The operator an operator certificate names. Call only on a certificate the TLS
+/// handshake verified.
+pub fn bound_operator(peer_certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
+    let cert = peer_certs.and_then(|c| c.first())?;
+    let end_entity = webpki::EndEntityCert::try_from(cert).ok()?;
+    let name = end_entity
+        .valid_dns_names()
+        .find_map(|name| name.strip_suffix(OPERATOR_SUFFIX).map(str::to_owned));
+    name
 }
 
 /// The machine an agent certificate is bound to (`pki issue --role agent --name M`), or

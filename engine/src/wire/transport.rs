@@ -20,7 +20,9 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::error::{Error, Result};
 use crate::wire::throttle::Throttle;
-use crate::wire::tls::{bound_machine, check_peer_role, server_name, Identity, Role};
+use crate::wire::tls::{
+    bound_machine, bound_operator, check_peer_role, server_name, Identity, Role,
+};
 use crate::wire::{Frame, FrameCodec, Message};
 
 /// How long a TLS handshake may take before the connection is dropped.
@@ -87,6 +89,11 @@ pub struct Conn {
     writer: ConnWriter,
     /// The machine the peer's certificate is bound to, if it is a bound agent certificate.
     bound_machine: Option<String>,
+    /// The person an operator certificate names.
+    operator: Option<String>,
+    /// The role the peer's certificate names (servers: one of those they accept; clients:
+    /// the role they reached).
+    peer_role: Role,
 }
 
 /// The receiving half of a [`Conn`].
@@ -105,12 +112,12 @@ pub struct ConnWriter {
 }
 
 impl Conn {
-    fn new(stream: Stream, written: Arc<AtomicU64>, peer: &'static str) -> Self {
+    fn new(stream: Stream, written: Arc<AtomicU64>, peer: Role) -> Self {
         let (read, write) = tokio::io::split(stream);
         Self {
             reader: ConnReader {
                 frames: FramedRead::new(read, FrameCodec),
-                peer,
+                peer: peer.name(),
                 idle_timeout: None,
             },
             writer: ConnWriter {
@@ -119,7 +126,19 @@ impl Conn {
                 throttle: None,
             },
             bound_machine: None,
+            operator: None,
+            peer_role: peer,
         }
+    }
+
+    /// The role the peer's certificate names.
+    pub fn peer_role(&self) -> Role {
+        self.peer_role
+    }
+
+    /// The person an operator certificate names (`pki issue --role operator --name`).
+    pub fn operator(&self) -> Option<&str> {
+        self.operator.as_deref()
     }
 
     /// The machine the client's certificate is bound to; `None` for a certificate that may
@@ -284,26 +303,45 @@ pub async fn connect(addr: &str, config: Arc<rustls::ClientConfig>, role: Role) 
             }
         }
     })?;
-    Ok(Conn::new(TlsStream::Client(stream), written, role.name()))
+    Ok(Conn::new(TlsStream::Client(stream), written, role))
 }
 
 /// Completes the TLS handshake of an accepted connection and checks that the client holds a
-/// certificate for `client_role`. A client of the wrong role is told why before it is closed.
-pub async fn accept(tcp: TcpStream, acceptor: &TlsAcceptor, client_role: Role) -> Result<Conn> {
+/// certificate for one of `client_roles` (the first that its certificate names is the
+/// connection's [`Conn::peer_role`]). A client of another role is told why before it is
+/// closed.
+pub async fn accept(
+    tcp: TcpStream,
+    acceptor: &TlsAcceptor,
+    client_roles: &'static [Role],
+) -> Result<Conn> {
     let (counting, written) = Counting::wrap(tcp)?;
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(counting))
         .await
         .map_err(|_| Error::Tls("handshake timed out".into()))?
         .map_err(|e| Error::Tls(format!("handshake failed: {e}")))?;
-    let role_check = check_peer_role(stream.get_ref().1.peer_certificates(), client_role);
-    let bound = bound_machine(stream.get_ref().1.peer_certificates());
-    let mut conn = Conn::new(TlsStream::Server(stream), written, client_role.name());
+    let certs = stream.get_ref().1.peer_certificates();
+    let role = client_roles
+        .iter()
+        .copied()
+        .find(|role| check_peer_role(certs, *role).is_ok());
+    let bound = bound_machine(certs);
+    let operator = bound_operator(certs);
+    let first = client_roles.first().copied().unwrap_or(Role::ProcessServer);
+    let mut conn = Conn::new(TlsStream::Server(stream), written, role.unwrap_or(first));
     conn.bound_machine = bound;
-    if let Err(err) = role_check {
+    conn.operator = operator;
+    conn.peer_role = role.unwrap_or(first);
+    if role.is_none() {
+        let roles: Vec<String> = client_roles
+            .iter()
+            .map(|r| format!("{} role ({})", r.name(), r.dns_name()))
+            .collect();
+        let names: Vec<&str> = client_roles.iter().map(|r| r.name()).collect();
         let err = Error::Forbidden(format!(
-            "{}; this service accepts only {} certificates",
-            err,
-            client_role.name()
+            "peer certificate does not name the {}; this service accepts only {} certificates",
+            roles.join(" or the "),
+            names.join(" and ")
         ));
         conn.fail(&err).await;
         return Err(err);
@@ -401,7 +439,7 @@ impl Drop for AddressGuard {
     }
 }
 
-/// Accepts TLS clients of `client_role` on `listener` until `shutdown` completes, running
+/// Accepts TLS clients of `client_roles` on `listener` until `shutdown` completes, running
 /// `handle` for each on a task of its own, within `limits`. Refused handshakes and roles
 /// are logged; so is how each conversation ended (`handle` returns the machine it served).
 /// Accept failures (such as running out of file descriptors) back off instead of
@@ -409,7 +447,7 @@ impl Drop for AddressGuard {
 pub async fn serve<F, Fut>(
     listener: TcpListener,
     identity: &Identity,
-    client_role: Role,
+    client_roles: &'static [Role],
     limits: Limits,
     shutdown: impl Future<Output = ()>,
     handle: F,
@@ -485,7 +523,7 @@ where
         let handle = handle.clone();
         tokio::spawn(async move {
             let _held = (slot, guard);
-            let mut conn = match accept(tcp, &acceptor, client_role).await {
+            let mut conn = match accept(tcp, &acceptor, client_roles).await {
                 Ok(conn) => conn,
                 Err(e) => {
                     tracing::warn!(%peer, error = %e.chain(), "refused connection");

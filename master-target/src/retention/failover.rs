@@ -202,6 +202,14 @@ pub fn failover(
             interrupted
         }
         None => {
+            if let Some(test) = super::test_failover::active(retention, machine)? {
+                return Err(Error::Invalid(format!(
+                    "machine {machine} is being tested at point {} (a test failover by {}): a \
+                     failover rolls its replicas back in place, under the test VM; end the \
+                     test first with `deltaback failover --test --cleanup --machine {machine}`",
+                    test.point, test.operator
+                )));
+            }
             let point = select(log.points(), selector)?;
             new_record(machine, point)
         }
@@ -359,7 +367,7 @@ fn roll_back_disk(
 }
 
 /// What replicating a reprotected machine the other way needs: its live disks.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Reprotection {
     pub record: FailoverRecord,
     /// Each disk's id and the file an agent reads as its source now.

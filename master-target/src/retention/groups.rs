@@ -19,7 +19,7 @@ use engine::error::Result;
 use engine::point::PointKind;
 
 /// A point of a consistency group.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct GroupPoint {
     pub seq: u64,
     pub time_ms: u64,

@@ -172,6 +172,37 @@ impl JournalReader {
         self.offset
     }
 
+    /// Reads on from the end of the last whole record: a journal still being appended to
+    /// (the current cycle's) may hold more records now than when it was read to its end.
+    pub fn resume(&mut self) -> Result<()> {
+        if self.sealed {
+            return Ok(());
+        }
+        self.file
+            .seek(SeekFrom::Start(self.offset))
+            .map_err(Error::file("seek journal", &self.path))?;
+        self.torn_tail = false;
+        Ok(())
+    }
+
+    /// The record at byte `offset` (one [`Self::offset`] gave before the record was read),
+    /// checked like any other. The reader reads on from there.
+    pub fn record_at(&mut self, offset: u64) -> Result<UndoRecord> {
+        self.file
+            .seek(SeekFrom::Start(offset))
+            .map_err(Error::file("seek journal", &self.path))?;
+        self.offset = offset;
+        self.torn_tail = false;
+        self.sealed = false;
+        match self.next_record()? {
+            Some(record) => Ok(record),
+            None => Err(Error::Corrupt {
+                path: self.path.clone(),
+                reason: format!("no whole record at offset {offset}, where one was read before"),
+            }),
+        }
+    }
+
     /// The next record, `None` at the end, at a torn tail (see [`Self::torn_tail`]) or at
     /// the seal (see [`Self::sealed`]).
     pub fn next_record(&mut self) -> Result<Option<UndoRecord>> {

@@ -9,6 +9,9 @@
 //!                                                   (failover.rs)
 //! <retention>/<machine>/.lock                       held (flock) by the machine's session
 //!                                                   and by a failover
+//! <retention>/<machine>/test-failover/               a test failover: test.json (what is
+//!                                                   exported), <disk>.scratch (the test VM's
+//!                                                   writes), <disk>.copied (their blocks)
 //! ```
 //! To recover point Q: copy the replica as it is now, then for each journal P > Q in
 //! ascending order put back the first old content recorded for every block not yet put
@@ -20,6 +23,8 @@ pub mod groups;
 pub mod journal;
 pub mod points;
 pub mod recover;
+pub mod test_failover;
+pub mod view;
 
 use std::path::Path;
 

@@ -39,14 +39,14 @@ const MAX_RECORD: usize = 1 << 20;
 pub const MAX_POINTS: usize = 10_000;
 
 /// One disk as it was at a point.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct PointDisk {
     pub id: String,
     pub size: u64,
 }
 
 /// A recovery point.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RecoveryPoint {
     /// Increasing number, never reused.
     pub seq: u64,

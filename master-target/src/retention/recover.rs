@@ -142,7 +142,7 @@ pub fn point_log(retention: &Path, machine: &SafeName) -> Result<PointLog> {
 }
 
 /// What a recovery wrote.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RecoveredDisk {
     pub id: String,
     pub size: u64,

@@ -1,6 +1,8 @@
 //! Recovery plans (`deltaback failover --plan FILE`): machines failed over group by group,
 //! in order, with a script and a timeout after each group; the plan stops at the first
-//! failure and says where.
+//! failure and says where. A plan runs as a job where the master target's folders are:
+//! its scripts run on that host (with the operator's plan sent over TLS, on the master
+//! target's).
 //!
 //! ```toml
 //! [[group]]
@@ -19,21 +21,21 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
 use engine::block::geometry::SafeName;
-use master_target::jobs::JobHandle;
-use master_target::retention::failover::{failover, failover_group, FailoverRecord};
-use master_target::retention::recover::PointSelector;
+use engine::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::failover::FailoverArgs;
+use crate::jobs::JobHandle;
+use crate::retention::failover::{failover, failover_group, FailoverRecord};
+use crate::retention::recover::PointSelector;
 
 /// Default time a group's script may take.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// A recovery plan.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Plan {
+pub struct Plan {
     group: Vec<PlanGroup>,
 }
 
@@ -50,80 +52,50 @@ struct PlanGroup {
 }
 
 /// What a plan did, group by group.
-#[derive(Debug, Serialize)]
-struct PlanReport {
-    groups: Vec<GroupReport>,
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlanReport {
+    pub groups: Vec<GroupReport>,
     /// The group it stopped at, and why (none when it ran to the end).
-    stopped: Option<String>,
+    pub stopped: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct GroupReport {
-    name: String,
-    failed_over: Vec<FailoverRecord>,
-    script_seconds: Option<f64>,
+/// What one group of a plan did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupReport {
+    pub name: String,
+    pub failed_over: Vec<FailoverRecord>,
+    pub script_seconds: Option<f64>,
 }
 
-fn load(path: &Path) -> anyhow::Result<Plan> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the plan {}", path.display()))?;
-    let plan: Plan = toml::from_str(&text)
-        .with_context(|| format!("{} is not a recovery plan", path.display()))?;
+/// Reads a plan from its TOML text (`source` names it in errors).
+pub fn parse(text: &str, source: &str) -> Result<Plan> {
+    let plan: Plan = toml::from_str(text)
+        .map_err(|e| Error::Invalid(format!("{source} is not a recovery plan: {e}")))?;
     if plan.group.is_empty() {
-        bail!("{}: the plan has no [[group]]", path.display());
+        return Err(Error::Invalid(format!(
+            "{source}: the plan has no [[group]]"
+        )));
     }
     for group in &plan.group {
         if group.machines.is_empty() == group.consistency_group.is_none() {
-            bail!(
-                "{}: group {:?} needs either `machines` or `consistency_group`",
-                path.display(),
+            return Err(Error::Invalid(format!(
+                "{source}: group {:?} needs either `machines` or `consistency_group`",
                 group.name
-            );
+            )));
         }
     }
     Ok(plan)
 }
 
-pub fn run(args: &FailoverArgs, path: &Path) -> anyhow::Result<()> {
-    let plan = load(path)?;
-    let retention = args.at.retention();
-    let mut job = JobHandle::start(
-        &retention,
-        "plan",
-        &path.display().to_string(),
-        &crate::failover::operator(),
-    )?;
-    let outcome = run_plan(args, &plan, &retention, &mut job);
-    let recorded = match &outcome {
-        Ok(report) => match &report.stopped {
-            Some(reason) => Err(engine::Error::Invalid(format!("stopped at {reason}"))),
-            None => Ok(()),
-        },
-        Err(e) => Err(engine::Error::Invalid(format!("{e:#}"))),
-    };
-    job.finish(&recorded)?;
-    let report = outcome?;
-    if args.at.json {
-        engine::say!("{}", serde_json::to_string(&report)?);
-    } else {
-        for group in &report.groups {
-            for record in &group.failed_over {
-                crate::failover::print(record);
-            }
-        }
-    }
-    match report.stopped {
-        Some(reason) => bail!("the plan stopped at {reason}"),
-        None => Ok(()),
-    }
-}
-
-fn run_plan(
-    args: &FailoverArgs,
-    plan: &Plan,
+/// Runs `plan` group by group (points default to `point`), logging to `job`; stops at
+/// the first group that fails and says where in the report.
+pub fn run(
+    datastore: &Path,
     retention: &Path,
+    plan: &Plan,
+    point: &str,
     job: &mut JobHandle,
-) -> anyhow::Result<PlanReport> {
+) -> Result<PlanReport> {
     let mut report = PlanReport {
         groups: Vec::new(),
         stopped: None,
@@ -132,34 +104,32 @@ fn run_plan(
     for (i, group) in plan.group.iter().enumerate() {
         let step = format!("group {:?} ({} of {total})", group.name, i + 1);
         job.log(format!("{step}: starting"))?;
-        match run_group(args, retention, group, job) {
+        match run_group(datastore, retention, group, point, job) {
             Ok(done) => report.groups.push(done),
             Err(e) => {
-                job.log(format!("{step}: {e:#}"))?;
-                report.stopped = Some(format!("{step}: {e:#}"));
+                job.log(format!("{step}: {}", e.chain()))?;
+                report.stopped = Some(format!("{step}: {}", e.chain()));
                 break;
             }
         }
         job.log(format!("{step}: done"))?;
-        if !args.at.json {
-            engine::say!("{step} done");
-        }
     }
     Ok(report)
 }
 
 fn run_group(
-    args: &FailoverArgs,
+    datastore: &Path,
     retention: &Path,
     group: &PlanGroup,
+    point: &str,
     job: &mut JobHandle,
-) -> anyhow::Result<GroupReport> {
-    let selector: PointSelector = group.point.as_deref().unwrap_or(&args.point).parse()?;
+) -> Result<GroupReport> {
+    let selector: PointSelector = group.point.as_deref().unwrap_or(point).parse()?;
     let mut failed_over = Vec::new();
     if let Some(name) = &group.consistency_group {
         let name = SafeName::new("group name", name)?;
         failed_over.extend(failover_group(
-            &args.at.datastore,
+            datastore,
             retention,
             &name,
             &selector,
@@ -167,22 +137,17 @@ fn run_group(
         )?);
     }
     for machine in &group.machines {
-        let machine = crate::points::known_machine(&args.at.datastore, retention, machine)?;
-        let record = failover(
-            &args.at.datastore,
-            retention,
-            &machine,
-            &selector,
-            Some(&mut *job),
-        )
-        .with_context(|| format!("machine {machine}"))?;
+        let machine = crate::operator::known_machine(datastore, retention, machine)?;
+        let record = failover(datastore, retention, &machine, &selector, Some(&mut *job))
+            .map_err(|e| Error::Invalid(format!("machine {machine}: {}", e.chain())))?;
         failed_over.push(record);
     }
     let mut script_seconds = None;
     if let Some(script) = &group.script {
         let timeout = match &group.timeout {
-            Some(t) => humantime::parse_duration(t)
-                .with_context(|| format!("timeout {t:?} of group {:?}", group.name))?,
+            Some(t) => humantime::parse_duration(t).map_err(|e| {
+                Error::Invalid(format!("timeout {t:?} of group {:?}: {e}", group.name))
+            })?,
             None => DEFAULT_TIMEOUT,
         };
         job.log(format!("running `{script}`"))?;
@@ -196,27 +161,35 @@ fn run_group(
 }
 
 /// Runs `script` with `sh -c`, killed after `timeout`; returns the seconds it took.
-fn run_script(script: &str, timeout: Duration) -> anyhow::Result<f64> {
+fn run_script(script: &str, timeout: Duration) -> Result<f64> {
     let started = Instant::now();
+    let failed =
+        |what: &str, e: std::io::Error| Error::Invalid(format!("script `{script}` {what}: {e}"));
     let mut child = Command::new("sh")
         .args(["-c", script])
         .stdin(Stdio::null())
+        .stdout(Stdio::null())
         .spawn()
-        .with_context(|| format!("script `{script}` could not start"))?;
+        .map_err(|e| failed("could not start", e))?;
     loop {
-        if let Some(status) = child.try_wait()? {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| failed("could not be waited for", e))?
+        {
             if !status.success() {
-                bail!("script `{script}` failed ({status})");
+                return Err(Error::Invalid(format!(
+                    "script `{script}` failed ({status})"
+                )));
             }
             return Ok(started.elapsed().as_secs_f64());
         }
         if started.elapsed() >= timeout {
             let _ = child.kill();
             let _ = child.wait();
-            bail!(
+            return Err(Error::Invalid(format!(
                 "script `{script}` did not finish within {}",
                 humantime::format_duration(timeout)
-            );
+            )));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
