@@ -13,6 +13,7 @@ mod hostile;
 mod limits;
 mod manifest;
 mod mistakes;
+mod operator;
 mod ownership;
 mod proxy;
 mod qemu;

@@ -24,13 +24,20 @@ pub fn bin(name: &str) -> PathBuf {
 pub struct Service {
     child: Child,
     pub addr: String,
+    /// Where a master target serves NBD (`--nbd-listen`), from its `NBD listening on` line.
+    pub nbd: Option<String>,
     pub log: PathBuf,
     name: String,
     args: Vec<String>,
 }
 
-/// Spawns a service and reads its `listening on ADDR` line.
-fn spawn(name: &str, args: &[String], log: &Path) -> Result<(Child, String), String> {
+/// Spawns a service and reads its `listening on ADDR` line (and `NBD listening on ADDR`
+/// before it, if it serves NBD).
+fn spawn(
+    name: &str,
+    args: &[String],
+    log: &Path,
+) -> Result<(Child, String, Option<String>), String> {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -44,12 +51,17 @@ fn spawn(name: &str, args: &[String], log: &Path) -> Result<(Child, String), Str
         .spawn()
         .unwrap_or_else(|e| panic!("start {name}: {e}"));
     let stdout = child.stdout.take().expect("stdout");
+    let mut reader = BufReader::new(stdout);
     let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read stdout");
+    reader.read_line(&mut line).expect("read stdout");
+    let mut nbd = None;
+    if let Some(addr) = line.trim().strip_prefix("NBD listening on ") {
+        nbd = Some(addr.to_owned());
+        line.clear();
+        reader.read_line(&mut line).expect("read stdout");
+    }
     match line.trim().strip_prefix("listening on ") {
-        Some(addr) => Ok((child, addr.to_owned())),
+        Some(addr) => Ok((child, addr.to_owned(), nbd)),
         None => {
             let _ = child.wait();
             Err(format!(
@@ -64,10 +76,11 @@ impl Service {
     /// Starts `name` with `args`, waits for its `listening on ADDR` line.
     pub fn start(name: &str, args: &[&str], log: PathBuf) -> Service {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let (child, addr) = spawn(name, &args, &log).unwrap_or_else(|e| panic!("{e}"));
+        let (child, addr, nbd) = spawn(name, &args, &log).unwrap_or_else(|e| panic!("{e}"));
         Service {
             child,
             addr,
+            nbd,
             log,
             name: name.to_owned(),
             args,
@@ -103,10 +116,13 @@ impl Service {
         if let Some(i) = args.iter().position(|a| a == "--listen") {
             args[i + 1] = self.addr.clone();
         }
+        if let (Some(i), Some(nbd)) = (args.iter().position(|a| a == "--nbd-listen"), &self.nbd) {
+            args[i + 1] = nbd.clone();
+        }
         let mut last = String::new();
         for _ in 0..50 {
             match spawn(&self.name, &args, &self.log) {
-                Ok((child, _)) => {
+                Ok((child, _, _)) => {
                     self.child = child;
                     return;
                 }
@@ -261,6 +277,23 @@ impl Cluster {
             .args(args)
             .arg("--datastore")
             .arg(&self.datastore)
+            .output()
+            .expect("run deltaback");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Runs the operator CLI against the running master target over TLS:
+    /// `deltaback ARGS --master-target ADDR --pki PKI`; stdout, or stderr on failure.
+    pub fn remote(&self, pki: &Path, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(bin("deltaback"))
+            .args(args)
+            .args(["--master-target", &self.target.addr])
+            .arg("--pki")
+            .arg(pki)
             .output()
             .expect("run deltaback");
         if out.status.success() {

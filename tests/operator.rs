@@ -1,0 +1,318 @@
+//! The operator API over mutual TLS (`--master-target HOST:PORT --pki DIR`), and test
+//! failover over NBD while replication goes on.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use engine::sample::{change_blocks, write_mixed_image};
+use serde_json::Value;
+
+use crate::util::{bin, qemu_img_same, Cluster};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u32 = 65536;
+
+/// A machine replicated through `points` points, `change` of its blocks changed before
+/// each after the first; returns the image and copies of it at each point.
+fn replicated(
+    cluster: &Cluster,
+    machine: &str,
+    points: u64,
+    change: f64,
+) -> (PathBuf, Vec<PathBuf>) {
+    let image = cluster.path(&format!("{machine}.img"));
+    write_mixed_image(&image, 16 * MIB, 3).unwrap();
+    let disk = format!("{}=disk0", image.display());
+    let mut copies = Vec::new();
+    for round in 0..points {
+        if round > 0 {
+            change_blocks(&image, BLOCK, change, round).unwrap();
+        }
+        let report = cluster.sync(machine, &[&disk]).unwrap();
+        assert_eq!(report["point"]["seq"], round + 1);
+        let copy = cluster.path(&format!("{machine}-at-{}", round + 1));
+        std::fs::copy(&image, &copy).unwrap();
+        copies.push(copy);
+    }
+    (image, copies)
+}
+
+/// An operator certificate for `name` in a PKI folder of its own.
+fn operator_pki(cluster: &Cluster, name: &str) -> PathBuf {
+    let out = cluster.path(&format!("pki-{name}"));
+    let status = Command::new(bin("deltaback"))
+        .args([
+            "pki", "issue", "--role", "operator", "--name", name, "--dir",
+        ])
+        .arg(&cluster.pki)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    out
+}
+
+/// `qemu-img compare` of a raw image against an NBD export.
+fn same_as_export(raw: &Path, uri: &str) -> bool {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(raw)
+        .arg(uri)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out.status.success()
+}
+
+/// `qemu-io -f raw -c COMMAND URI`: success.
+fn qemu_io(uri: &str, command: &str) -> bool {
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", command, uri])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // qemu-io exits 0 even when a pattern check fails; it says so on stdout.
+    out.status.success()
+        && !text.contains("Pattern verification failed")
+        && !text.contains("failed")
+}
+
+#[test]
+fn an_operator_on_another_host_reads_recovers_and_fails_over_over_mutual_tls_named_in_the_log() {
+    let cluster = Cluster::start();
+    let (_, copies) = replicated(&cluster, "web", 3, 0.10);
+    let alice = operator_pki(&cluster, "alice");
+
+    // Read-only commands answer the same over TLS as on the datastore's host.
+    let local: Value = serde_json::from_str(
+        &cluster
+            .operator(&["points", "--json", "--machine", "web"])
+            .unwrap(),
+    )
+    .unwrap();
+    let remote: Value = serde_json::from_str(
+        &cluster
+            .remote(&alice, &["points", "--json", "--machine", "web"])
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(local, remote);
+    assert_eq!(remote.as_array().unwrap().len(), 3);
+    let status: Value =
+        serde_json::from_str(&cluster.remote(&alice, &["status", "--json"]).unwrap()).unwrap();
+    assert_eq!(status[0]["machine"], "web");
+    assert_eq!(status[0]["points"], 3);
+    let typo = cluster
+        .remote(&alice, &["points", "--machine", "wbe"])
+        .unwrap_err();
+    assert!(
+        typo.contains("unknown machine wbe") && typo.contains("web"),
+        "{typo}"
+    );
+
+    // A remote recovery: the point's blocks travel, checked, into a local folder.
+    let output = cluster.path("recovered-remote");
+    cluster
+        .remote(
+            &alice,
+            &[
+                "recover",
+                "--machine",
+                "web",
+                "--point",
+                "2",
+                "--output",
+                output.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    assert!(qemu_img_same(&copies[1], &output.join("disk0.vmdk")));
+    // Not into a folder that holds the disk already.
+    let again = cluster
+        .remote(
+            &alice,
+            &[
+                "recover",
+                "--machine",
+                "web",
+                "--output",
+                output.to_str().unwrap(),
+            ],
+        )
+        .unwrap_err();
+    assert!(again.contains("already exists"), "{again}");
+    assert!(qemu_img_same(&copies[1], &output.join("disk0.vmdk")));
+
+    // A failover run from the operator's host is a job on the master target, by alice.
+    let out = cluster
+        .remote(
+            &alice,
+            &["failover", "--json", "--machine", "web", "--point", "1"],
+        )
+        .unwrap();
+    let record: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(record["state"], "failed-over");
+    assert_eq!(record["point"], 1);
+    assert!(qemu_img_same(&copies[0], &cluster.vmdk("web", "disk0")));
+    let jobs: Value =
+        serde_json::from_str(&cluster.remote(&alice, &["jobs", "--json"]).unwrap()).unwrap();
+    let job = jobs.as_array().unwrap().last().unwrap();
+    assert_eq!(job["kind"], "failover");
+    assert_eq!(job["operator"], "alice");
+    assert_eq!(job["state"], "succeeded");
+    // The master target ran it and logged who asked what.
+    let log = cluster.target.wait_for_log("job ended");
+    assert!(
+        log.lines().any(|l| l.contains("operator request")
+            && l.contains("alice")
+            && l.contains("failover")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("operator request") && l.contains("alice") && l.contains("points")),
+        "{log}"
+    );
+
+    // Certificates of other roles are refused as operators, and an operator certificate
+    // is refused by the process server.
+    let posing = cluster.path("agent-as-operator");
+    std::fs::create_dir_all(&posing).unwrap();
+    for (from, to) in [
+        ("ca.pem", "ca.pem"),
+        ("agent.pem", "operator.pem"),
+        ("agent-key.pem", "operator-key.pem"),
+    ] {
+        std::fs::copy(cluster.pki.join(from), posing.join(to)).unwrap();
+    }
+    let refused = cluster.remote(&posing, &["status"]).unwrap_err();
+    assert!(
+        refused.contains("accepts only process-server and operator certificates"),
+        "{refused}"
+    );
+    let out = Command::new(bin("deltaback"))
+        .args(["status", "--master-target", &cluster.relay.addr, "--pki"])
+        .arg(&alice)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let missing = cluster
+        .remote(&cluster.path("no-such-pki"), &["status"])
+        .unwrap_err();
+    assert!(missing.contains("operator.pem"), "{missing}");
+}
+
+#[test]
+fn a_test_failover_serves_a_point_over_nbd_while_replication_goes_on() {
+    let cluster = Cluster::start_with(&["--nbd-listen", "127.0.0.1:0"]);
+    let (image, copies) = replicated(&cluster, "app", 3, 0.10);
+    let disk = format!("{}=disk0", image.display());
+    let bob = operator_pki(&cluster, "bob");
+
+    // Served by the running master target only.
+    let local = cluster
+        .operator(&["failover", "--test", "--machine", "app", "--point", "2"])
+        .unwrap_err();
+    assert!(local.contains("--master-target"), "{local}");
+
+    let out = cluster
+        .remote(
+            &bob,
+            &[
+                "failover",
+                "--test",
+                "--json",
+                "--machine",
+                "app",
+                "--point",
+                "2",
+            ],
+        )
+        .unwrap();
+    let served: Value = serde_json::from_str(&out).unwrap();
+    let uri = served["uris"][0].as_str().unwrap().to_owned();
+    assert!(
+        uri.starts_with(&format!(
+            "nbd://{}/app-disk0-",
+            cluster.target.nbd.as_ref().unwrap()
+        )),
+        "{uri}"
+    );
+    assert!(same_as_export(&copies[1], &uri));
+    // libnbd reads it too.
+    let info = Command::new("nbdinfo")
+        .args(["--json", &uri])
+        .output()
+        .expect("nbdinfo must be installed (apt install libnbd-bin)");
+    assert!(
+        info.status.success(),
+        "{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["exports"][0]["export-size"], 16 * MIB);
+
+    // Replication goes on: new points, one made while the export is read.
+    change_blocks(&image, BLOCK, 0.30, 11).unwrap();
+    let agent = cluster.spawn_agent("app", &[&disk], false);
+    for _ in 0..3 {
+        assert!(same_as_export(&copies[1], &uri));
+    }
+    assert!(agent.wait_with_output().unwrap().status.success());
+    change_blocks(&image, BLOCK, 0.30, 12).unwrap();
+    cluster.sync("app", &[&disk]).unwrap();
+    assert!(same_as_export(&copies[1], &uri));
+    assert_eq!(cluster.points("app").len(), 5);
+    // Replication was not disturbed: the replica is the source now.
+    assert!(qemu_img_same(&image, &cluster.vmdk("app", "disk0")));
+
+    // The test VM writes; its writes stay in the test, never in the replica.
+    assert!(qemu_io(&uri, "write -P 0xab 65536 131072"));
+    assert!(qemu_io(&uri, "read -P 0xab 65536 131072"));
+    assert!(!same_as_export(&copies[1], &uri));
+    assert!(qemu_img_same(&image, &cluster.vmdk("app", "disk0")));
+
+    // A real failover waits for the test to end.
+    let refused = cluster
+        .remote(&bob, &["failover", "--machine", "app", "--point", "2"])
+        .unwrap_err();
+    assert!(refused.contains("--test --cleanup"), "{refused}");
+
+    // A restarted master target serves the same test, with the test VM's writes.
+    let mut cluster = cluster;
+    cluster.target.crash_and_restart();
+    cluster.target.wait_for_log("test failover served again");
+    assert!(qemu_io(&uri, "read -P 0xab 65536 131072"));
+    // An unknown export name is refused.
+    let guessed = format!("nbd://{}/app-disk0", cluster.target.nbd.as_ref().unwrap());
+    assert!(!qemu_io(&guessed, "read 0 4096"));
+
+    // Cleanup ends the export and removes the scratch; failover is allowed again.
+    cluster
+        .remote(
+            &bob,
+            &["failover", "--test", "--cleanup", "--machine", "app"],
+        )
+        .unwrap();
+    assert!(!qemu_io(&uri, "read 0 4096"));
+    assert!(!cluster
+        .datastore
+        .join(".retention/app/test-failover")
+        .exists());
+    let out = cluster
+        .remote(
+            &bob,
+            &["failover", "--json", "--machine", "app", "--point", "2"],
+        )
+        .unwrap();
+    let record: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(record["point"], 2);
+    assert!(qemu_img_same(&copies[1], &cluster.vmdk("app", "disk0")));
+}
