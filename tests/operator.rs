@@ -20,8 +20,19 @@ fn replicated(
     points: u64,
     change: f64,
 ) -> (PathBuf, Vec<PathBuf>) {
+    replicated_sized(cluster, machine, 16 * MIB, points, change)
+}
+
+/// [`replicated`] with an image of `size` bytes.
+fn replicated_sized(
+    cluster: &Cluster,
+    machine: &str,
+    size: u64,
+    points: u64,
+    change: f64,
+) -> (PathBuf, Vec<PathBuf>) {
     let image = cluster.path(&format!("{machine}.img"));
-    write_mixed_image(&image, 16 * MIB, 3).unwrap();
+    write_mixed_image(&image, size, 3).unwrap();
     let disk = format!("{}=disk0", image.display());
     let mut copies = Vec::new();
     for round in 0..points {
@@ -315,4 +326,64 @@ fn a_test_failover_serves_a_point_over_nbd_while_replication_goes_on() {
     let record: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(record["point"], 2);
     assert!(qemu_img_same(&copies[1], &cluster.vmdk("app", "disk0")));
+}
+
+#[test]
+fn a_master_target_killed_during_a_remote_failover_shows_it_interrupted_and_finishes_it_exactly() {
+    let mut cluster = Cluster::start();
+    let (image, copies) = replicated_sized(&cluster, "db", 128 * MIB, 2, 0.60);
+    let carol = operator_pki(&cluster, "carol");
+    let mut failing_over = Command::new(bin("deltaback"))
+        .args(["failover", "--machine", "db", "--point", "1"])
+        .args(["--master-target", &cluster.target.addr, "--pki"])
+        .arg(&carol)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed once the fence is down and the rollback has begun.
+    let fence = cluster.datastore.join(".retention/db/failover.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !std::fs::read_to_string(&fence).is_ok_and(|t| t.contains("rolling-back")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failover never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    cluster.target.kill();
+    assert!(!failing_over.wait().unwrap().success());
+    cluster.target.restart();
+
+    let jobs: Value =
+        serde_json::from_str(&cluster.remote(&carol, &["jobs", "--json"]).unwrap()).unwrap();
+    let job = jobs.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(job["state"], "interrupted", "{job}");
+    assert_eq!(job["operator"], "carol");
+    let shown = cluster
+        .remote(&carol, &["job", job["id"].as_str().unwrap(), "--follow"])
+        .unwrap_err();
+    assert!(shown.contains("run the same command again"), "{shown}");
+    // The agent stays fenced meanwhile.
+    let refused = cluster
+        .sync_with(
+            "db",
+            &[format!("{}=disk0", image.display())],
+            &cluster.pki,
+            &["--retry-for", "0s"],
+        )
+        .unwrap_err();
+    assert!(refused.contains("failed over to point 1"), "{refused}");
+
+    // Run again: it finishes the failover it fenced, exactly.
+    let out = cluster
+        .remote(
+            &carol,
+            &["failover", "--json", "--machine", "db", "--point", "latest"],
+        )
+        .unwrap();
+    let record: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(record["state"], "failed-over");
+    assert_eq!(record["point"], 1);
+    assert!(qemu_img_same(&copies[0], &cluster.vmdk("db", "disk0")));
 }
