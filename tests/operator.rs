@@ -387,3 +387,67 @@ fn a_master_target_killed_during_a_remote_failover_shows_it_interrupted_and_fini
     assert_eq!(record["point"], 1);
     assert!(qemu_img_same(&copies[0], &cluster.vmdk("db", "disk0")));
 }
+
+/// Bytes the process `pid` has read through system calls so far.
+fn bytes_read(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_remote_recovery_of_a_huge_sparse_disk_reads_and_sends_its_data_only() {
+    let cluster = Cluster::start();
+    // 64 GiB holding 4 MiB of data, changed once after the first point.
+    let image = cluster.path("sparse.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(64 << 30)
+        .unwrap();
+    let piece = cluster.path("piece.img");
+    write_mixed_image(&piece, 4 * MIB, 9).unwrap();
+    let data = std::fs::read(&piece).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &data, 20 << 30).unwrap();
+    let disk = format!("{}=disk0", image.display());
+    cluster.sync("big", &[&disk]).unwrap();
+    let at_1 = cluster.path("big-at-1.img");
+    Command::new("cp")
+        .args(["--sparse=always"])
+        .arg(&image)
+        .arg(&at_1)
+        .status()
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0x5a; 65536], (20 << 30) + 65536).unwrap();
+    cluster.sync("big", &[&disk]).unwrap();
+
+    let dave = operator_pki(&cluster, "dave");
+    let before = bytes_read(cluster.target.pid());
+    let output = cluster.path("big-recovered");
+    cluster
+        .remote(
+            &dave,
+            &[
+                "recover",
+                "--machine",
+                "big",
+                "--point",
+                "1",
+                "--output",
+                output.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    let read = bytes_read(cluster.target.pid()) - before;
+    assert!(read < 64 * MIB, "the master target read {read} bytes");
+    let extent = output.join("disk0-flat.vmdk");
+    assert!(crate::util::allocated_bytes(&extent) <= 8 * MIB);
+    assert!(qemu_img_same(&at_1, &output.join("disk0.vmdk")));
+}

@@ -533,8 +533,7 @@ pub fn recover_stream(
         let mut block = vec![0u8; to_usize(disk.block_size)?];
         let mut records = Vec::new();
         let mut count = 0u32;
-        let blocks = disk.size.div_ceil(disk.block_size);
-        for index in 0..blocks {
+        for index in view.blocks_with_data()?.indices() {
             let offset = index * disk.block_size;
             let len = to_usize(disk.block_size.min(disk.size - offset))?;
             view.read_at(&mut block[..len], offset)?;

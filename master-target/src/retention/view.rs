@@ -22,8 +22,10 @@ use std::path::{Path, PathBuf};
 use super::journal::JournalReader;
 use crate::datastore::{journals, ReplicaPaths};
 use engine::block::geometry::SafeName;
+use engine::block::ranges::Runs;
 use engine::error::{Error, Result};
 use engine::storage::beneath;
+use engine::storage::sparse::data_extents;
 
 /// A length or place within a buffer or block as `usize` (it always fits: buffers and
 /// blocks are at most a few MiB).
@@ -113,6 +115,47 @@ impl PointView {
     /// Blocks changed since the point (so far).
     pub fn changed_blocks(&self) -> u64 {
         self.saved.len() as u64
+    }
+
+    /// The blocks that may hold data at the point, as runs: those holding data in the
+    /// replica now (`SEEK_DATA`; every block of a block device) and those a journal after
+    /// the point holds. Every other block is a hole now and was zero at the point (a block
+    /// zeroed since is journalled), so a reader may skip it: a sparse disk costs its data.
+    pub fn blocks_with_data(&self) -> Result<Runs> {
+        let blocks = self.size.div_ceil(self.block);
+        let mut replica = Vec::new();
+        let is_file = self
+            .replica
+            .metadata()
+            .map_err(Error::file("stat", &self.replica_path))?
+            .is_file();
+        if is_file {
+            for (start, end) in data_extents(&self.replica, self.size) {
+                replica.push((start / self.block, end.div_ceil(self.block)));
+            }
+        } else {
+            replica.push((0, blocks));
+        }
+        let mut saved: Vec<u64> = self.saved.keys().copied().filter(|&b| b < blocks).collect();
+        saved.sort_unstable();
+        let mut runs = Runs::new();
+        let (mut r, mut s) = (replica.into_iter().peekable(), saved.into_iter().peekable());
+        loop {
+            let take_replica = match (r.peek(), s.peek()) {
+                (Some(&(start, _)), Some(&index)) => start <= index,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            if take_replica {
+                if let Some((start, end)) = r.next() {
+                    runs.push(start, end.min(blocks).saturating_sub(start));
+                }
+            } else if let Some(index) = s.next() {
+                runs.push(index, 1);
+            }
+        }
+        Ok(runs)
     }
 
     /// Reads the journals after the point on from where the last read stopped, opening
