@@ -451,3 +451,139 @@ fn a_remote_recovery_of_a_huge_sparse_disk_reads_and_sends_its_data_only() {
     assert!(crate::util::allocated_bytes(&extent) <= 8 * MIB);
     assert!(qemu_img_same(&at_1, &output.join("disk0.vmdk")));
 }
+
+#[test]
+fn hostile_operator_requests_and_nbd_clients_get_clear_errors_and_bounded_costs() {
+    use engine::wire::tls::{Identity, Role};
+    use engine::wire::transport;
+    use engine::wire::Message;
+    use std::io::{Read, Write};
+
+    let cluster = Cluster::start_with(&["--nbd-listen", "127.0.0.1:0"]);
+    let (_, copies) = replicated(&cluster, "odd", 2, 0.10);
+
+    // Operator requests that are not requests: each refused with why, and the
+    // conversation goes on.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let config = Identity::load(&cluster.pki, Role::Operator)
+            .unwrap()
+            .client_config()
+            .unwrap();
+        let mut conn = transport::connect(&cluster.target.addr, config, Role::MasterTarget)
+            .await
+            .unwrap();
+        for (request, expected) in [
+            ("not json", "not an operator request"),
+            (r#"{"op":"format-disk"}"#, "not an operator request"),
+            (
+                r#"{"op":"points","machine":"../../etc","group":null}"#,
+                "machine name",
+            ),
+            (r#"{"op":"job","id":"../x"}"#, "is not a job id"),
+        ] {
+            conn.send(&Message::Operate {
+                request: request.to_owned(),
+            })
+            .await
+            .unwrap();
+            let err = conn.recv().await.unwrap_err().to_string();
+            assert!(err.contains(expected), "{request}: {err}");
+        }
+        conn.send(&Message::Operate {
+            request: r#"{"op":"status"}"#.to_owned(),
+        })
+        .await
+        .unwrap();
+        assert!(matches!(conn.recv().await.unwrap(), Message::Answer { .. }));
+        // An agent's message on an operator's conversation ends it.
+        conn.send(&Message::Flush { handle: 0, seq: 1 })
+            .await
+            .unwrap();
+        let err = conn.recv().await.unwrap_err().to_string();
+        assert!(err.contains("unexpected Flush"), "{err}");
+    });
+
+    let out = cluster
+        .remote(
+            &cluster.pki,
+            &[
+                "failover",
+                "--test",
+                "--json",
+                "--machine",
+                "odd",
+                "--point",
+                "1",
+            ],
+        )
+        .unwrap();
+    let served: Value = serde_json::from_str(&out).unwrap();
+    let uri = served["uris"][0].as_str().unwrap().to_owned();
+    let nbd = cluster.target.nbd.clone().unwrap();
+    let greeting = |s: &mut std::net::TcpStream| {
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).unwrap();
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+    };
+    let option = |s: &mut std::net::TcpStream, code: u32, data: &[u8], len: u32| {
+        let mut out = b"IHAVEOPT".to_vec();
+        out.extend_from_slice(&code.to_be_bytes());
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(data);
+        s.write_all(&out).unwrap();
+    };
+    let closed = |s: &mut std::net::TcpStream| {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut rest = Vec::new();
+        // Closed, or reset (closed with our bytes unread); not still waiting.
+        match s.read_to_end(&mut rest) {
+            Ok(_) => true,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
+    };
+    // An option announcing 1 GiB: closed before anything is allocated.
+    let mut s = std::net::TcpStream::connect(&nbd).unwrap();
+    greeting(&mut s);
+    option(&mut s, 7, &[], 1 << 30);
+    assert!(closed(&mut s));
+    // Not the option magic: closed.
+    let mut s = std::net::TcpStream::connect(&nbd).unwrap();
+    greeting(&mut s);
+    s.write_all(&[0xff; 16]).unwrap();
+    assert!(closed(&mut s));
+    // A guessed export name: "unknown", and no export list to guess from.
+    let mut s = std::net::TcpStream::connect(&nbd).unwrap();
+    greeting(&mut s);
+    let name = b"odd-disk0";
+    let mut go = (name.len() as u32).to_be_bytes().to_vec();
+    go.extend_from_slice(name);
+    go.extend_from_slice(&0u16.to_be_bytes());
+    // An option reply's type, its data read.
+    let reply_type = |s: &mut std::net::TcpStream| {
+        let mut head = [0u8; 20];
+        s.read_exact(&mut head).unwrap();
+        let mut data = vec![0; u32::from_be_bytes(head[16..20].try_into().unwrap()) as usize];
+        s.read_exact(&mut data).unwrap();
+        u32::from_be_bytes(head[12..16].try_into().unwrap())
+    };
+    option(&mut s, 7, &go, go.len() as u32);
+    assert_eq!(reply_type(&mut s), (1 << 31) | 6, "unknown export");
+    option(&mut s, 3, &[], 0);
+    assert_eq!(
+        reply_type(&mut s),
+        (1 << 31) | 1,
+        "listing exports is not supported"
+    );
+    // A reader past the end of the disk gets an error, and the export still serves.
+    assert!(!qemu_io(&uri, &format!("read {} 65536", 16 * MIB)));
+    assert!(same_as_export(&copies[0], &uri));
+}
