@@ -3,7 +3,8 @@
 //! The master target runs on premises beside the datastore. It accepts process servers
 //! (mutual TLS, process-server certificates only), writes the blocks they forward into
 //! VMDK replicas, checks every block's blake3, keeps undo journals and recovery points, and
-//! answers the operator's `points`, `recover` and `status`.
+//! answers operators (mutual TLS, operator certificates, on the same port): points, status,
+//! recover, failover, reprotect, jobs and test failovers served over NBD.
 //!
 //! | module | what it holds |
 //! | --- | --- |
@@ -15,8 +16,12 @@
 //! | [`vmdk`] | VMDK descriptors: the one we write, parsing the ones we find, CID renewal |
 //! | [`ownership`] | whose disk is it: create, resync ours, adopt a VMware flat disk, or refuse |
 //! | [`datastore`] | every path under the datastore and the retention folder |
-//! | [`retention`] | point logs, undo journals, recovery of a point, consistency groups, failover |
-//! | [`jobs`] | failovers, reprotects and plans as jobs: state, phases with progress, log |
+//! | [`retention`] | point logs, undo journals, recovery of a point, consistency groups, failover, points read in place, test failovers |
+//! | [`jobs`] | failovers, tests, reprotects and plans as jobs: state, phases with progress, log, result |
+//! | [`operator`] | the operator API: one `Request` type answered alike for the CLI and over TLS |
+//! | `operator_session` | an operator's conversation over TLS, every request logged with their name |
+//! | [`plan`] | recovery plans: groups of machines failed over in order, scripts between |
+//! | [`nbd`] | the NBD server of test failovers |
 //! | [`status`] | each machine's replicas and point ages, read-only |
 //!
 //! ## The journey of a block
@@ -47,6 +52,8 @@
 //! | `DatastoreLock` (`flock` on `<datastore>/.deltaback.lock`) | one master target per datastore, for the life of the process |
 //! | `MachineLock` (`flock` on `<retention>/<machine>/.lock`) | a session's writer (from its first write to its end) against a failover of the machine (another process): no write is in flight when a rollback starts |
 //! | job locks (`flock` on `<retention>/.jobs/<id>.lock`) | held by the process running a job; a job marked running whose lock is free was interrupted |
+//! | `nbd::Exports` (mutex over the map of export names) | adding, removing and looking up test failover exports; held for a map operation |
+//! | each export (mutex over `Option<DiskExport>`) | one NBD request at a time per exported disk (its view and scratch file); `None` once its test ended |
 //!
 //! Everything else belongs to one writer thread and needs no lock.
 
