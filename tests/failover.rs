@@ -22,21 +22,7 @@ fn failover(cluster: &Cluster, machine: &str, point: &str) -> Value {
 
 /// A machine replicated through three points; returns copies of the source at each.
 fn three_points(cluster: &Cluster, machine: &str, change: f64) -> (PathBuf, Vec<PathBuf>) {
-    let image = cluster.path(&format!("{machine}.img"));
-    write_mixed_image(&image, 16 * MIB, 7).unwrap();
-    let disk = format!("{}=disk0", image.display());
-    let mut copies = Vec::new();
-    for round in 0..3u64 {
-        if round > 0 {
-            change_blocks(&image, BLOCK, change, round).unwrap();
-        }
-        let report = cluster.sync(machine, &[&disk]).unwrap();
-        assert_eq!(report["point"]["seq"], round + 1);
-        let copy = cluster.path(&format!("{machine}-at-{}", round + 1));
-        std::fs::copy(&image, &copy).unwrap();
-        copies.push(copy);
-    }
-    (image, copies)
+    crate::util::replicate_points(cluster, machine, 16 * MIB, 3, change)
 }
 
 /// A `size`-byte mixed image replicated once as disk0 of `machine`; the image and its

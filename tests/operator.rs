@@ -7,45 +7,19 @@ use std::process::Command;
 use engine::sample::{change_blocks, write_mixed_image};
 use serde_json::Value;
 
-use crate::util::{bin, qemu_img_same, Cluster};
+use crate::util::{bin, qemu_img_same, replicate_points, Cluster};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u32 = 65536;
 
-/// A machine replicated through `points` points, `change` of its blocks changed before
-/// each after the first; returns the image and copies of it at each point.
+/// A 16 MiB machine replicated through `points` points (see [`replicate_points`]).
 fn replicated(
     cluster: &Cluster,
     machine: &str,
     points: u64,
     change: f64,
 ) -> (PathBuf, Vec<PathBuf>) {
-    replicated_sized(cluster, machine, 16 * MIB, points, change)
-}
-
-/// [`replicated`] with an image of `size` bytes.
-fn replicated_sized(
-    cluster: &Cluster,
-    machine: &str,
-    size: u64,
-    points: u64,
-    change: f64,
-) -> (PathBuf, Vec<PathBuf>) {
-    let image = cluster.path(&format!("{machine}.img"));
-    write_mixed_image(&image, size, 3).unwrap();
-    let disk = format!("{}=disk0", image.display());
-    let mut copies = Vec::new();
-    for round in 0..points {
-        if round > 0 {
-            change_blocks(&image, BLOCK, change, round).unwrap();
-        }
-        let report = cluster.sync(machine, &[&disk]).unwrap();
-        assert_eq!(report["point"]["seq"], round + 1);
-        let copy = cluster.path(&format!("{machine}-at-{}", round + 1));
-        std::fs::copy(&image, &copy).unwrap();
-        copies.push(copy);
-    }
-    (image, copies)
+    replicate_points(cluster, machine, 16 * MIB, points, change)
 }
 
 /// An operator certificate for `name` in a PKI folder of its own.
@@ -331,7 +305,7 @@ fn a_test_failover_serves_a_point_over_nbd_while_replication_goes_on() {
 #[test]
 fn a_master_target_killed_during_a_remote_failover_shows_it_interrupted_and_finishes_it_exactly() {
     let mut cluster = Cluster::start();
-    let (image, copies) = replicated_sized(&cluster, "db", 128 * MIB, 2, 0.60);
+    let (image, copies) = replicate_points(&cluster, "db", 128 * MIB, 2, 0.60);
     let carol = operator_pki(&cluster, "carol");
     let mut failing_over = Command::new(bin("deltaback"))
         .args(["failover", "--machine", "db", "--point", "1"])

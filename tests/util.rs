@@ -273,34 +273,24 @@ impl Cluster {
 
     /// Runs the operator CLI `deltaback ARGS --datastore DATASTORE`: stdout, or stderr on failure.
     pub fn operator(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(bin("deltaback"))
-            .args(args)
-            .arg("--datastore")
-            .arg(&self.datastore)
-            .output()
-            .expect("run deltaback");
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        stdout_or_stderr(
+            Command::new(bin("deltaback"))
+                .args(args)
+                .arg("--datastore")
+                .arg(&self.datastore),
+        )
     }
 
     /// Runs the operator CLI against the running master target over TLS:
     /// `deltaback ARGS --master-target ADDR --pki PKI`; stdout, or stderr on failure.
     pub fn remote(&self, pki: &Path, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(bin("deltaback"))
-            .args(args)
-            .args(["--master-target", &self.target.addr])
-            .arg("--pki")
-            .arg(pki)
-            .output()
-            .expect("run deltaback");
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        stdout_or_stderr(
+            Command::new(bin("deltaback"))
+                .args(args)
+                .args(["--master-target", &self.target.addr])
+                .arg("--pki")
+                .arg(pki),
+        )
     }
 
     /// Runs an operator command that must succeed and print a JSON array.
@@ -381,6 +371,43 @@ impl Cluster {
 
     pub fn extent(&self, machine: &str, id: &str) -> PathBuf {
         self.datastore.join(machine).join(format!("{id}-flat.vmdk"))
+    }
+}
+
+/// A `size`-byte mixed image replicated as disk0 of `machine` through `points` points,
+/// `change` of its blocks (64 KiB) changed before each point after the first; the image
+/// and copies of it at each point.
+pub fn replicate_points(
+    cluster: &Cluster,
+    machine: &str,
+    size: u64,
+    points: u64,
+    change: f64,
+) -> (PathBuf, Vec<PathBuf>) {
+    let image = cluster.path(&format!("{machine}.img"));
+    engine::sample::write_mixed_image(&image, size, 7).unwrap();
+    let disk = format!("{}=disk0", image.display());
+    let mut copies = Vec::new();
+    for round in 0..points {
+        if round > 0 {
+            engine::sample::change_blocks(&image, 65536, change, round).unwrap();
+        }
+        let report = cluster.sync(machine, &[&disk]).unwrap();
+        assert_eq!(report["point"]["seq"], round + 1);
+        let copy = cluster.path(&format!("{machine}-at-{}", round + 1));
+        std::fs::copy(&image, &copy).unwrap();
+        copies.push(copy);
+    }
+    (image, copies)
+}
+
+/// Runs `cmd`: its stdout if it succeeded, else its stderr.
+fn stdout_or_stderr(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().expect("run the command");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
 

@@ -242,70 +242,62 @@ pub fn server_name(role: Role) -> Result<ServerName<'static>> {
     ServerName::try_from(role.dns_name()).map_err(|e| Error::Tls(e.to_string()))
 }
 
-/// Checks that the peer's end-entity certificate names `expected` (its chain was already
-/// verified against the CA during the handshake).
 /// The DNS suffix of the name that binds an agent certificate to one machine:
 /// `<machine>.machine.deltaback`.
 pub const MACHINE_SUFFIX: &str = ".machine.deltaback";
-
-/// The subject-alternative DNS name that binds an agent certificate to `machine`, refused
-/// when the machine name cannot be one.
-pub fn machine_dns_name(machine: &str) -> Result<String> {
-    let name = format!("{machine}{MACHINE_SUFFIX}");
-    rustls::pki_types::DnsName::try_from(name.as_str()).map_err(|_| {
-        Error::Invalid(format!(
-            "{machine} cannot name a machine in a certificate: use letters, digits and \
-             hyphens, not at the start or end of a dot-separated part"
-        ))
-    })?;
-    Ok(name)
-}
 
 /// The DNS suffix of the name that says who holds an operator certificate:
 /// `<name>.operator.deltaback`.
 pub const OPERATOR_SUFFIX: &str = ".operator.deltaback";
 
+/// The subject-alternative DNS name that binds an agent certificate to `machine`, refused
+/// when the machine name cannot be one.
+pub fn machine_dns_name(machine: &str) -> Result<String> {
+    holder_dns_name(Role::Agent, machine)
+}
+
 /// The subject-alternative DNS name that binds a certificate to holder `name` of `role`
 /// (a machine for agents, a person for operators), refused when the name cannot be one.
 pub fn holder_dns_name(role: Role, name: &str) -> Result<String> {
-    match role {
-        Role::Operator => {
-            let dns = format!("{name}{OPERATOR_SUFFIX}");
-            rustls::pki_types::DnsName::try_from(dns.as_str()).map_err(|_| {
-                Error::Invalid(format!(
-                    "{name} cannot name an operator in a certificate: use letters, digits and \
-                     hyphens, not at the start or end of a dot-separated part"
-                ))
-            })?;
-            Ok(dns)
-        }
-        _ => machine_dns_name(name),
-    }
+    let (suffix, holder) = match role {
+        Role::Operator => (OPERATOR_SUFFIX, "an operator"),
+        _ => (MACHINE_SUFFIX, "a machine"),
+    };
+    let dns = format!("{name}{suffix}");
+    rustls::pki_types::DnsName::try_from(dns.as_str()).map_err(|_| {
+        Error::Invalid(format!(
+            "{name} cannot name {holder} in a certificate: use letters, digits and hyphens, \
+             not at the start or end of a dot-separated part"
+        ))
+    })?;
+    Ok(dns)
+}
+
+/// The holder name the peer's certificate carries under `suffix`, if any.
+fn holder(peer_certs: Option<&[CertificateDer<'_>]>, suffix: &str) -> Option<String> {
+    let cert = peer_certs.and_then(|c| c.first())?;
+    let end_entity = webpki::EndEntityCert::try_from(cert).ok()?;
+    let name = end_entity
+        .valid_dns_names()
+        .find_map(|name| name.strip_suffix(suffix).map(str::to_owned));
+    name
 }
 
 /// The operator an operator certificate names. Call only on a certificate the TLS
 /// handshake verified.
 pub fn bound_operator(peer_certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
-    let cert = peer_certs.and_then(|c| c.first())?;
-    let end_entity = webpki::EndEntityCert::try_from(cert).ok()?;
-    let name = end_entity
-        .valid_dns_names()
-        .find_map(|name| name.strip_suffix(OPERATOR_SUFFIX).map(str::to_owned));
-    name
+    holder(peer_certs, OPERATOR_SUFFIX)
 }
 
 /// The machine an agent certificate is bound to (`pki issue --role agent --name M`), or
 /// `None` for a fleet certificate that may speak for any machine (`pki init`'s). Call only
 /// on a certificate the TLS handshake verified.
 pub fn bound_machine(peer_certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
-    let cert = peer_certs.and_then(|c| c.first())?;
-    let end_entity = webpki::EndEntityCert::try_from(cert).ok()?;
-    let machine = end_entity
-        .valid_dns_names()
-        .find_map(|name| name.strip_suffix(MACHINE_SUFFIX).map(str::to_owned));
-    machine
+    holder(peer_certs, MACHINE_SUFFIX)
 }
 
+/// Checks that the peer's end-entity certificate names `expected` (its chain was already
+/// verified against the CA during the handshake).
 pub fn check_peer_role(peer_certs: Option<&[CertificateDer<'_>]>, expected: Role) -> Result<()> {
     let cert = peer_certs
         .and_then(|c| c.first())

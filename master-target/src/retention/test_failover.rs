@@ -154,23 +154,28 @@ pub fn start(
     beneath::create_dirs(retention, &test_dir(retention, machine))?;
     for disk in &mut test.disks {
         // Start from nothing: a scratch file left by an older test is not this one's.
-        for path in [
-            scratch_path(retention, machine, &disk.id),
-            copied_path(retention, machine, &disk.id),
-        ] {
-            match beneath::remove(retention, &path) {
-                Ok(()) => {}
-                Err(Error::File { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
+        remove_scratch(retention, machine, &disk.id)?;
         disk.block_size = replica_block_size(datastore, machine, &disk.id)?;
     }
     let text = serde_json::to_vec_pretty(&test)
         .map_err(|e| Error::Invalid(format!("cannot encode the test record: {e}")))?;
     beneath::write_atomic(retention, &record_path(retention, machine), &text)?;
     Ok(test)
+}
+
+/// Removes the scratch file of `disk` and the list of its blocks, if they exist.
+fn remove_scratch(retention: &Path, machine: &SafeName, disk: &str) -> Result<()> {
+    for path in [
+        scratch_path(retention, machine, disk),
+        copied_path(retention, machine, disk),
+    ] {
+        match beneath::remove(retention, &path) {
+            Ok(()) => {}
+            Err(Error::File { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The block size of `disk`'s replica, from its manifest.
@@ -191,17 +196,7 @@ pub fn cleanup(retention: &Path, machine: &SafeName) -> Result<TestFailover> {
     };
     for disk in &test.disks {
         SafeName::new("disk id", &disk.id)?;
-        for path in [
-            scratch_path(retention, machine, &disk.id),
-            copied_path(retention, machine, &disk.id),
-        ] {
-            match beneath::remove(retention, &path) {
-                Ok(()) => {}
-                Err(Error::File { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
+        remove_scratch(retention, machine, &disk.id)?;
     }
     beneath::remove(retention, &record_path(retention, machine))?;
     let dir = test_dir(retention, machine);
