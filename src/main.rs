@@ -39,11 +39,13 @@ enum Command {
     /// mixed-content disk image, then a delta failback after changing ~1% of its blocks,
     /// verified byte for byte.
     Demo(demo::DemoArgs),
-    /// Lists a machine's recovery points, newest first (read from the master target's
-    /// datastore and retention folders).
+    /// Lists a machine's recovery points, newest first (from the master target's folders
+    /// with --datastore, or from the running master target with --master-target).
     Points(points::Where),
     /// Writes a machine's VMDKs as they were at a recovery point into an empty folder; the
-    /// replica is left untouched so replication goes on.
+    /// replica is left untouched so replication goes on. With --master-target the point's
+    /// blocks travel over TLS into a folder on this machine, each checked against its
+    /// blake3.
     Recover(points::RecoverArgs),
     /// Fails a machine over in place: its replicas become the live disks of the
     /// on-premises VM, rolled back to a recovery point (the cost follows what changed
@@ -54,13 +56,21 @@ enum Command {
     /// for a final app-consistent point (its --pre-hook) and to stop, then fails over to
     /// it. --group fails every member of a consistency group over to the group's common
     /// point; --plan runs a recovery plan (TOML: ordered groups of machines, a script and
-    /// a timeout after each). Every run is a job (`deltaback jobs`).
+    /// a timeout after each). --test serves the point over NBD for a test VM while
+    /// replication goes on (the master target needs --nbd-listen); --test --cleanup ends
+    /// it. Every run is a job (`deltaback jobs`), run where the datastore is: by the
+    /// master target when asked with --master-target, else by this command.
     ///
     /// Examples:
     ///   deltaback failover --datastore /vmfs/ds1 --machine web01 --point latest-app
+    ///   deltaback failover --master-target mt.example:9444 --pki ~/pki --machine web01
     ///   deltaback failover --datastore /vmfs/ds1 --machine web01 --planned
     ///   deltaback failover --datastore /vmfs/ds1 --group erp
     ///   deltaback failover --datastore /vmfs/ds1 --plan /srv/plans/erp.toml
+    ///   deltaback failover --master-target mt.example:9444 --pki ~/pki --test \
+    ///       --machine web01 --point latest-app
+    ///   deltaback failover --master-target mt.example:9444 --pki ~/pki --test --cleanup \
+    ///       --machine web01
     ///
     /// A plan:
     ///   [[group]]
