@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod compression;
+mod conversation;
 mod failback;
 mod failover;
 mod faults;

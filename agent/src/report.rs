@@ -86,6 +86,9 @@ pub struct SyncReport {
     /// How a tracked cycle proved its instant (tracked source only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub consistency: Option<ConsistencyReport>,
+    /// Which cycle of its conversation this was: 1 on a new connection, more while
+    /// `replicate` keeps one open across cycles.
+    pub conversation_cycle: u64,
 }
 
 /// Per-disk figures of a sync.

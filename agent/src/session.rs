@@ -1,9 +1,14 @@
 //! The agent's side of one conversation with the master target (through a process server):
 //! hello, open disks, stream batches from the send pipeline with background flushes, flush,
 //! checkpoint, goodbye. Change sources (the scan in `scan.rs`, QEMU dirty bitmaps in
-//! `qemu/`) decide what to send; this module says it, over the engine's conversation
-//! client.
+//! `qemu/`, the tracker in `tracked/`) decide what to send; this module says it, over the
+//! engine's conversation client.
+//!
+//! A conversation may carry many cycles (`replicate` keeps one open): a disk is opened once,
+//! and a later cycle asking for it again gets what the master target holds now (its durable
+//! sequence as this conversation left it, its root asked afresh) without opening it again.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,7 +16,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use engine::block::geometry::{BlockHash, Geometry, SafeName};
-use engine::error::Result;
+use engine::error::{Error, Result};
 use engine::wire::client::Conversation;
 use engine::wire::tls::Role;
 use engine::wire::DiskState;
@@ -32,6 +37,13 @@ pub struct Session {
     conversation: Conversation,
     /// Whether this stream's payloads are compressed, and what that decision measured.
     compression: Arc<CompressionControl>,
+    /// The disks opened in this conversation, by handle: id, geometry, and what the master
+    /// target holds (kept up to date as cycles make it durable).
+    opened: HashMap<u32, (SafeName, Geometry, DiskState)>,
+    /// Bytes written to the socket when the current cycle began.
+    cycle_started_at_bytes: u64,
+    /// Cycles begun in this conversation.
+    cycles: u64,
 }
 
 impl Session {
@@ -55,7 +67,20 @@ impl Session {
                 options.compression,
                 options.threads,
             )),
+            opened: HashMap::new(),
+            cycle_started_at_bytes: 0,
+            cycles: 0,
         })
+    }
+
+    /// Starts a cycle in this conversation; returns how many it carried, this one included.
+    pub fn begin_cycle(&mut self) -> u64 {
+        // The first cycle counts the connection's set-up too.
+        if self.cycles > 0 {
+            self.cycle_started_at_bytes = self.conversation.bytes_written();
+        }
+        self.cycles += 1;
+        self.cycles
     }
 
     /// This stream's compression control, for the send pipelines that feed it.
@@ -63,14 +88,37 @@ impl Session {
         self.compression.clone()
     }
 
-    /// Opens disk `id` under `handle`; returns what the master target holds of it.
+    /// Opens disk `id` under `handle`; returns what the master target holds of it. A disk
+    /// this conversation opened before is not opened again: its state is what the last
+    /// cycle left, with the root asked afresh. A disk whose size changed since needs a new
+    /// conversation (a transient error, so the caller reconnects).
     pub async fn open_disk(
         &mut self,
         handle: u32,
         id: &SafeName,
         geometry: Geometry,
     ) -> Result<DiskState> {
+        if let Some((opened_id, opened_geometry, state)) = self.opened.get(&handle) {
+            if opened_id != id || *opened_geometry != geometry {
+                return Err(Error::Unavailable(format!(
+                    "disk {id} is not what this conversation opened as {opened_id} \
+                     ({} bytes then, {} now): a new conversation opens it again",
+                    opened_geometry.size, geometry.size
+                )));
+            }
+            let mut state = state.clone();
+            let top = state.depth.saturating_sub(1);
+            let root = self.conversation.hashes(handle, top, vec![(0, 1)]).await?;
+            state.root = *root
+                .first()
+                .ok_or_else(|| Error::Protocol("no root in the hash answer".into()))?;
+            state.fresh = false;
+            state.adopted = false;
+            return Ok(state);
+        }
         let state = self.conversation.open_disk(handle, id, geometry).await?;
+        self.opened
+            .insert(handle, (id.clone(), geometry, state.clone()));
         let replica = crate::report::replica_kind(&state);
         let what = match replica {
             "new" => "a new replica",
@@ -146,6 +194,9 @@ impl Session {
         progress.set_phase(crate::Phase::Flushing);
         self.conversation.flush(handle, seq).await?;
         report.durable_seq = seq;
+        if let Some((_, _, state)) = self.opened.get_mut(&handle) {
+            state.durable_seq = seq;
+        }
         Ok(())
     }
 
@@ -168,21 +219,23 @@ impl Session {
         })
     }
 
-    /// Says goodbye and closes, and reports a cycle of `machine` that began at `started`:
-    /// its disks, its point, what went on the wire and how it was compressed.
-    pub async fn finish_cycle(
-        self,
+    /// Reports the cycle of `machine` that began at `started`, keeping the conversation
+    /// open for the next: its disks, its point, what went on the wire since
+    /// [`Self::begin_cycle`] and how it was compressed.
+    pub fn cycle_report(
+        &self,
         machine: &SafeName,
         started: std::time::Instant,
         disks: Vec<DiskReport>,
         point: PointReport,
-    ) -> Result<SyncReport> {
-        let compression = self.compression.report();
-        let wire_bytes = self.finish().await?;
-        Ok(SyncReport {
+    ) -> SyncReport {
+        SyncReport {
             machine: machine.to_string(),
             seconds: started.elapsed().as_secs_f64(),
-            wire_bytes,
+            wire_bytes: self
+                .conversation
+                .bytes_written()
+                .saturating_sub(self.cycle_started_at_bytes),
             block_bytes_all_attempts: disks
                 .iter()
                 .map(|d| d.blocks_sent * u64::from(d.block_size))
@@ -191,8 +244,14 @@ impl Session {
             point,
             attempts: 1,
             consistency: None,
-            compression,
-        })
+            compression: self.compression.report(),
+            conversation_cycle: self.cycles.max(1),
+        }
+    }
+
+    /// Bytes written to the socket so far, TLS included.
+    pub fn bytes_written(&self) -> u64 {
+        self.conversation.bytes_written()
     }
 
     /// Says goodbye and closes; returns the bytes written to the socket.

@@ -80,9 +80,23 @@ pub async fn sync(
     options: &SyncOptions,
     progress: Arc<Progress>,
 ) -> Result<SyncReport> {
-    let started = Instant::now();
     progress.set_phase(Phase::Starting);
     let mut session = Session::for_machine(options, tls).await?;
+    let mut report = scan_cycle(&mut session, options, &progress).await?;
+    let before_bye = session.bytes_written();
+    report.wire_bytes += session.finish().await?.saturating_sub(before_bye);
+    Ok(report)
+}
+
+/// One cycle of the scan source in an open conversation: every disk compared and its
+/// difference sent, then the recovery point.
+pub async fn scan_cycle(
+    session: &mut Session,
+    options: &SyncOptions,
+    progress: &Arc<Progress>,
+) -> Result<SyncReport> {
+    let started = Instant::now();
+    session.begin_cycle();
     // A scan reads over time: if any disk changed meanwhile, no instant can be claimed.
     let stamps = options
         .disks
@@ -92,31 +106,22 @@ pub async fn sync(
     let mut disks = Vec::new();
     for (handle, disk) in options.disks.iter().enumerate() {
         let handle = u32::try_from(handle).map_err(|_| Error::Invalid("too many disks".into()))?;
-        disks.push(scan::sync_disk(&mut session, handle, disk, options, &progress).await?);
+        disks.push(scan::sync_disk(session, handle, disk, options, progress).await?);
     }
     let mut point = options.point.clone();
     for (disk, before) in options.disks.iter().zip(&stamps) {
         if before.changed_by(&ChangeStamp::of(&disk.path)?) {
             tracing::warn!(
                 disk = %disk.path.display(),
-                "the disk changed while it was read: this point is labelled not-point-in-time                  (use --source tracked or qemu, or freeze the applications with hooks)"
+                "the disk changed while it was read: this point is labelled not-point-in-time \
+                 (use --source tracked or qemu, or freeze the applications with hooks)"
             );
             point.kind = PointKind::NotPointInTime;
         }
     }
     let point = session.checkpoint(&point).await?;
-    let compression = session.compression().report();
-    let wire_bytes = session.finish().await?;
     progress.set_phase(Phase::Done);
-    Ok(SyncReport {
-        machine: options.machine.to_string(),
-        seconds: started.elapsed().as_secs_f64(),
-        wire_bytes,
-        disks,
-        point,
-        attempts: 1,
-        block_bytes_all_attempts: progress.on_the_wire.load(Ordering::Relaxed),
-        consistency: None,
-        compression,
-    })
+    let mut report = session.cycle_report(&options.machine, started, disks, point);
+    report.block_bytes_all_attempts = progress.on_the_wire.load(Ordering::Relaxed);
+    Ok(report)
 }

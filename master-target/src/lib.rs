@@ -50,7 +50,7 @@
 //! | `DiskLocks` (mutex over a set of `machine` and `machine/disk` keys) | one session per machine (and so per disk) at a time; a second gets `Busy`. Held for a set insert or removal |
 //! | group commits (mutex over `()`) | one consistency-group commit at a time across sessions: the group log is read, checked and appended under it |
 //! | `DatastoreLock` (`flock` on `<datastore>/.deltaback.lock`) | one master target per datastore, for the life of the process |
-//! | `MachineLock` (`flock` on `<retention>/<machine>/.lock`) | a session's writer (from its first write to its end) against a failover of the machine (another process): no write is in flight when a rollback starts |
+//! | `MachineLock` (`flock` on `<retention>/<machine>/.lock`) | a session's writer (from its first write, or its checkpoint, to the point that ends the cycle: a conversation kept open holds it only while a cycle writes) against a failover of the machine (another process): no write is in flight when a rollback starts |
 //! | job locks (`flock` on `<retention>/.jobs/<id>.lock`) | held by the process running a job; a job marked running whose lock is free was interrupted |
 //! | `nbd::Exports` (mutex over the map of export names) | adding, removing and looking up test failover exports; held for a map operation |
 //! | each export (mutex over `Option<DiskExport>`) | one NBD request at a time per exported disk (its view and scratch file); `None` once its test ended |

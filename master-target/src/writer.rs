@@ -89,8 +89,6 @@ pub(crate) struct Writer {
     group_commits: Arc<Mutex<()>>,
     /// Lock keys this session holds, released when the writer ends.
     held: Vec<String>,
-    /// This conversation made its recovery point.
-    made_point: bool,
     /// The machine's lock file, taken before the first disk is written and held until the
     /// writer ends (a failover waits for it).
     machine_lock: Option<MachineLock>,
@@ -114,7 +112,6 @@ impl Writer {
             group_commits,
             // The session took the machine's own lock; the writer releases it with the rest.
             held: vec![machine_key],
-            made_point: false,
             machine_lock: None,
         }
     }
@@ -319,13 +316,10 @@ impl Writer {
         }
         let kind = PointKind::from_u8(kind)
             .ok_or_else(|| Error::Protocol(format!("unknown recovery point kind {kind}")))?;
-        failover::check_point(&self.config.retention, &self.machine, kind, &label)?;
         engine::point::check_label(&label)?;
-        if self.made_point {
-            return Err(Error::Protocol(
-                "one recovery point per conversation: this one made its point already".into(),
-            ));
-        }
+        // Under the machine's lock: no failover starts while the point is recorded.
+        self.lock_machine()?;
+        failover::check_point(&self.config.retention, &self.machine, kind, &label)?;
         if self.replicas.is_empty() {
             return Err(Error::Protocol(
                 "Checkpoint before any disk was opened".into(),
@@ -368,7 +362,6 @@ impl Writer {
             disks,
         })?;
         tracing::info!(machine = %self.machine, point = seq, kind = kind.name(), "recovery point durable");
-        self.made_point = true;
         let window_ms = u64::try_from(self.config.retention_window.as_millis()).unwrap_or(u64::MAX);
         let mut keep_from_ms = time_ms.saturating_sub(window_ms);
         // A test failover holds its point and the journals after it.
@@ -407,6 +400,10 @@ impl Writer {
             }
             None => 0,
         };
+        // Between cycles of a conversation kept open nothing is written: a failover may
+        // take the machine now; the next cycle's first write takes the lock again (and
+        // meets the fence).
+        self.machine_lock = None;
         Ok((seq, time_ms, group_seq))
     }
 

@@ -82,7 +82,7 @@ impl Fleece {
 /// Runs one cycle of the `qemu` source. Each disk's `path` in `options` is the QEMU block
 /// node name of the disk.
 pub async fn qemu_cycle(
-    tls: Arc<rustls::ClientConfig>,
+    session: &mut Session,
     options: &SyncOptions,
     source: &QemuSource,
 ) -> Result<SyncReport> {
@@ -91,7 +91,7 @@ pub async fn qemu_cycle(
     let (disks, next_gen) = plan(&mut qmp, options, source).await?;
     let prepared = prepare(&mut qmp, &disks, next_gen, options).await;
     let outcome = match prepared {
-        Ok(()) => converse(tls, options, source, &disks, started).await,
+        Ok(()) => converse(session, options, source, &disks, started).await,
         Err(e) => Err(e),
     };
     teardown(&mut qmp, &disks).await;
@@ -349,13 +349,13 @@ async fn settle_bitmaps(
 
 /// The conversation with the master target, reading through the NBD exports.
 async fn converse(
-    tls: Arc<rustls::ClientConfig>,
+    session: &mut Session,
     options: &SyncOptions,
     source: &QemuSource,
     disks: &[Fleece],
     started: Instant,
 ) -> Result<SyncReport> {
-    let mut session = Session::for_machine(options, tls).await?;
+    session.begin_cycle();
     let progress = Arc::new(Progress::default());
     let mut reports = Vec::new();
     for disk in disks {
@@ -367,14 +367,12 @@ async fn converse(
             NbdClient::connect(&source.nbd, &disk.name("export"), context.as_deref()).await?;
         let handle =
             u32::try_from(disk.index).map_err(|_| Error::Invalid("too many disks".into()))?;
-        let report = send_disk(&mut session, &mut nbd, handle, disk, options, &progress).await;
+        let report = send_disk(session, &mut nbd, handle, disk, options, &progress).await;
         nbd.disconnect().await;
         reports.push(report?);
     }
     let point = session.checkpoint(&options.point).await?;
-    session
-        .finish_cycle(&options.machine, started, reports, point)
-        .await
+    Ok(session.cycle_report(&options.machine, started, reports, point))
 }
 
 async fn send_disk(

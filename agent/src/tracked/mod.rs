@@ -87,7 +87,7 @@ struct TrackedDisk<'a> {
 
 /// Runs one cycle of the tracked source; `freeze` asks for an app-consistent point.
 pub async fn tracked_cycle(
-    tls: Arc<rustls::ClientConfig>,
+    session: &mut Session,
     options: &SyncOptions,
     source: &TrackedSource,
     freeze: Option<Freeze<'_>>,
@@ -101,7 +101,7 @@ pub async fn tracked_cycle(
         let device = TrackedDevice::resolve(&disk.path)?;
         trackers.push(Tracker::open(device, options.block_size, &source.bpffs)?);
     }
-    let mut session = Session::for_machine(options, tls).await?;
+    session.begin_cycle();
     let progress = Arc::new(Progress::default());
     let mut disks = Vec::new();
     for ((handle, spec), mut tracker) in options.disks.iter().enumerate().zip(trackers) {
@@ -146,8 +146,7 @@ pub async fn tracked_cycle(
             // Whatever is marked now, the compare reads after this.
             marks.take();
             let why = why.to_owned();
-            disk.report =
-                scan::compare_and_send(&mut session, &disk.opened, options, &progress).await?;
+            disk.report = scan::compare_and_send(session, &disk.opened, options, &progress).await?;
             disk.report.change_source = "tracked-full-compare";
             disk.report.tracker = Some(TrackerReport {
                 full_compare: Some(why),
@@ -156,19 +155,12 @@ pub async fn tracked_cycle(
         } else {
             marks.take();
             let taken = marks.taken();
-            send_marked(&mut session, disk, &taken, options, &progress).await?;
+            send_marked(session, disk, &taken, options, &progress).await?;
         }
     }
     let mut rounds = 1;
-    let mut instant_ms = settle(
-        &mut session,
-        &mut disks,
-        source,
-        &mut rounds,
-        options,
-        &progress,
-    )
-    .await?;
+    let mut instant_ms =
+        settle(session, &mut disks, source, &mut rounds, options, &progress).await?;
     let mut kind = if instant_ms.is_some() {
         PointKind::CrashConsistent
     } else {
@@ -181,15 +173,8 @@ pub async fn tracked_cycle(
                 let frozen = Instant::now();
                 // The applications are frozen: only what they wrote since the last round
                 // is read under the freeze.
-                let settled = settle(
-                    &mut session,
-                    &mut disks,
-                    source,
-                    &mut rounds,
-                    options,
-                    &progress,
-                )
-                .await;
+                let settled =
+                    settle(session, &mut disks, source, &mut rounds, options, &progress).await;
                 if let Some(post) = freeze.post_hook {
                     if let Err(e) = run_hook("post-hook", post).await {
                         tracing::warn!(error = %e.chain(), "post-hook failed: the application may still be frozen");
@@ -263,9 +248,7 @@ pub async fn tracked_cycle(
         );
     }
     let reports: Vec<DiskReport> = disks.into_iter().map(|d| d.report).collect();
-    let mut report = session
-        .finish_cycle(&options.machine, started, reports, point)
-        .await?;
+    let mut report = session.cycle_report(&options.machine, started, reports, point);
     report.consistency = Some(ConsistencyReport {
         rounds,
         instant_ms,

@@ -380,6 +380,11 @@ impl Conversation {
         }
     }
 
+    /// Bytes written to the socket so far, TLS included.
+    pub fn bytes_written(&self) -> u64 {
+        self.tx.bytes_written()
+    }
+
     /// Says goodbye and closes; returns the bytes written to the socket, TLS included.
     pub async fn finish(mut self) -> Result<u64> {
         self.send(&Message::Bye).await?;
