@@ -176,6 +176,39 @@ fn main() {
         );
         std::fs::remove_dir_all(&out).ok();
     }
+    // One replicate process keeping its conversation across cycles, as deployed: the
+    // cycle time it reports itself (from the cycle's start to its point).
+    let kept = {
+        let mut cmd = Command::new(bins.join("deltaback-agent"));
+        cmd.args(["replicate", "--json", "--cycles", "4", "--interval", "2s"])
+            .args([
+                "--source",
+                "qemu",
+                "--server",
+                &relay.addr,
+                "--machine",
+                "vm",
+            ])
+            .args(["--disk", "disk0=vda", "--pki", s(&pki)])
+            .args(["--qmp", s(&storage_daemon::qmp_socket(dir))])
+            .args(["--nbd", s(&storage_daemon::nbd_socket(dir))])
+            .args(["--scratch-dir", s(dir)]);
+        kept_cycles(cmd, |round| {
+            daemon.write(&pick(blocks, per_cycle, 200 + round), &noise_file);
+        })
+    };
+    println!(
+        "qemu source, one replicate keeping its conversation: cycles of {} s (after the \
+         first) = {:.1}% of a scan cycle",
+        kept.iter()
+            .map(|t| format!("{t:.3}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        100.0 * kept.iter().skip(1).sum::<f64>()
+            / (kept.len().saturating_sub(1).max(1) as f64)
+            / mean(&scan_times)
+    );
+
     let copy = Instant::now();
     run_ok(
         Command::new("cp")
@@ -192,6 +225,28 @@ fn main() {
         ByteSize(relay.peak_rss()),
         ByteSize(target.peak_rss())
     );
+}
+
+/// Runs a `replicate --json` agent, calling `change(round)` before it starts and after each
+/// cycle it reports; the `seconds` of each cycle.
+fn kept_cycles(mut cmd: Command, mut change: impl FnMut(u64)) -> Vec<f64> {
+    use std::io::BufRead;
+    change(0);
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("replicate");
+    let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut seconds = Vec::new();
+    for (round, line) in stdout.lines().enumerate() {
+        let report: serde_json::Value =
+            serde_json::from_str(&line.expect("line")).expect("replicate JSON");
+        seconds.push(report["seconds"].as_f64().unwrap_or(f64::NAN));
+        change(round as u64 + 1);
+    }
+    assert!(child.wait().expect("wait").success(), "replicate failed");
+    seconds
 }
 
 fn pick(blocks: u64, count: u64, seed: u64) -> Vec<u64> {
