@@ -34,7 +34,7 @@ struct Args {
     /// Threads for hashing existing extents [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
-    /// Write every block through the page cache. By default runs of blocks of 64 KiB and
+    /// Write every block through the page cache. By default runs of blocks of 1 MiB and
     /// more bypass it with O_DIRECT where the filesystem allows, which saves the CPU of
     /// copying them into the cache and leaves the cache to the host's other work;
     /// durability is the same either way (fdatasync before every acknowledgement).

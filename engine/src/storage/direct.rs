@@ -27,9 +27,11 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-/// Shortest run written directly: one 64 KiB block. Smaller pieces (blocks of a disk with a
-/// small block size, one at a time) are cheaper through the page cache.
-pub const DIRECT_MIN_BYTES: usize = 64 << 10;
+/// Shortest run written directly: 1 MiB. Each direct write waits for the device, so
+/// scattered short runs (an incremental cycle's changed blocks) are cheaper through the page
+/// cache and one `fdatasync`: 327 random 64 KiB blocks took 47 ms directly against 28 ms
+/// buffered on the machine we measured. A full failback's long runs still go direct.
+pub const DIRECT_MIN_BYTES: usize = 1 << 20;
 
 /// Alignment of buffer, offset and length; 4 KiB suits every logical sector size in use.
 const ALIGN: usize = 4096;
