@@ -37,6 +37,61 @@ use engine::wire::message::MAX_HASHES_PER_ANSWER;
 use engine::wire::{BlockRecord, DiskState};
 use rustix::fs::OFlags;
 
+/// One verified block of a batch: index, hash, and its data (`None` for a zero block).
+pub type DecodedBlock = (u64, BlockHash, Option<Vec<u8>>);
+
+/// What decoding a replica's batches needs: done on any thread, so batches are decoded
+/// and verified on several cores while the writer writes the one before.
+#[derive(Debug, Clone)]
+pub struct Decoding {
+    id: SafeName,
+    geometry: Geometry,
+    zero: ZeroHashes,
+}
+
+impl Decoding {
+    /// Decodes `records` and checks each block against its blake3 hash and the disk's
+    /// bounds.
+    pub fn decode(
+        &self,
+        records: impl Iterator<Item = Result<BlockRecord>>,
+        decoder: &mut BlockDecoder,
+    ) -> Result<Vec<DecodedBlock>> {
+        let mut decoded = Vec::new();
+        for record in records {
+            let record = record?;
+            let len = self.geometry.block_len(record.index).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "block {} is past the end of disk {} ({} blocks)",
+                    record.index,
+                    self.id,
+                    self.geometry.blocks()
+                ))
+            })?;
+            let zero_hash = self.zero.of(record.index);
+            let (hash, data) = if record.encoding == Encoding::Zero {
+                if !record.payload.is_empty() {
+                    return Err(Error::Protocol("zero block carries a payload".into()));
+                }
+                (zero_hash, None)
+            } else {
+                let mut data = Vec::new();
+                decoder.decode(record.encoding, &record.payload, len, &mut data)?;
+                let hash = hash_block(&data);
+                (hash, (hash != zero_hash).then_some(data))
+            };
+            if hash != record.hash {
+                return Err(Error::HashMismatch {
+                    disk: self.id.to_string(),
+                    index: record.index,
+                });
+            }
+            decoded.push((record.index, hash, data));
+        }
+        Ok(decoded)
+    }
+}
+
 /// An open replica ready for hash queries and block writes.
 pub struct Replica {
     id: SafeName,
@@ -443,47 +498,34 @@ impl Replica {
         }
     }
 
+    /// What decoding this replica's batches needs, for a decoding thread of its own.
+    pub fn decoding(&self) -> Decoding {
+        Decoding {
+            id: self.id.clone(),
+            geometry: self.manifest.geometry(),
+            zero: self.zero,
+        }
+    }
+
     /// Decodes and verifies a batch of blocks, journals the old content of the blocks it
     /// changes (durably, first), then writes them.
     pub fn write_batch(
         &mut self,
         records: impl Iterator<Item = Result<BlockRecord>>,
     ) -> Result<()> {
+        let decoded = self.decoding().decode(records, &mut self.decoder)?;
+        self.write_decoded(decoded)
+    }
+
+    /// Journals the old content of the blocks of a decoded batch that change (durably,
+    /// first), then writes them.
+    pub fn write_decoded(&mut self, decoded: Vec<DecodedBlock>) -> Result<()> {
         let geometry = self.manifest.geometry();
-        // (index, new hash, new data; None for a zero block)
-        let mut changes: Vec<(u64, BlockHash, Option<Vec<u8>>)> = Vec::new();
+        let mut changes: Vec<DecodedBlock> = Vec::with_capacity(decoded.len());
         let mut current = CurrentHashes::default();
-        for record in records {
-            let record = record?;
-            let len = geometry.block_len(record.index).ok_or_else(|| {
-                Error::Invalid(format!(
-                    "block {} is past the end of disk {} ({} blocks)",
-                    record.index,
-                    self.id,
-                    geometry.blocks()
-                ))
-            })?;
-            let zero_hash = self.zero.of(record.index);
-            let (hash, data) = if record.encoding == Encoding::Zero {
-                if !record.payload.is_empty() {
-                    return Err(Error::Protocol("zero block carries a payload".into()));
-                }
-                (zero_hash, None)
-            } else {
-                let mut data = Vec::new();
-                self.decoder
-                    .decode(record.encoding, &record.payload, len, &mut data)?;
-                let hash = hash_block(&data);
-                (hash, (hash != zero_hash).then_some(data))
-            };
-            if hash != record.hash {
-                return Err(Error::HashMismatch {
-                    disk: self.id.to_string(),
-                    index: record.index,
-                });
-            }
-            if current.get(&self.manifest, record.index)? != hash {
-                changes.push((record.index, hash, data));
+        for block in decoded {
+            if current.get(&self.manifest, block.0)? != block.1 {
+                changes.push(block);
             }
         }
         if changes.is_empty() {

@@ -2,7 +2,7 @@
 //! work (decode, verify, journal, `pwrite`, `fdatasync`, manifest saves, recovery points)
 //! while the async side receives the next batch.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -21,7 +21,7 @@ use engine::wire::DiskState;
 use crate::config::MasterTargetConfig;
 use crate::datastore;
 use crate::ownership;
-use crate::replica::Replica;
+use crate::replica::{DecodedBlock, Decoding, Replica};
 use crate::retention::{
     self, groups,
     points::{PointDisk, PointLog, RecoveryPoint},
@@ -33,6 +33,30 @@ pub(crate) type DiskLocks = Arc<Mutex<HashSet<String>>>;
 
 /// Most disks one conversation may open: each holds its hash tree in memory.
 pub const MAX_DISKS_PER_SESSION: usize = 64;
+
+/// Batches decoded ahead of the one being written (each up to 4 MiB, on a thread of its
+/// own): with the session's queue, what a session holds in memory stays bounded.
+const DECODE_AHEAD: usize = 3;
+
+/// A batch being decoded and verified on a thread of its own.
+struct PendingBatch {
+    handle: u32,
+    decoded: std::thread::JoinHandle<Result<Vec<DecodedBlock>>>,
+}
+
+impl PendingBatch {
+    /// Starts decoding `count` records of `handle`.
+    fn decode(handle: u32, decoding: Decoding, count: u32, batch: Bytes) -> Result<Self> {
+        let decoded = std::thread::Builder::new()
+            .name("decode".into())
+            .spawn(move || {
+                let mut decoder = engine::block::encoding::BlockDecoder::new()?;
+                decoding.decode(records(count, &batch), &mut decoder)
+            })
+            .map_err(|e| Error::Invalid(format!("cannot start a decoding thread: {e}")))?;
+        Ok(Self { handle, decoded })
+    }
+}
 
 /// What the async side asks of the writer.
 pub(crate) enum Command {
@@ -136,27 +160,89 @@ impl Writer {
         Ok(())
     }
 
+    /// Runs the session's commands in order until the session ends. Each batch is decoded
+    /// and verified on a thread of its own as it arrives, up to [`DECODE_AHEAD`] batches
+    /// ahead of the one being written, so decompressing and hashing use every core while
+    /// this thread journals and writes in order. Any other command first writes every
+    /// batch before it.
     pub(crate) fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
         failures: mpsc::Sender<Error>,
     ) {
-        while let Some(command) = commands.blocking_recv() {
-            if let Command::Blocks {
-                handle,
-                seq,
-                count,
-                records,
-            } = command
-            {
-                if let Err(err) = self.write(handle, seq, count, &records) {
-                    let _ = failures.blocking_send(err);
-                    return;
+        let mut pending: VecDeque<PendingBatch> = VecDeque::new();
+        loop {
+            let command = if pending.is_empty() {
+                match commands.blocking_recv() {
+                    Some(command) => command,
+                    None => return,
                 }
-                continue;
+            } else {
+                match commands.try_recv() {
+                    Ok(command) => command,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        // Nothing new yet: write what is decoded meanwhile.
+                        if let Err(err) = self.write_next(&mut pending) {
+                            let _ = failures.blocking_send(err);
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        let _ = self.write_all(&mut pending);
+                        return;
+                    }
+                }
+            };
+            let outcome = match command {
+                Command::Blocks {
+                    handle,
+                    seq,
+                    count,
+                    records,
+                } => self.accept(handle, seq).and_then(|decoding| {
+                    pending.push_back(PendingBatch::decode(handle, decoding, count, records)?);
+                    if pending.len() > DECODE_AHEAD {
+                        self.write_next(&mut pending)?;
+                    }
+                    Ok(())
+                }),
+                other => match self.write_all(&mut pending) {
+                    Ok(()) => {
+                        self.answer(other);
+                        Ok(())
+                    }
+                    Err(err) => Err(err),
+                },
+            };
+            if let Err(err) = outcome {
+                let _ = failures.blocking_send(err);
+                return;
             }
-            self.answer(command);
         }
+    }
+
+    /// Writes the oldest batch decoded ahead, once its decoding is done.
+    fn write_next(&mut self, pending: &mut VecDeque<PendingBatch>) -> Result<()> {
+        let Some(batch) = pending.pop_front() else {
+            return Ok(());
+        };
+        let decoded = batch
+            .decoded
+            .join()
+            .map_err(|_| Error::Invalid("a decoding thread failed".into()))??;
+        // Fenced meanwhile: nothing more is written.
+        failover::check_fence(&self.config.retention, &self.machine)?;
+        self.lock_machine()?;
+        self.disk(batch.handle)?.replica.write_decoded(decoded)
+    }
+
+    /// Writes every batch decoded ahead, in order.
+    fn write_all(&mut self, pending: &mut VecDeque<PendingBatch>) -> Result<()> {
+        while !pending.is_empty() {
+            self.write_next(pending)?;
+        }
+        Ok(())
     }
 
     fn answer(&mut self, command: Command) {
@@ -267,7 +353,8 @@ impl Writer {
         Ok(state)
     }
 
-    fn write(&mut self, handle: u32, seq: u64, count: u32, batch: &Bytes) -> Result<()> {
+    /// Takes batch `seq` of `handle` in order; returns how to decode it.
+    fn accept(&mut self, handle: u32, seq: u64) -> Result<Decoding> {
         // A machine fenced for failover takes no more writes: the session ends here, at
         // once, so a failover never waits for a long stream's next flush (one file lookup
         // per 4 MiB batch).
@@ -281,7 +368,7 @@ impl Writer {
         }
         disk.last_seq = seq;
         disk.flushed = false;
-        disk.replica.write_batch(records(count, batch))
+        Ok(disk.replica.decoding())
     }
 
     fn flush(&mut self, handle: u32, seq: u64) -> Result<()> {
