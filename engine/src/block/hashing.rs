@@ -160,10 +160,34 @@ impl Window<'_> {
             self.progress.fetch_add(len as u64, Ordering::Relaxed);
             return Ok(());
         }
-        self.file
-            .read_exact_at(&mut buf[..len], offset)
-            .map_err(Error::file("read", self.path))?;
         let block_bytes = geometry.block_size.bytes();
+        let read_bytes = match self.data {
+            // Only the data runs are read; the rest of the chunk is hole, zeros known
+            // without asking the kernel to copy them.
+            Some(data) => {
+                let mut at = 0;
+                let mut read_bytes = 0;
+                for (start, count) in data.within(first_block, out.len() as u64) {
+                    let from =
+                        (usize::try_from(start - first_block).unwrap_or(0) * block_bytes).min(len);
+                    let to = (from + usize::try_from(count).unwrap_or(0) * block_bytes).min(len);
+                    buf[at..from].fill(0);
+                    self.file
+                        .read_exact_at(&mut buf[from..to], offset + from as u64)
+                        .map_err(Error::file("read", self.path))?;
+                    read_bytes += (to - from) as u64;
+                    at = to;
+                }
+                buf[at.min(len)..len].fill(0);
+                read_bytes
+            }
+            None => {
+                self.file
+                    .read_exact_at(&mut buf[..len], offset)
+                    .map_err(Error::file("read", self.path))?;
+                len as u64
+            }
+        };
         for (i, (data, hash)) in buf[..len].chunks(block_bytes).zip(out).enumerate() {
             let index = first_block + i as u64;
             *hash = if is_zero(data) {
@@ -173,7 +197,7 @@ impl Window<'_> {
             };
         }
         self.progress.fetch_add(len as u64, Ordering::Relaxed);
-        read.fetch_add(len as u64, Ordering::Relaxed);
+        read.fetch_add(read_bytes, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -267,6 +291,58 @@ mod tests {
         let expected: Vec<BlockHash> = data.chunks(64 << 10).map(hash_block).collect();
         assert_eq!(hashes, expected);
         assert_eq!(progress.load(Ordering::Relaxed), data.len() as u64);
+    }
+
+    #[test]
+    fn a_sparse_file_hashes_the_same_reading_only_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        let block = 4096usize;
+        let size = 300 * block + 512;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(size as u64).unwrap();
+        // Data in scattered blocks (one straddling a 1 MiB chunk's edge) and the short
+        // last block; holes between.
+        let mut data = vec![0u8; size];
+        for (first, count) in [(3, 1), (10, 5), (255, 3), (299, 1)] {
+            for b in first..first + count {
+                let bytes = &mut data[b * block..((b + 1) * block).min(size)];
+                bytes.fill((b % 200 + 1) as u8);
+                file.write_all_at(bytes, (b * block) as u64).unwrap();
+            }
+        }
+        let geometry = Geometry::new(size as u64, BlockSize::new(block as u64).unwrap()).unwrap();
+        let runs = crate::storage::sparse::data_blocks(&file, geometry).unwrap();
+        let mut hashes = Vec::new();
+        let read = hash_file(
+            &file,
+            &path,
+            geometry,
+            2,
+            &AtomicU64::new(0),
+            Some(&runs),
+            &mut |h| {
+                match h {
+                    Hashed::Blocks(h) => hashes.extend_from_slice(h),
+                    Hashed::Zeros(n) => hashes.extend(
+                        (hashes.len() as u64..hashes.len() as u64 + n)
+                            .map(|i| ZeroHashes::new(geometry).of(i)),
+                    ),
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        let expected: Vec<BlockHash> = data.chunks(block).map(hash_block).collect();
+        assert_eq!(hashes, expected);
+        // Only what the filesystem holds as data was read, not the holes between.
+        assert!(read < size as u64 / 4, "{read}");
     }
 
     #[test]

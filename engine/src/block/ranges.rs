@@ -76,6 +76,22 @@ impl Runs {
                 > first
     }
 
+    /// The parts of the runs within `count` blocks from `first`, clipped to them, in order.
+    pub fn within(&self, first: u64, count: u64) -> impl Iterator<Item = Run> + '_ {
+        let end = first.saturating_add(count);
+        // The first run that ends after `first`.
+        let from = self
+            .0
+            .partition_point(|&(start, len)| start.saturating_add(len) <= first);
+        self.0[from..]
+            .iter()
+            .take_while(move |&&(start, _)| start < end)
+            .map(move |&(start, len)| {
+                let clipped = start.max(first);
+                (clipped, start.saturating_add(len).min(end) - clipped)
+            })
+    }
+
     /// The runs cut into batches of at most `per_batch` blocks.
     pub fn batches(&self, per_batch: u64) -> Batches<'_> {
         Batches::new(&self.0, per_batch)
@@ -141,6 +157,18 @@ impl Iterator for Batches<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn within_clips_runs_to_a_range() {
+        let mut runs = Runs::new();
+        runs.push(2, 3);
+        runs.push(10, 10);
+        runs.push(30, 1);
+        let got: Vec<Run> = runs.within(3, 10).collect();
+        assert_eq!(got, vec![(3, 2), (10, 3)]);
+        assert_eq!(runs.within(5, 5).count(), 0);
+        assert_eq!(runs.within(0, 100).collect::<Vec<_>>(), runs.as_slice());
+    }
 
     #[test]
     fn indices_merge_into_runs() {
