@@ -27,8 +27,10 @@
 //! ## The journey of a block
 //! A `Blocks` frame arrives on a session ([`session`]) and is queued (at most 4 deep, so a
 //! slow disk pushes back through TCP) to the session's writer thread ([`writer`]). The
-//! writer checks the sequence number, and the [`replica::Replica`] decodes each record,
-//! verifies its blake3 against the hash it came with, saves the block's old content in the
+//! writer checks the sequence number and hands the batch to a decoding thread of its own
+//! (up to 3 batches ahead), which decodes each record and verifies its blake3 against the
+//! hash it came with ([`replica::Decoding`]); in order, the writer then compares each block
+//! with the manifest, saves the old content of those that change in the
 //! cycle's undo journal (fdatasynced before the overwrite) once the machine has a point,
 //! and writes it: consecutive blocks as one run, long runs with `O_DIRECT`, zero blocks as
 //! holes; before the first write after a flush the manifest is marked dirty, and no block is

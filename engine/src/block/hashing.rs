@@ -2,7 +2,8 @@
 //! target's check of an existing replica.
 //!
 //! Worker threads (one per core by default) take 1 MiB chunks in order from a shared
-//! cursor, read them with positioned reads into aligned buffers (no mmap: the file may be a
+//! cursor, read them (only their data runs, when the file reports its holes) with
+//! positioned reads into aligned buffers (no mmap: the file may be a
 //! live block device, opened with `O_DIRECT` by `storage::direct::open_for_reading`, and
 //! mapped pages would count against the process's memory), and hash each block. A
 //! block that is all zeros is recognised without hashing and gets the well-known zero hash.
