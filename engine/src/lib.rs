@@ -11,6 +11,7 @@
 //! | [`wire`] | frames and messages, the one conversation client ([`wire::client`]), the one server handshake ([`wire::handshake`]), framed TLS connections, roles and PKI, bandwidth throttling |
 //! | [`storage`] | local durability: atomic file replacement, sparse files, `O_DIRECT` writes, files opened beneath a root through no symbolic link |
 //! | [`point`] | what a recovery point claims (its kind) |
+//! | [`nbd`] | the NBD protocol's numbers, for the agent's client and the master target's server |
 //! | [`service`] | logging, bind-and-announce, SIGINT/SIGTERM |
 //! | [`clock`] | wall-clock milliseconds as the services record them |
 //! | [`sample`] | mixed-content sample images for the demo, tests and benchmarks |
@@ -50,6 +51,7 @@
 pub mod block;
 pub mod clock;
 pub mod error;
+pub mod nbd;
 pub mod point;
 pub mod sample;
 pub mod service;

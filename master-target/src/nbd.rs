@@ -22,38 +22,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::retention::test_failover::DiskExport;
+use engine::nbd::{
+    CMD_DISC, CMD_FLUSH, CMD_READ, CMD_WRITE, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
+    INFO_BLOCK_SIZE, INFO_EXPORT, NBDMAGIC, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO,
+    OPT_REPLY_MAGIC, REP_ACK, REP_ERR_INVALID, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO,
+    REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+};
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
 const CLIENT_NO_ZEROES: u32 = 2;
-
-const OPT_EXPORT_NAME: u32 = 1;
-const OPT_ABORT: u32 = 2;
-const OPT_INFO: u32 = 6;
-const OPT_GO: u32 = 7;
-
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const REP_ERR_UNSUP: u32 = (1 << 31) | 1;
-const REP_ERR_INVALID: u32 = (1 << 31) | 3;
-const REP_ERR_UNKNOWN: u32 = (1 << 31) | 6;
-
-const INFO_EXPORT: u16 = 0;
-const INFO_BLOCK_SIZE: u16 = 3;
 
 /// Transmission flags: has flags, can flush; read-write.
 const TRANSMISSION_FLAGS: u16 = 1 | 4;
-
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
 
 const EPERM: u32 = 1;
 const EIO: u32 = 5;
@@ -157,7 +136,7 @@ fn invalid(what: &str) -> std::io::Error {
 
 fn option_reply(s: &mut TcpStream, option: u32, kind: u32, data: &[u8]) -> std::io::Result<()> {
     let mut out = Vec::with_capacity(20 + data.len());
-    out.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
     out.extend_from_slice(&option.to_be_bytes());
     out.extend_from_slice(&kind.to_be_bytes());
     out.extend_from_slice(&u32::try_from(data.len()).unwrap_or(0).to_be_bytes());

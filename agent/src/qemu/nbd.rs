@@ -23,30 +23,12 @@ use tokio::net::UnixStream;
 use engine::block::geometry::BlockSize;
 use engine::block::ranges::Runs;
 use engine::error::{Error, Result};
-
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
-
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-
-const OPT_GO: u32 = 7;
-const OPT_STRUCTURED_REPLY: u32 = 8;
-const OPT_SET_META_CONTEXT: u32 = 10;
-
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const REP_META_CONTEXT: u32 = 4;
-const REP_ERROR_BIT: u32 = 1 << 31;
-const INFO_EXPORT: u16 = 0;
-
-const CMD_READ: u16 = 0;
-const CMD_DISC: u16 = 2;
-const CMD_BLOCK_STATUS: u16 = 7;
+use engine::nbd::{
+    CMD_BLOCK_STATUS, CMD_DISC, CMD_READ, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
+    INFO_EXPORT, NBDMAGIC, OPT_GO, OPT_REPLY_MAGIC, OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY,
+    REP_ACK, REP_ERROR_BIT, REP_INFO, REP_META_CONTEXT, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+};
 
 const REPLY_FLAG_DONE: u16 = 1;
 const REPLY_NONE: u16 = 0;
