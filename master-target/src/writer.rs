@@ -113,8 +113,9 @@ pub(crate) struct Writer {
     group_commits: Arc<Mutex<()>>,
     /// Lock keys this session holds, released when the writer ends.
     held: Vec<String>,
-    /// The machine's lock file, taken before the first disk is written and held until the
-    /// writer ends (a failover waits for it).
+    /// The machine's lock file, taken before a cycle's first write (or its checkpoint)
+    /// and let go once its point is recorded, or when the writer ends (a failover waits
+    /// for it).
     machine_lock: Option<MachineLock>,
 }
 
