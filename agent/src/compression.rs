@@ -8,7 +8,9 @@
 //! little about the link, being small). The first batch goes raw and the second
 //! compressed, so both are known early; after that one batch in [`PROBE_EVERY`] goes the
 //! other way, so both stay current. Compression is on while the compressor is the faster
-//! of the two and off while the link is.
+//! of the two and the data compresses (the compressed batches came out at most
+//! [`WORTH_IT`] of their raw size); it is off while the link is faster, or while the data
+//! does not compress (random or already compressed content: zstd would only cost CPU).
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,6 +47,10 @@ impl FromStr for Compression {
 /// Under `auto`, one batch in this many goes the other way, to keep measuring.
 pub const PROBE_EVERY: u64 = 16;
 
+/// Compressed batches must come out at most this share of their raw size for compression
+/// to stay on: below that it saves the link too little to pay for the CPU.
+pub const WORTH_IT: f64 = 0.9;
+
 /// Bytes measured on each side before `auto` decides anything.
 const WARM_UP_BYTES: u64 = 1 << 20;
 
@@ -59,6 +65,8 @@ pub struct CompressionControl {
     compressed_batches: AtomicU64,
     compress_ns: AtomicU64,
     compress_bytes: AtomicU64,
+    /// What the compressed batches came to, payloads only.
+    compressed_to_bytes: AtomicU64,
     send_ns: AtomicU64,
     send_bytes: AtomicU64,
 }
@@ -73,6 +81,8 @@ pub struct CompressionReport {
     /// Measured speeds, MB/s: the compressor over all threads, the link (raw batches).
     pub compressor_mb_s: Option<f64>,
     pub link_mb_s: Option<f64>,
+    /// What compressed batches came to, as a share of their raw size.
+    pub compressed_ratio: Option<f64>,
 }
 
 impl CompressionControl {
@@ -86,6 +96,7 @@ impl CompressionControl {
             compressed_batches: AtomicU64::new(0),
             compress_ns: AtomicU64::new(0),
             compress_bytes: AtomicU64::new(0),
+            compressed_to_bytes: AtomicU64::new(0),
             send_ns: AtomicU64::new(0),
             send_bytes: AtomicU64::new(0),
         }
@@ -111,10 +122,12 @@ impl CompressionControl {
         }
     }
 
-    /// A worker compressed `raw_bytes` in `spent` (zstd time only).
-    pub fn record_compression(&self, raw_bytes: u64, spent: Duration) {
+    /// A worker compressed `raw_bytes` into `out_bytes` in `spent` (zstd time only).
+    pub fn record_compression(&self, raw_bytes: u64, out_bytes: u64, spent: Duration) {
         self.compressed_batches.fetch_add(1, Ordering::Relaxed);
         self.compress_bytes.fetch_add(raw_bytes, Ordering::Relaxed);
+        self.compressed_to_bytes
+            .fetch_add(out_bytes, Ordering::Relaxed);
         self.compress_ns
             .fetch_add(duration_ns(spent), Ordering::Relaxed);
         self.decide();
@@ -151,12 +164,22 @@ impl CompressionControl {
         )
     }
 
+    /// What compressed batches came to, as a share of their raw size, once measured.
+    fn ratio(&self) -> Option<f64> {
+        let raw = self.compress_bytes.load(Ordering::Relaxed);
+        (raw >= WARM_UP_BYTES)
+            .then(|| self.compressed_to_bytes.load(Ordering::Relaxed) as f64 / raw as f64)
+    }
+
     fn decide(&self) {
         if self.mode != Compression::Auto {
             return;
         }
-        if let (Some(compressor), Some(link)) = self.speeds() {
-            self.on.store(compressor > link, Ordering::Relaxed);
+        if let (Some(compressor), Some(link), Some(ratio)) =
+            (self.speeds().0, self.speeds().1, self.ratio())
+        {
+            self.on
+                .store(compressor > link && ratio <= WORTH_IT, Ordering::Relaxed);
         }
     }
 
@@ -173,6 +196,7 @@ impl CompressionControl {
                 .saturating_sub(compressed),
             compressor_mb_s: compressor.map(|b| (b / 1e6 * 10.0).round() / 10.0),
             link_mb_s: link.map(|b| (b / 1e6 * 10.0).round() / 10.0),
+            compressed_ratio: self.ratio().map(|r| (r * 1000.0).round() / 1000.0),
         }
     }
 }
@@ -193,7 +217,7 @@ mod tests {
         assert!(!control.next_batch(), "the first batch measures the link");
         assert!(control.next_batch(), "the second the compressor");
         // The compressor: 16 MiB per second per thread, 32 over two threads.
-        control.record_compression(16 * MB, Duration::from_secs(1));
+        control.record_compression(16 * MB, 6 * MB, Duration::from_secs(1));
         // A link of 8 MiB/s: slower, so compression stays on but for the probes.
         control.record_send(16 * MB, Duration::from_secs(2), false);
         let compressed = (2..66).filter(|_| control.next_batch()).count();
@@ -209,10 +233,23 @@ mod tests {
     }
 
     #[test]
+    fn auto_does_not_compress_what_does_not_compress() {
+        let control = CompressionControl::new(Compression::Auto, 2);
+        control.next_batch();
+        control.next_batch();
+        // A fast compressor and a slow link, but random data: zstd saves 2%.
+        control.record_compression(16 * MB, 16 * MB - MB / 3, Duration::from_millis(100));
+        control.record_send(16 * MB, Duration::from_secs(2), false);
+        let compressed = (2..66).filter(|_| control.next_batch()).count();
+        assert_eq!(compressed, 4, "only the compressed probes");
+        assert!(control.report().compressed_ratio.unwrap() > WORTH_IT);
+    }
+
+    #[test]
     fn fixed_modes_do_not_adapt() {
         for (mode, on) in [(Compression::Zstd, true), (Compression::None, false)] {
             let control = CompressionControl::new(mode, 2);
-            control.record_compression(64 * MB, Duration::from_secs(10));
+            control.record_compression(64 * MB, 64 * MB, Duration::from_secs(10));
             control.record_send(64 * MB, Duration::from_millis(1), false);
             assert!((0..20).all(|_| control.next_batch() == on));
         }

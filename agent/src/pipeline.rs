@@ -237,9 +237,11 @@ impl Worker {
         }
         batch.compressed = encoder.compresses();
         if batch.compressed && batch.raw_bytes > 0 {
-            self.config
-                .compression
-                .record_compression(batch.raw_bytes, batch.encode_time);
+            self.config.compression.record_compression(
+                batch.raw_bytes,
+                batch.payload_bytes(),
+                batch.encode_time,
+            );
         }
         Ok(batch)
     }
