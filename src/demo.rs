@@ -72,6 +72,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
         max_disk_size: master_target::config::DEFAULT_MAX_DISK_SIZE,
         raw_disks: Vec::new(),
         nbd: None,
+        allow_plan_scripts: false,
     };
     let target = tokio::spawn(async move {
         master_target::serve(target_listener, &target_identity, target_config, async {

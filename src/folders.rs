@@ -36,6 +36,10 @@ pub struct Folders {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// The master target's connection settings, loaded once (a job is followed by many
+    /// requests).
+    #[arg(skip)]
+    remote: std::sync::OnceLock<Remote>,
 }
 
 impl Folders {
@@ -55,13 +59,20 @@ impl Folders {
             datastore: self.datastore.clone()?,
             retention: self.retention()?,
             nbd: None,
+            plan_scripts: true,
         })
     }
 
     /// The running master target asked, if any.
-    pub fn remote(&self) -> anyhow::Result<Option<Remote>> {
+    pub fn remote(&self) -> anyhow::Result<Option<&Remote>> {
+        if let Some(remote) = self.remote.get() {
+            return Ok(Some(remote));
+        }
         match (&self.master_target, &self.pki) {
-            (Some(addr), Some(pki)) => Ok(Some(Remote::new(addr, pki)?)),
+            (Some(addr), Some(pki)) => {
+                let _ = self.remote.set(Remote::new(addr, pki)?);
+                Ok(self.remote.get())
+            }
             _ => Ok(None),
         }
     }

@@ -18,6 +18,7 @@ use master_target::operator::{RecoverEnd, RecoverStart, Request};
 use master_target::retention::recover::RecoveredDisk;
 
 /// A master target reached over TLS.
+#[derive(Debug, Clone)]
 pub struct Remote {
     addr: String,
     config: Arc<ClientConfig>,

@@ -166,6 +166,24 @@ fn an_operator_on_another_host_reads_recovers_and_fails_over_over_mutual_tls_nam
         "{log}"
     );
 
+    // A plan with a script, sent over TLS: refused by a master target not started with
+    // --allow-plan-scripts, before anything fails over.
+    let plan = cluster.path("plan.toml");
+    let touched = cluster.path("script-ran");
+    std::fs::write(
+        &plan,
+        format!(
+            "[[group]]\nname = \"g\"\nmachines = [\"web\"]\nscript = \"touch {}\"\n",
+            touched.display()
+        ),
+    )
+    .unwrap();
+    let refused = cluster
+        .remote(&alice, &["failover", "--plan", plan.to_str().unwrap()])
+        .unwrap_err();
+    assert!(refused.contains("--allow-plan-scripts"), "{refused}");
+    assert!(!touched.exists());
+
     // Certificates of other roles are refused as operators, and an operator certificate
     // is refused by the process server.
     let posing = cluster.path("agent-as-operator");

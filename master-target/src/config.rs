@@ -33,6 +33,8 @@ pub struct MasterTargetConfig {
     pub raw_disks: Vec<RawDisk>,
     /// The NBD server for test failovers and the address it listens on (`--nbd-listen`).
     pub nbd: Option<(crate::nbd::Exports, std::net::SocketAddr)>,
+    /// Run the scripts of recovery plans operators send over TLS (`--allow-plan-scripts`).
+    pub allow_plan_scripts: bool,
 }
 
 impl MasterTargetConfig {

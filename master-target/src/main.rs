@@ -62,6 +62,12 @@ struct Args {
     /// as `NBD listening on ADDR`). Off by default.
     #[arg(long, value_name = "ADDR")]
     nbd_listen: Option<String>,
+    /// Run the scripts of recovery plans that operators send over TLS (`deltaback failover
+    /// --plan FILE --master-target ...`). They run with this process's rights on this host,
+    /// so by default such plans are refused when they have scripts; plans run on this host
+    /// with --datastore always may.
+    #[arg(long)]
+    allow_plan_scripts: bool,
     #[command(flatten)]
     limits: engine::service::LimitArgs,
 }
@@ -116,11 +122,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_disk_size: args.max_disk_size.as_u64(),
         raw_disks: args.raw_disks,
         nbd,
+        allow_plan_scripts: args.allow_plan_scripts,
     };
     master_target::operator::restore_tests(&master_target::operator::Context {
         datastore: config.datastore.clone(),
         retention: config.retention.clone(),
         nbd: config.nbd.clone(),
+        plan_scripts: false,
     });
     serve(listener, &identity, config, shutdown).await?;
     Ok(())

@@ -37,6 +37,9 @@ use engine::error::{Error, Result};
 use engine::wire::message::append_record;
 use engine::wire::Message;
 
+/// Blocks a recovery reads from its point view at a time.
+const RECOVER_READ_BLOCKS: u64 = 64;
+
 /// Largest request an operator may send.
 pub const MAX_REQUEST_LEN: usize = 1 << 20;
 
@@ -96,6 +99,10 @@ pub struct Context {
     /// The NBD server of a running master target, and the address it listens on; `None`
     /// without `--nbd-listen`, and in the CLI.
     pub nbd: Option<(Exports, SocketAddr)>,
+    /// Whether a plan may run its scripts here: always in the CLI (the operator is on the
+    /// host already), on a master target only with `--allow-plan-scripts` (an operator
+    /// certificate would otherwise run commands on its host).
+    pub plan_scripts: bool,
 }
 
 /// The answer to a request that started a job.
@@ -369,6 +376,14 @@ fn start_failover(ctx: &Context, request: &Request, operator: &str) -> Result<se
         }
         (None, None, Some((text, source))) => {
             let plan = crate::plan::parse(&text, &source)?;
+            if let Some((group, script)) = plan.scripts().next().filter(|_| !ctx.plan_scripts) {
+                return Err(Error::Invalid(format!(
+                    "{source}: group {group:?} runs `{script}`; this master target runs the \
+                     scripts of operators' plans only when started with --allow-plan-scripts \
+                     (they run as its user, on its host): restart it so, or run the plan on \
+                     its host with --datastore"
+                )));
+            }
             let job = JobHandle::start(&retention, "plan", &source, operator)?;
             spawn_job(job, move |job| {
                 let report = crate::plan::run(&datastore, &retention, &plan, &point, job)?;
@@ -530,30 +545,36 @@ pub fn recover_stream(
     let mut restored = 0u64;
     for (handle, (view, disk)) in views.iter_mut().zip(&disks).enumerate() {
         let handle = u32::try_from(handle).unwrap_or(u32::MAX);
-        let mut block = vec![0u8; to_usize(disk.block_size)?];
+        let mut buf = Vec::new();
         let mut records = Vec::new();
         let mut count = 0u32;
-        for index in view.blocks_with_data()?.indices() {
-            let offset = index * disk.block_size;
-            let len = to_usize(disk.block_size.min(disk.size - offset))?;
-            view.read_at(&mut block[..len], offset)?;
-            if is_zero(&block[..len]) {
-                continue;
-            }
-            let hash = hash_block(&block[..len]);
-            append_record(&mut records, index, &hash, |out| {
-                encoder.encode(&block[..len], out)
-            });
-            count += 1;
-            sent += 1;
-            if records.len() >= 4 << 20 {
-                send(Message::Blocks {
-                    handle,
-                    seq: 0,
-                    count,
-                    records: std::mem::take(&mut records).into(),
-                })?;
-                count = 0;
+        // Read a stretch of up to 64 blocks at a time: the view reads the journals on once
+        // per read, not once per block.
+        for batch in view.blocks_with_data()?.batches(RECOVER_READ_BLOCKS) {
+            for (first, blocks) in batch {
+                let offset = first * disk.block_size;
+                let len =
+                    to_usize((blocks * disk.block_size).min(disk.size.saturating_sub(offset)))?;
+                buf.resize(len, 0);
+                view.read_at(&mut buf, offset)?;
+                for (index, data) in (first..).zip(buf.chunks(to_usize(disk.block_size)?)) {
+                    if is_zero(data) {
+                        continue;
+                    }
+                    let hash = hash_block(data);
+                    append_record(&mut records, index, &hash, |out| encoder.encode(data, out));
+                    count += 1;
+                    sent += 1;
+                    if records.len() >= 4 << 20 {
+                        send(Message::Blocks {
+                            handle,
+                            seq: 0,
+                            count,
+                            records: std::mem::take(&mut records).into(),
+                        })?;
+                        count = 0;
+                    }
+                }
             }
         }
         if count > 0 {

@@ -19,6 +19,7 @@ pub async fn serve(mut conn: Conn, config: &MasterTargetConfig) -> Result<String
         datastore: config.datastore.clone(),
         retention: config.retention.clone(),
         nbd: config.nbd.clone(),
+        plan_scripts: config.allow_plan_scripts,
     };
     loop {
         let msg = match conn.recv_frame().await {

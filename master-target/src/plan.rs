@@ -67,6 +67,15 @@ pub struct GroupReport {
     pub script_seconds: Option<f64>,
 }
 
+impl Plan {
+    /// The scripts the plan runs, with their group's name.
+    pub fn scripts(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.group
+            .iter()
+            .filter_map(|g| Some((g.name.as_str(), g.script.as_deref()?)))
+    }
+}
+
 /// Reads a plan from its TOML text (`source` names it in errors).
 pub fn parse(text: &str, source: &str) -> Result<Plan> {
     let plan: Plan = toml::from_str(text)

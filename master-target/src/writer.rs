@@ -232,7 +232,9 @@ impl Writer {
             .decoded
             .join()
             .map_err(|_| Error::Invalid("a decoding thread failed".into()))??;
-        // Fenced meanwhile: nothing more is written.
+        // A machine fenced for failover takes no more writes: the session ends here, at
+        // once, so a failover never waits for a long stream's next flush (one file lookup
+        // per 4 MiB batch).
         failover::check_fence(&self.config.retention, &self.machine)?;
         self.lock_machine()?;
         self.disk(batch.handle)?.replica.write_decoded(decoded)
@@ -356,10 +358,6 @@ impl Writer {
 
     /// Takes batch `seq` of `handle` in order; returns how to decode it.
     fn accept(&mut self, handle: u32, seq: u64) -> Result<Decoding> {
-        // A machine fenced for failover takes no more writes: the session ends here, at
-        // once, so a failover never waits for a long stream's next flush (one file lookup
-        // per 4 MiB batch).
-        failover::check_fence(&self.config.retention, &self.machine)?;
         let disk = self.disk(handle)?;
         if disk.last_seq.checked_add(1) != Some(seq) {
             return Err(Error::Protocol(format!(

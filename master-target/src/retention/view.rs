@@ -186,6 +186,10 @@ impl PointView {
         }
         self.journals.sort_by_key(|j| j.point);
         for (place, journal) in self.journals.iter_mut().enumerate() {
+            // A sealed journal was read to its end and never grows again.
+            if journal.scan.sealed {
+                continue;
+            }
             journal.scan.resume()?;
             loop {
                 let at = journal.scan.offset();
