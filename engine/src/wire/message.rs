@@ -44,7 +44,9 @@ pub const KIND_CHECKPOINT: u8 = 12;
 
 /// The protocol version this build speaks.
 /// Version 2: `DiskState` says whether the master target adopted a disk it did not make.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 3: a conversation may carry a point per cycle (`replicate` keeps it open), and
+/// operators speak `Operate`/`Answer`.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Bytes of a block record before its payload.
 pub const RECORD_HEADER_LEN: usize = 8 + 32 + 1 + 4;
 /// Most hashes one `HashAnswer` carries: what fits one frame with room for its header.

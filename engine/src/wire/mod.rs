@@ -23,6 +23,14 @@
 //!   | Bye ------------------------------------------------------> |
 //! ```
 //! Any side may send `Error(code, message)` instead of an answer and close the connection.
+//! A conversation kept open by `replicate` goes on after `PointCreated` with the next
+//! cycle's `HashQuery`, `Blocks`, `Flush` and `Checkpoint` on the disks already open, and
+//! says `Bye` only when it ends.
+//!
+//! ## An operator's conversation
+//! An operator's certificate opens no `Hello`: each request is `Operate` (JSON), answered by
+//! one `Answer` (JSON) or `Error`; a recovery streams the point's disks as `Blocks` between
+//! two `Answer`s (see [`message`]).
 //!
 //! ## Sequence numbers and resume
 //! Each `Blocks` message of a disk carries the next sequence number, starting after the
