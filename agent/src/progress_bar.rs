@@ -1,21 +1,28 @@
 //! Draws the sync's progress on a terminal: hashing and sending apart, with rates.
-//! Nothing is drawn when stderr is not a terminal.
+//! Nothing is drawn, and no thread runs, when stderr is not a terminal; `finish` wakes the
+//! drawing thread at once (a sync does not wait out a redraw interval before it exits).
 
+use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
 
 use agent::{Phase, Progress};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+/// How often the bars are redrawn.
+const REDRAW: Duration = Duration::from_millis(100);
+
 pub struct Bars {
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Dropping the sender stops the drawing thread.
+    stop: Option<mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Bars {
     pub fn finish(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        drop(self.stop.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -23,8 +30,13 @@ impl Bars {
 }
 
 pub fn spawn(progress: Arc<Progress>) -> Bars {
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop_flag = stop.clone();
+    if !std::io::stderr().is_terminal() {
+        return Bars {
+            stop: None,
+            thread: None,
+        };
+    }
+    let (stop, stopped) = mpsc::channel::<()>();
     let thread = std::thread::spawn(move || {
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
         let style = ProgressStyle::with_template(
@@ -38,7 +50,7 @@ pub fn spawn(progress: Arc<Progress>) -> Bars {
                 .with_prefix("hashing"),
         );
         let sending = multi.add(ProgressBar::new(0).with_style(style).with_prefix("sending"));
-        while !stop_flag.load(Ordering::Relaxed) {
+        loop {
             hashing.set_length(progress.hash_total.load(Ordering::Relaxed));
             hashing.set_position(progress.hashed.load(Ordering::Relaxed));
             sending.set_length(progress.send_total.load(Ordering::Relaxed));
@@ -54,13 +66,16 @@ pub fn spawn(progress: Arc<Progress>) -> Bars {
             {
                 hashing.set_message("not needed: new replica, hashed while sending");
             }
-            std::thread::sleep(Duration::from_millis(100));
+            match stopped.recv_timeout(REDRAW) {
+                Err(RecvTimeoutError::Timeout) => {}
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+            }
         }
         hashing.finish_and_clear();
         sending.finish_and_clear();
     });
     Bars {
-        stop,
+        stop: Some(stop),
         thread: Some(thread),
     }
 }

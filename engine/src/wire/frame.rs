@@ -9,7 +9,7 @@
 //! before any memory is reserved for the frame; kind 0 is reserved as invalid. End of stream
 //! inside a frame is an error, end of stream between frames is a clean close.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::error::Error;
@@ -27,7 +27,29 @@ pub struct Frame {
     pub body: Bytes,
 }
 
-/// Splits a byte stream into frames and writes frames into one.
+/// Bytes of a frame before its body: the length and the kind.
+pub const HEADER_LEN: usize = LEN_PREFIX + 1;
+
+impl Frame {
+    /// The bytes that precede the body on the wire; a frame over [`MAX_FRAME_LEN`] is
+    /// refused before anything is written.
+    pub fn header(&self) -> Result<[u8; HEADER_LEN], Error> {
+        let len = self.body.len() + 1;
+        if len > MAX_FRAME_LEN {
+            return Err(Error::FrameTooLarge {
+                len: len as u64,
+                max: MAX_FRAME_LEN as u64,
+            });
+        }
+        let mut header = [0u8; HEADER_LEN];
+        header[..LEN_PREFIX].copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+        header[LEN_PREFIX] = self.kind;
+        Ok(header)
+    }
+}
+
+/// Splits a byte stream into frames and writes frames into one (connections write the
+/// header and the body without this copy: `transport::ConnWriter`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FrameCodec;
 
@@ -76,16 +98,9 @@ impl Encoder<Frame> for FrameCodec {
     type Error = Error;
 
     fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), Error> {
-        let len = frame.body.len() + 1;
-        if len > MAX_FRAME_LEN {
-            return Err(Error::FrameTooLarge {
-                len: len as u64,
-                max: MAX_FRAME_LEN as u64,
-            });
-        }
-        dst.reserve(LEN_PREFIX + len);
-        dst.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-        dst.put_u8(frame.kind);
+        let header = frame.header()?;
+        dst.reserve(HEADER_LEN + frame.body.len());
+        dst.extend_from_slice(&header);
         dst.extend_from_slice(&frame.body);
         Ok(())
     }
