@@ -228,16 +228,21 @@ impl Writer {
         let Some(batch) = pending.pop_front() else {
             return Ok(());
         };
+        let started = std::time::Instant::now();
         let decoded = batch
             .decoded
             .join()
             .map_err(|_| Error::Invalid("a decoding thread failed".into()))??;
+        let decoded_at = started.elapsed();
         // A machine fenced for failover takes no more writes: the session ends here, at
         // once, so a failover never waits for a long stream's next flush (one file lookup
         // per 4 MiB batch).
         failover::check_fence(&self.config.retention, &self.machine)?;
         self.lock_machine()?;
-        self.disk(batch.handle)?.replica.write_decoded(decoded)
+        let blocks = decoded.len();
+        self.disk(batch.handle)?.replica.write_decoded(decoded)?;
+        tracing::debug!(blocks, waited_for_decoding = ?decoded_at, took = ?started.elapsed(), "batch written");
+        Ok(())
     }
 
     /// Writes every batch decoded ahead, in order.
@@ -249,6 +254,19 @@ impl Writer {
     }
 
     fn answer(&mut self, command: Command) {
+        let started = std::time::Instant::now();
+        let what = match &command {
+            Command::Open { .. } => "open",
+            Command::Hashes { .. } => "hashes",
+            Command::Flush { .. } => "flush",
+            Command::Checkpoint { .. } => "checkpoint",
+            Command::Blocks { .. } => "blocks",
+        };
+        self.run_command(command);
+        tracing::debug!(command = what, took = ?started.elapsed(), "command answered");
+    }
+
+    fn run_command(&mut self, command: Command) {
         match command {
             Command::Open {
                 handle,

@@ -3,7 +3,7 @@
 //!
 //! Bitmaps are named `deltaback-N`; the one with the highest N records the writes since
 //! the last cycle began. One cycle, for all disks of the machine at once:
-//! 1. a scratch qcow2 per disk is added as a block node;
+//! 1. a scratch file per disk (sparse, of the disk's size, no format) is added as a block node;
 //! 2. one atomic `transaction` adds `deltaback-(N+1)` (tracking goes on), disables
 //!    `deltaback-N` (this cycle's changed set) and starts a copy-before-write backup job
 //!    (`sync=none`): from that instant, reads through the filter see the disks as they were;
@@ -35,7 +35,7 @@ use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::report::{DiskReport, SyncReport};
 use crate::session::Session;
 use crate::Progress;
-use nbd::{dirty_runs, NbdClient, MAX_READ};
+use nbd::{dirty_runs, NbdClient, MAX_READ, MAX_READS_IN_FLIGHT};
 use qmp::Qmp;
 
 pub mod nbd;
@@ -172,7 +172,7 @@ async fn plan(
             size,
             mode,
             scratch: source.scratch_dir.join(format!(
-                "deltaback-fleece-{}-{index}.qcow2",
+                "deltaback-fleece-{}-{index}.scratch",
                 options.machine
             )),
         });
@@ -189,30 +189,13 @@ async fn prepare(
 ) -> Result<()> {
     let granularity = options.block_size.get();
     for disk in disks {
-        let created = tokio::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&disk.scratch)
-            .arg(disk.size.to_string())
-            .output()
-            .await
-            .map_err(|e| {
-                Error::Qemu(format!(
-                    "cannot run qemu-img to create a scratch image: {e}"
-                ))
-            })?;
-        if !created.status.success() {
-            return Err(Error::Qemu(format!(
-                "qemu-img create {}: {}",
-                disk.scratch.display(),
-                String::from_utf8_lossy(&created.stderr).trim()
-            )));
-        }
+        create_scratch(&disk.scratch, disk.size)?;
         qmp.execute(
             "blockdev-add",
             json!({
-                "driver": "qcow2",
+                "driver": "file",
                 "node-name": disk.name("scratch"),
-                "file": { "driver": "file", "filename": disk.scratch },
+                "filename": disk.scratch,
             }),
         )
         .await?;
@@ -249,6 +232,28 @@ async fn prepare(
         qmp.execute("block-export-add", export).await?;
     }
     Ok(())
+}
+
+/// Makes the empty scratch file the copy-before-write job copies old clusters into: a
+/// sparse file of the disk's size, in which only those clusters take space. (Reads go
+/// through the snapshot-access node, which takes copied clusters from here and the rest
+/// from the disk, so the scratch needs no format and no backing file: no `qemu-img`
+/// process per cycle.) Whatever is at the path is removed first and the file is made
+/// new (`O_EXCL`), so a planted symbolic link is never followed.
+fn create_scratch(path: &std::path::Path, size: u64) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::file("remove an old scratch file", path)(e))
+        }
+        _ => {}
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(Error::file("create a scratch file", path))?;
+    file.set_len(size)
+        .map_err(Error::file("size a scratch file", path))
 }
 
 /// Removes exports, access nodes, jobs and scratch nodes, carrying on past failures: parts
@@ -417,13 +422,22 @@ async fn send_disk(
     let feed = async move {
         for job_runs in to_read.batches(per_job.min(pipeline.blocks_per_batch())) {
             let mut job = Vec::new();
+            let mut offsets = Vec::new();
             for (first, count) in job_runs {
                 let (offset, len) = geometry.run_span(first, count).ok_or_else(|| {
                     Error::Qemu(format!("blocks {first}..+{count} lie outside the export"))
                 })?;
-                let mut data = vec![0u8; len];
-                nbd.read(offset, &mut data).await?;
-                job.push((first, data));
+                offsets.push(offset);
+                job.push((first, vec![0u8; len]));
+            }
+            // The job's scattered runs are asked for together, not one round trip each.
+            let mut reads: Vec<(u64, &mut [u8])> = offsets
+                .iter()
+                .zip(job.iter_mut())
+                .map(|(&offset, (_, data))| (offset, data.as_mut_slice()))
+                .collect();
+            for group in reads.chunks_mut(MAX_READS_IN_FLIGHT) {
+                nbd.read_many(group).await?;
             }
             pipeline.pack(job).await?;
         }

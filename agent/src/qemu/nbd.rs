@@ -12,8 +12,11 @@
 //! then requests:  magic | flags u16 | type u16 | cookie u64 | offset u64 | length u32
 //! and structured reply chunks: magic | flags u16 | type u16 | cookie u64 | length u32 | payload
 //! ```
-//! Requests are sent one at a time, so every reply belongs to the request in flight. Every
-//! length the server sends is checked against what was asked for before memory is reserved.
+//! Reads of one batch are sent together ([`NbdClient::read_many`]: the server works on
+//! them while earlier replies travel, instead of one round trip per scattered block), and
+//! each reply chunk is matched to its request by cookie; anything else is one request at a
+//! time. Every length the server sends is checked against what was asked for before
+//! memory is reserved.
 
 use std::path::Path;
 
@@ -39,6 +42,9 @@ const REPLY_ERROR_BIT: u16 = 1 << 15;
 
 /// Largest read asked for in one request.
 pub const MAX_READ: u32 = 4 << 20;
+
+/// Most reads [`NbdClient::read_many`] sends before it waits for replies.
+pub const MAX_READS_IN_FLIGHT: usize = 1024;
 /// Largest option reply or status payload accepted from the server.
 const MAX_REPLY: u32 = 1 << 20;
 
@@ -224,6 +230,16 @@ impl NbdClient {
     }
 
     async fn request(&mut self, kind: u16, offset: u64, length: u32) -> Result<u64> {
+        let cookie = self.queue_request(kind, offset, length).await?;
+        self.writer
+            .flush()
+            .await
+            .map_err(Error::net("send NBD request"))?;
+        Ok(cookie)
+    }
+
+    /// Writes a request into the send buffer (sent at the next flush); returns its cookie.
+    async fn queue_request(&mut self, kind: u16, offset: u64, length: u32) -> Result<u64> {
         self.cookie += 1;
         let cookie = self.cookie;
         let w = &mut self.writer;
@@ -233,16 +249,24 @@ impl NbdClient {
             w.write_u16(kind).await?;
             w.write_u64(cookie).await?;
             w.write_u64(offset).await?;
-            w.write_u32(length).await?;
-            w.flush().await
+            w.write_u32(length).await
         }
         .await
         .map_err(Error::net("send NBD request"))?;
         Ok(cookie)
     }
 
-    /// Reads one reply chunk header: (flags, type, payload length).
+    /// Reads one reply chunk header of the request `cookie`: (flags, type, payload length).
     async fn chunk_header(&mut self, cookie: u64) -> Result<(u16, u16, u32)> {
+        let (got, flags, kind, len) = self.any_chunk_header().await?;
+        if got != cookie {
+            return Err(proto("reply for another request"));
+        }
+        Ok((flags, kind, len))
+    }
+
+    /// Reads one reply chunk header of any request: (cookie, flags, type, payload length).
+    async fn any_chunk_header(&mut self) -> Result<(u64, u16, u16, u32)> {
         let r = &mut self.reader;
         let magic = r.read_u32().await.map_err(Error::net("read NBD reply"))?;
         if magic == SIMPLE_REPLY_MAGIC {
@@ -263,9 +287,6 @@ impl NbdClient {
         }
         .await
         .map_err(Error::net("read NBD reply"))?;
-        if got != cookie {
-            return Err(proto("reply for another request"));
-        }
         if kind & REPLY_ERROR_BIT != 0 {
             let mut payload = vec![0; len.min(MAX_REPLY) as usize];
             self.reader
@@ -281,61 +302,107 @@ impl NbdClient {
                 .map_or(0, |b| u32::from_be_bytes(b.try_into().unwrap_or([0; 4])));
             return Err(proto(format!("server error {code}: {message}")));
         }
-        Ok((flags, kind, len))
+        Ok((got, flags, kind, len))
     }
 
     /// Reads `buf.len()` bytes (at most [`MAX_READ`]) at `offset`.
     pub async fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let length = u32::try_from(buf.len())
-            .ok()
-            .filter(|&l| l <= MAX_READ)
-            .ok_or_else(|| proto("read too large"))?;
-        let end = offset
-            .checked_add(u64::from(length))
-            .ok_or_else(|| proto("read past the end"))?;
-        if end > self.size {
-            return Err(proto("read past the end of the export"));
+        self.read_many(&mut [(offset, buf)]).await
+    }
+
+    /// Reads every `(offset, buffer)` (each at most [`MAX_READ`], together at most
+    /// [`MAX_READS_IN_FLIGHT`]): all requests go out at once, and the replies, in whatever
+    /// order the server sends their chunks, fill the buffers.
+    pub async fn read_many(&mut self, reads: &mut [(u64, &mut [u8])]) -> Result<()> {
+        if reads.len() > MAX_READS_IN_FLIGHT {
+            return Err(proto("too many reads at once"));
         }
-        let cookie = self.request(CMD_READ, offset, length).await?;
-        loop {
-            let (flags, kind, len) = self.chunk_header(cookie).await?;
-            match kind {
-                REPLY_NONE => {}
-                REPLY_OFFSET_DATA => {
-                    let at = self
-                        .reader
-                        .read_u64()
-                        .await
-                        .map_err(Error::net("read NBD data"))?;
-                    let data_len = u64::from(len)
-                        .checked_sub(8)
-                        .ok_or_else(|| proto("short data chunk"))?;
-                    let range = chunk_range(offset, end, at, data_len)?;
-                    self.reader
-                        .read_exact(&mut buf[range])
-                        .await
-                        .map_err(Error::net("read NBD data"))?;
-                }
-                REPLY_OFFSET_HOLE if len == 12 => {
-                    let at = self
-                        .reader
-                        .read_u64()
-                        .await
-                        .map_err(Error::net("read NBD hole"))?;
-                    let hole = self
-                        .reader
-                        .read_u32()
-                        .await
-                        .map_err(Error::net("read NBD hole"))?;
-                    let range = chunk_range(offset, end, at, u64::from(hole))?;
-                    buf[range].fill(0);
-                }
-                other => return Err(proto(format!("unexpected reply chunk {other} to a read"))),
+        let mut ends = Vec::with_capacity(reads.len());
+        for (offset, buf) in reads.iter() {
+            let length = u32::try_from(buf.len())
+                .ok()
+                .filter(|&l| l <= MAX_READ)
+                .ok_or_else(|| proto("read too large"))?;
+            let end = offset
+                .checked_add(u64::from(length))
+                .ok_or_else(|| proto("read past the end"))?;
+            if end > self.size {
+                return Err(proto("read past the end of the export"));
             }
+            ends.push(end);
+        }
+        let first_cookie = self.cookie + 1;
+        for (offset, buf) in reads.iter() {
+            // Lengths were checked above.
+            let length = u32::try_from(buf.len()).unwrap_or(MAX_READ);
+            self.queue_request(CMD_READ, *offset, length).await?;
+        }
+        self.writer
+            .flush()
+            .await
+            .map_err(Error::net("send NBD request"))?;
+        let mut open = vec![true; reads.len()];
+        let mut waiting = reads.len();
+        while waiting > 0 {
+            let (cookie, flags, kind, len) = self.any_chunk_header().await?;
+            let which = cookie
+                .checked_sub(first_cookie)
+                .and_then(|i| usize::try_from(i).ok())
+                .filter(|&i| open.get(i) == Some(&true))
+                .ok_or_else(|| proto("reply for a request not in flight"))?;
+            let (offset, ref mut buf) = reads[which];
+            self.read_chunk(kind, len, offset, ends[which], buf).await?;
             if flags & REPLY_FLAG_DONE != 0 {
-                return Ok(());
+                open[which] = false;
+                waiting -= 1;
             }
         }
+        Ok(())
+    }
+
+    /// Reads the payload of one reply chunk to the read of `offset..end` into `buf`.
+    async fn read_chunk(
+        &mut self,
+        kind: u16,
+        len: u32,
+        offset: u64,
+        end: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        match kind {
+            REPLY_NONE => {}
+            REPLY_OFFSET_DATA => {
+                let at = self
+                    .reader
+                    .read_u64()
+                    .await
+                    .map_err(Error::net("read NBD data"))?;
+                let data_len = u64::from(len)
+                    .checked_sub(8)
+                    .ok_or_else(|| proto("short data chunk"))?;
+                let range = chunk_range(offset, end, at, data_len)?;
+                self.reader
+                    .read_exact(&mut buf[range])
+                    .await
+                    .map_err(Error::net("read NBD data"))?;
+            }
+            REPLY_OFFSET_HOLE if len == 12 => {
+                let at = self
+                    .reader
+                    .read_u64()
+                    .await
+                    .map_err(Error::net("read NBD hole"))?;
+                let hole = self
+                    .reader
+                    .read_u32()
+                    .await
+                    .map_err(Error::net("read NBD hole"))?;
+                let range = chunk_range(offset, end, at, u64::from(hole))?;
+                buf[range].fill(0);
+            }
+            other => return Err(proto(format!("unexpected reply chunk {other} to a read"))),
+        }
+        Ok(())
     }
 
     /// The extents of the negotiated metadata context from `offset` on, covering at most
