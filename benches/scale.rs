@@ -147,7 +147,7 @@ fn failback_and_resync(bins: &Path, dir: &Path, name: &str, image: &Path) -> Run
     let cpu = (services.target.cpu_seconds(), services.relay.cpu_seconds());
     // Both images warm, as a source that is being used is: the comparison is of the code,
     // not of what the page cache happened to keep.
-    warm(image);
+    common::warm(image);
     let resync = agent();
     let resync_cpu = (
         services.target.cpu_seconds() - cpu.0,
@@ -166,21 +166,6 @@ fn failback_and_resync(bins: &Path, dir: &Path, name: &str, image: &Path) -> Run
         relay_rss: services.relay.peak_rss(),
         target_rss: services.target.peak_rss(),
         manifest_rewritten: rewritten,
-    }
-}
-
-/// Reads every data extent of `image` once, so its data is in the page cache.
-fn warm(image: &Path) {
-    let file = std::fs::File::open(image).expect("image");
-    let size = file.metadata().expect("size").len();
-    let mut buf = vec![0u8; 4 << 20];
-    for (start, end) in engine::storage::sparse::data_extents(&file, size) {
-        let mut at = start;
-        while at < end {
-            let len = ((end - at) as usize).min(buf.len());
-            file.read_exact_at(&mut buf[..len], at).expect("read");
-            at += len as u64;
-        }
     }
 }
 
