@@ -358,16 +358,28 @@ fn a_segment_cut_short_after_it_was_finished_is_damage_not_a_clean_end() {
     write_block(&image, 3, &[0x5b; BLOCK as usize]);
     write_block(&image, 9, &[0x5c; BLOCK as usize]);
     assert_eq!(cluster.sync("m", &disk).unwrap()["point"]["seq"], 0);
+    // The process server seals and renames the segment when the conversation ends, which
+    // may be just after the agent has its answer and exits.
+    let finished = || {
+        std::fs::read_dir(cache.join("m"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "seg"))
+    };
+    let mut segment = finished();
+    for _ in 0..100 {
+        if segment.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        segment = finished();
+    }
+    let segment = segment.expect("the spooled conversation's segment was never finished");
     cluster.relay.kill();
 
     // Someone cuts the finished segment at a record boundary: after its first record (the
     // disk's opening), so the blocks, the flush and the point are gone.
-    let segment = std::fs::read_dir(cache.join("m"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "seg"))
-        .unwrap();
     let bytes = std::fs::read(&segment).unwrap();
     let first_len = u32::from_be_bytes(bytes[8..12].try_into().unwrap()) as usize;
     std::fs::write(&segment, &bytes[..8 + 8 + first_len + 16]).unwrap();

@@ -19,13 +19,14 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 use crate::config::MasterTargetConfig;
 pub use crate::datastore::ReplicaPaths;
-use crate::retention::journal::JournalWriter;
+use crate::retention::journal::{JournalRecord, JournalWriter};
 use crate::touched::TouchedLog;
 use crate::vmdk;
-use engine::block::encoding::{BlockDecoder, Encoding};
+use engine::block::encoding::{BlockDecoder, BlockEncoder, Encoding};
 use engine::block::geometry::{hash_block, BlockHash, Geometry, SafeName, ZeroHashes};
 use engine::block::hashing;
 use engine::block::manifest::{FileStamp, Manifest, ManifestBuilder};
@@ -40,6 +41,13 @@ use rustix::fs::OFlags;
 /// One verified block of a batch: index, hash, and its data (`None` for a zero block).
 pub type DecodedBlock = (u64, BlockHash, Option<Vec<u8>>);
 
+/// A decoded batch and, when the replica keeps an undo journal, the old content of its
+/// blocks as journal records, read and encoded beside the decoding.
+pub struct DecodedBatch {
+    pub blocks: Vec<DecodedBlock>,
+    pub old: Vec<JournalRecord>,
+}
+
 /// What decoding a replica's batches needs: done on any thread, so batches are decoded
 /// and verified on several cores while the writer writes the one before.
 #[derive(Debug, Clone)]
@@ -47,6 +55,9 @@ pub struct Decoding {
     id: SafeName,
     geometry: Geometry,
     zero: ZeroHashes,
+    /// The extent, read for the old content of the batch's blocks while the replica keeps
+    /// an undo journal.
+    old_content: Option<Arc<File>>,
 }
 
 impl Decoding {
@@ -89,6 +100,39 @@ impl Decoding {
             decoded.push((record.index, hash, data));
         }
         Ok(decoded)
+    }
+
+    /// Decodes and verifies a batch as [`Self::decode`] does, then reads the current content
+    /// of its blocks and encodes it as journal records, so the writer only appends them.
+    ///
+    /// Sound while the writer writes earlier batches: a block this read races with is one
+    /// an earlier batch writes, and that batch journals the block first; the writer keeps
+    /// a block's first journal record only, so the record made here is then dropped.
+    pub fn decode_batch(
+        &self,
+        records: impl Iterator<Item = Result<BlockRecord>>,
+        decoder: &mut BlockDecoder,
+    ) -> Result<DecodedBatch> {
+        let blocks = self.decode(records, decoder)?;
+        let mut old = Vec::new();
+        if let Some(file) = &self.old_content {
+            let mut encoder = BlockEncoder::new(true)?;
+            let (mut data, mut payload) = (Vec::new(), Vec::new());
+            old.reserve(blocks.len());
+            for &(index, _, _) in &blocks {
+                let len = self.geometry.block_len(index).unwrap_or(0);
+                data.resize(len, 0);
+                file.read_exact_at(&mut data, self.geometry.offset(index))
+                    .map_err(Error::file("read", format!("replica {}", self.id)))?;
+                old.push(JournalRecord::encode(
+                    &mut encoder,
+                    &mut payload,
+                    index,
+                    &data,
+                ));
+            }
+        }
+        Ok(DecodedBatch { blocks, old })
     }
 }
 
@@ -500,10 +544,18 @@ impl Replica {
 
     /// What decoding this replica's batches needs, for a decoding thread of its own.
     pub fn decoding(&self) -> Decoding {
+        // A second handle on the extent (only a descriptor more) for the old content; without
+        // one the writer reads it itself.
+        let old_content = self
+            .undo
+            .as_ref()
+            .and_then(|_| self.file.try_clone().ok())
+            .map(Arc::new);
         Decoding {
             id: self.id.clone(),
             geometry: self.manifest.geometry(),
             zero: self.zero,
+            old_content,
         }
     }
 
@@ -514,16 +566,19 @@ impl Replica {
         records: impl Iterator<Item = Result<BlockRecord>>,
     ) -> Result<()> {
         let decoded = self.decoding().decode(records, &mut self.decoder)?;
-        self.write_decoded(decoded)
+        self.write_decoded(DecodedBatch {
+            blocks: decoded,
+            old: Vec::new(),
+        })
     }
 
     /// Journals the old content of the blocks of a decoded batch that change (durably,
     /// first), then writes them.
-    pub fn write_decoded(&mut self, decoded: Vec<DecodedBlock>) -> Result<()> {
+    pub fn write_decoded(&mut self, decoded: DecodedBatch) -> Result<()> {
         let geometry = self.manifest.geometry();
-        let mut changes: Vec<DecodedBlock> = Vec::with_capacity(decoded.len());
+        let mut changes: Vec<DecodedBlock> = Vec::with_capacity(decoded.blocks.len());
         let mut current = CurrentHashes::default();
-        for block in decoded {
+        for block in decoded.blocks {
             if current.get(&self.manifest, block.0)? != block.1 {
                 changes.push(block);
             }
@@ -531,7 +586,7 @@ impl Replica {
         if changes.is_empty() {
             return Ok(());
         }
-        self.save_old_content(&changes, &mut current)?;
+        self.save_old_content(&changes, &decoded.old, &mut current)?;
         if !self.dirty {
             // From here until the next commit the manifest may not show the extent; the
             // touched-block record says which blocks.
@@ -589,10 +644,12 @@ impl Replica {
         Ok(())
     }
 
-    /// Journals the current content of the blocks about to change, and syncs the journal.
+    /// Journals the current content of the blocks about to change (from `prepared` where it
+    /// holds them, read here otherwise), and syncs the journal.
     fn save_old_content(
         &mut self,
         changes: &[(u64, BlockHash, Option<Vec<u8>>)],
+        prepared: &[JournalRecord],
         current: &mut CurrentHashes,
     ) -> Result<()> {
         let Some(undo) = &mut self.undo else {
@@ -611,11 +668,21 @@ impl Replica {
             return Ok(());
         };
         let geometry = self.manifest.geometry();
+        // Records made ready by the decoding thread, by block (the first where the agent
+        // sent a block twice: its content before the batch).
+        let mut by_index = std::collections::HashMap::with_capacity(prepared.len());
+        for record in prepared {
+            by_index.entry(record.index()).or_insert(record);
+        }
+        let ready = |index: u64| by_index.get(&index).copied();
         // The old blocks are scattered over the extent: ask for all of them at once, so the
         // device reads them in parallel while the loop below takes them one by one.
         let mut to_read = Vec::new();
         for &(index, _, _) in changes {
-            if !journal.has(index) && current.get(&self.manifest, index)? != self.zero.of(index) {
+            if !journal.has(index)
+                && ready(index).is_none()
+                && current.get(&self.manifest, index)? != self.zero.of(index)
+            {
                 to_read.push(index);
             }
         }
@@ -638,6 +705,10 @@ impl Replica {
             }
             let len = geometry.block_len(index).unwrap_or(0);
             let was_zero = current.get(&self.manifest, index)? == self.zero.of(index);
+            if let Some(record) = ready(index).filter(|_| !was_zero) {
+                journal.append_record(record)?;
+                continue;
+            }
             if was_zero {
                 old[..len].fill(0);
             } else {

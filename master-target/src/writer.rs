@@ -21,7 +21,7 @@ use engine::wire::DiskState;
 use crate::config::MasterTargetConfig;
 use crate::datastore;
 use crate::ownership;
-use crate::replica::{DecodedBlock, Decoding, Replica};
+use crate::replica::{DecodedBatch, Decoding, Replica};
 use crate::retention::{
     self, groups,
     points::{PointDisk, PointLog, RecoveryPoint},
@@ -41,7 +41,7 @@ const DECODE_AHEAD: usize = 3;
 /// A batch being decoded and verified on a thread of its own.
 struct PendingBatch {
     handle: u32,
-    decoded: std::thread::JoinHandle<Result<Vec<DecodedBlock>>>,
+    decoded: std::thread::JoinHandle<Result<DecodedBatch>>,
 }
 
 impl PendingBatch {
@@ -51,7 +51,7 @@ impl PendingBatch {
             .name("decode".into())
             .spawn(move || {
                 let mut decoder = engine::block::encoding::BlockDecoder::new()?;
-                decoding.decode(records(count, &batch), &mut decoder)
+                decoding.decode_batch(records(count, &batch), &mut decoder)
             })
             .map_err(|e| Error::Invalid(format!("cannot start a decoding thread: {e}")))?;
         Ok(Self { handle, decoded })
@@ -239,7 +239,7 @@ impl Writer {
         // per 4 MiB batch).
         failover::check_fence(&self.config.retention, &self.machine)?;
         self.lock_machine()?;
-        let blocks = decoded.len();
+        let blocks = decoded.blocks.len();
         self.disk(batch.handle)?.replica.write_decoded(decoded)?;
         tracing::debug!(blocks, waited_for_decoding = ?decoded_at, took = ?started.elapsed(), "batch written");
         Ok(())

@@ -308,6 +308,42 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// One block's old content as a journal record, encoded and checksummed: made on any
+/// thread (the master target's decoding threads make them while the writer writes the
+/// batch before), appended in order by [`JournalWriter::append_record`].
+#[derive(Debug, Clone)]
+pub struct JournalRecord {
+    index: u64,
+    bytes: Vec<u8>,
+}
+
+impl JournalRecord {
+    /// The record of block `index` whose content was `old` (`payload` is scratch space).
+    pub fn encode(
+        encoder: &mut BlockEncoder,
+        payload: &mut Vec<u8>,
+        index: u64,
+        old: &[u8],
+    ) -> Self {
+        payload.clear();
+        let encoding = encoder.encode(old, payload);
+        let data_len = u32::try_from(old.len()).unwrap_or(u32::MAX);
+        let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        let head = record_head(index, encoding as u8, data_len, len);
+        let sum = checksum(&[&head, payload]);
+        let mut bytes = Vec::with_capacity(head.len() + payload.len() + sum.len());
+        bytes.extend_from_slice(&head);
+        bytes.extend_from_slice(payload);
+        bytes.extend_from_slice(&sum);
+        Self { index, bytes }
+    }
+
+    /// The block this record saves.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+}
+
 /// Appends old blocks to the journal of the current cycle.
 pub struct JournalWriter {
     path: PathBuf,
@@ -392,19 +428,21 @@ impl JournalWriter {
 
     /// Appends the old content of block `index` (not yet durable: call [`Self::sync`]).
     pub fn append(&mut self, index: u64, old: &[u8]) -> Result<()> {
-        if !self.saved.insert(index) {
+        if self.saved.contains(&index) {
             return Ok(());
         }
-        self.payload.clear();
-        let encoding = self.encoder.encode(old, &mut self.payload);
-        let data_len = u32::try_from(old.len()).unwrap_or(u32::MAX);
-        let len = u32::try_from(self.payload.len()).unwrap_or(u32::MAX);
-        let head = record_head(index, encoding as u8, data_len, len);
-        let sum = checksum(&[&head, &self.payload]);
+        let record = JournalRecord::encode(&mut self.encoder, &mut self.payload, index, old);
+        self.append_record(&record)
+    }
+
+    /// Appends a record made ready elsewhere (see [`JournalRecord`]); a block saved already
+    /// in this journal keeps its first old content.
+    pub fn append_record(&mut self, record: &JournalRecord) -> Result<()> {
+        if !self.saved.insert(record.index) {
+            return Ok(());
+        }
         self.file
-            .write_all(&head)
-            .and_then(|()| self.file.write_all(&self.payload))
-            .and_then(|()| self.file.write_all(&sum))
+            .write_all(&record.bytes)
             .map_err(Error::file("write journal", &self.path))
     }
 
