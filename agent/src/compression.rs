@@ -6,8 +6,8 @@
 //! link's (bytes per second of time the session spent handing raw batches to the network,
 //! which blocks when the link or anything behind it is slower; compressed batches say
 //! little about the link, being small). The first batch goes raw and the second
-//! compressed, so both are known early; after that one batch in [`PROBE_EVERY`] goes the
-//! other way, so both stay current. Compression is on while the compressor is the faster
+//! compressed, so both are known early (the batches packed meanwhile go raw); after that
+//! one batch in [`PROBE_EVERY`] goes the other way, so both stay current. Compression is on while the compressor is the faster
 //! of the two and the data compresses (the compressed batches came out at most
 //! [`WORTH_IT`] of their raw size); it is off while the link is faster, or while the data
 //! does not compress (random or already compressed content: zstd would only cost CPU).
@@ -91,7 +91,10 @@ impl CompressionControl {
         Self {
             mode,
             threads: threads.max(1) as u64,
-            on: AtomicBool::new(mode != Compression::None),
+            // Under `auto`, raw until measured: the workers pack batches ahead of the
+            // session, and on a short stream (a 1% resync is a handful of batches) starting
+            // with compression on compressed half of them before the measurements said no.
+            on: AtomicBool::new(mode == Compression::Zstd),
             batches: AtomicU64::new(0),
             compressed_batches: AtomicU64::new(0),
             compress_ns: AtomicU64::new(0),
@@ -216,17 +219,21 @@ mod tests {
         let control = CompressionControl::new(Compression::Auto, 2);
         assert!(!control.next_batch(), "the first batch measures the link");
         assert!(control.next_batch(), "the second the compressor");
+        assert!(
+            !control.next_batch() && !control.next_batch(),
+            "batches packed before both are measured go raw"
+        );
         // The compressor: 16 MiB per second per thread, 32 over two threads.
         control.record_compression(16 * MB, 6 * MB, Duration::from_secs(1));
         // A link of 8 MiB/s: slower, so compression stays on but for the probes.
         control.record_send(16 * MB, Duration::from_secs(2), false);
-        let compressed = (2..66).filter(|_| control.next_batch()).count();
+        let compressed = (4..68).filter(|_| control.next_batch()).count();
         assert_eq!(compressed, 64 - 4, "all but the raw probes");
         // Compressed batches say nothing of the link.
         control.record_send(MB, Duration::from_secs(100), true);
         // Raw probes find the link much faster: 256 MiB in two seconds on the whole.
         control.record_send(240 * MB, Duration::from_millis(2), false);
-        let compressed = (66..130).filter(|_| control.next_batch()).count();
+        let compressed = (68..132).filter(|_| control.next_batch()).count();
         assert_eq!(compressed, 4, "only the compressed probes");
         let report = control.report();
         assert!(report.link_mb_s.unwrap() > report.compressor_mb_s.unwrap());
