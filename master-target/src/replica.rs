@@ -34,6 +34,7 @@ use engine::error::{Error, Result};
 use engine::storage::beneath::{self, Access};
 use engine::storage::direct::DirectWriter;
 use engine::storage::sparse::punch_hole;
+use engine::storage::writeback::WritebackKick;
 use engine::wire::message::MAX_HASHES_PER_ANSWER;
 use engine::wire::{BlockRecord, DiskState};
 use rustix::fs::OFlags;
@@ -143,6 +144,8 @@ pub struct Replica {
     file: File,
     /// Long runs of blocks go to the extent through this handle, bypassing the page cache.
     direct: DirectWriter,
+    /// The other writes start their writeback early, so a flush does not write them all.
+    writeback: WritebackKick,
     manifest: Manifest,
     /// The blocks written since the manifest's last commit.
     touched: TouchedLog,
@@ -241,6 +244,7 @@ impl Replica {
         Ok(Self {
             id: id.clone(),
             direct,
+            writeback: WritebackKick::default(),
             paths,
             file,
             manifest,
@@ -640,6 +644,7 @@ impl Replica {
                     .map_err(Error::file("write", &self.paths.extent))?;
                 at += part.len() as u64;
             }
+            self.writeback.wrote(&self.file, offset, at - offset);
         }
         Ok(())
     }
@@ -727,6 +732,7 @@ impl Replica {
         self.file
             .sync_data()
             .map_err(Error::file("fdatasync", &self.paths.extent))?;
+        self.writeback.flushed();
         let stamp = FileStamp::of(&self.file, &self.paths.extent)?;
         self.manifest.commit(seq, stamp)?;
         self.dirty = false;
