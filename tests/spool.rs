@@ -229,6 +229,9 @@ fn a_full_spool_filesystem_is_reported_and_replication_completes_once_freed() {
     random_image(&image, 8 * MIB as usize, 51);
     let disk = format!("{}=disk0", image.display());
     cluster.sync("full", &[&disk]).unwrap();
+    // The process server finishes the conversation after the agent has its point: the
+    // filesystem fills only once that is done.
+    wait_until_forwarded(&cache, "full");
 
     cluster.target.kill();
     let filler = cache.join("filler");

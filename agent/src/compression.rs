@@ -6,8 +6,10 @@
 //! link's (bytes per second of time the session spent handing raw batches to the network,
 //! which blocks when the link or anything behind it is slower; compressed batches say
 //! little about the link, being small). The first batch goes raw and the second
-//! compressed, so both are known early (the batches packed meanwhile go raw); after that
-//! one batch in [`PROBE_EVERY`] goes the other way, so both stay current. Compression is on while the compressor is the faster
+//! compressed, so both are known early (batches packed meanwhile are compressed, until
+//! the compressed one shows whether the data compresses: if not, compression stops
+//! without waiting for the link's figure); after that one batch in [`PROBE_EVERY`] goes
+//! the other way, so both stay current. Compression is on while the compressor is the faster
 //! of the two and the data compresses (the compressed batches came out at most
 //! [`WORTH_IT`] of their raw size); it is off while the link is faster, or while the data
 //! does not compress (random or already compressed content: zstd would only cost CPU).
@@ -91,10 +93,7 @@ impl CompressionControl {
         Self {
             mode,
             threads: threads.max(1) as u64,
-            // Under `auto`, raw until measured: the workers pack batches ahead of the
-            // session, and on a short stream (a 1% resync is a handful of batches) starting
-            // with compression on compressed half of them before the measurements said no.
-            on: AtomicBool::new(mode == Compression::Zstd),
+            on: AtomicBool::new(mode != Compression::None),
             batches: AtomicU64::new(0),
             compressed_batches: AtomicU64::new(0),
             compress_ns: AtomicU64::new(0),
@@ -178,12 +177,17 @@ impl CompressionControl {
         if self.mode != Compression::Auto {
             return;
         }
-        if let (Some(compressor), Some(link), Some(ratio)) =
-            (self.speeds().0, self.speeds().1, self.ratio())
-        {
-            self.on
-                .store(compressor > link && ratio <= WORTH_IT, Ordering::Relaxed);
-        }
+        let Some(ratio) = self.ratio() else {
+            return;
+        };
+        let on = match self.speeds() {
+            _ if ratio > WORTH_IT => false,
+            (Some(compressor), Some(link)) => compressor > link,
+            // The data compresses and the link is not measured yet (its first raw batch
+            // is still on its way, as on a slow link): compress meanwhile.
+            _ => true,
+        };
+        self.on.store(on, Ordering::Relaxed);
     }
 
     /// The figures of the stream so far.
@@ -220,8 +224,8 @@ mod tests {
         assert!(!control.next_batch(), "the first batch measures the link");
         assert!(control.next_batch(), "the second the compressor");
         assert!(
-            !control.next_batch() && !control.next_batch(),
-            "batches packed before both are measured go raw"
+            control.next_batch() && control.next_batch(),
+            "batches packed before anything is measured are compressed"
         );
         // The compressor: 16 MiB per second per thread, 32 over two threads.
         control.record_compression(16 * MB, 6 * MB, Duration::from_secs(1));
@@ -244,10 +248,13 @@ mod tests {
         let control = CompressionControl::new(Compression::Auto, 2);
         control.next_batch();
         control.next_batch();
-        // A fast compressor and a slow link, but random data: zstd saves 2%.
+        // Random data: zstd saves 2%. Compression stops at once, before the link is
+        // measured (a short stream, such as a 1% resync, would be over by then).
         control.record_compression(16 * MB, 16 * MB - MB / 3, Duration::from_millis(100));
+        assert!(!control.next_batch() && !control.next_batch());
+        // A slow link changes nothing: the data does not compress.
         control.record_send(16 * MB, Duration::from_secs(2), false);
-        let compressed = (2..66).filter(|_| control.next_batch()).count();
+        let compressed = (4..68).filter(|_| control.next_batch()).count();
         assert_eq!(compressed, 4, "only the compressed probes");
         assert!(control.report().compressed_ratio.unwrap() > WORTH_IT);
     }
