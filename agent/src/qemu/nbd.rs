@@ -549,4 +549,134 @@ mod tests {
         assert!(chunk_range(100, 200, 99, 1).is_err());
         assert!(chunk_range(100, 200, u64::MAX, 2).is_err());
     }
+
+    /// A client over one end of a socket pair, already past the handshake, for an export
+    /// of `size` bytes; the other end plays the server.
+    fn connected(size: u64) -> (NbdClient, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (r, w) = ours.into_split();
+        let client = NbdClient {
+            reader: BufReader::new(r),
+            writer: BufWriter::new(w),
+            size,
+            context: None,
+            cookie: 0,
+        };
+        (client, theirs)
+    }
+
+    /// Reads one request: (cookie, offset, length).
+    async fn request(server: &mut UnixStream) -> (u64, u64, u32) {
+        assert_eq!(server.read_u32().await.unwrap(), REQUEST_MAGIC);
+        let _flags = server.read_u16().await.unwrap();
+        assert_eq!(server.read_u16().await.unwrap(), CMD_READ);
+        let cookie = server.read_u64().await.unwrap();
+        (
+            cookie,
+            server.read_u64().await.unwrap(),
+            server.read_u32().await.unwrap(),
+        )
+    }
+
+    async fn chunk(server: &mut UnixStream, flags: u16, kind: u16, cookie: u64, payload: &[u8]) {
+        let mut out = Vec::new();
+        out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&cookie.to_be_bytes());
+        out.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(payload);
+        server.write_all(&out).await.unwrap();
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn reads_sent_together_are_filled_whatever_order_the_replies_come_in() {
+        runtime().block_on(async {
+            let (mut client, mut server) = connected(1 << 20);
+            let serve = tokio::spawn(async move {
+                let first = request(&mut server).await;
+                let second = request(&mut server).await;
+                assert_eq!((first.1, first.2, second.1, second.2), (0, 8, 4096, 4));
+                // The second read is answered first; the first in two chunks: a hole, then
+                // data, the second chunk ending it.
+                let data = |at: u64, bytes: &[u8]| [&at.to_be_bytes()[..], bytes].concat();
+                chunk(
+                    &mut server,
+                    REPLY_FLAG_DONE,
+                    REPLY_OFFSET_DATA,
+                    second.0,
+                    &data(4096, b"WXYZ"),
+                )
+                .await;
+                let hole = [&0u64.to_be_bytes()[..], &4u32.to_be_bytes()[..]].concat();
+                chunk(&mut server, 0, REPLY_OFFSET_HOLE, first.0, &hole).await;
+                chunk(
+                    &mut server,
+                    REPLY_FLAG_DONE,
+                    REPLY_OFFSET_DATA,
+                    first.0,
+                    &data(4, b"abcd"),
+                )
+                .await;
+                server
+            });
+            let (mut a, mut b) = (vec![9u8; 8], vec![9u8; 4]);
+            client
+                .read_many(&mut [(0, &mut a[..]), (4096, &mut b[..])])
+                .await
+                .unwrap();
+            assert_eq!(a, b"\0\0\0\0abcd");
+            assert_eq!(b, b"WXYZ");
+            serve.await.unwrap();
+        });
+    }
+
+    #[test]
+    fn a_reply_to_no_read_in_flight_or_outside_its_read_is_refused() {
+        runtime().block_on(async {
+            let (mut client, mut server) = connected(1 << 20);
+            tokio::spawn(async move {
+                let (cookie, _, _) = request(&mut server).await;
+                chunk(&mut server, REPLY_FLAG_DONE, REPLY_NONE, cookie + 7, &[]).await;
+                server
+            });
+            let mut buf = [0u8; 8];
+            let err = client
+                .read_many(&mut [(0, &mut buf[..])])
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("not in flight"), "{err}");
+
+            // Data placed past the end of the read it answers.
+            let (mut client, mut server) = connected(1 << 20);
+            tokio::spawn(async move {
+                let (cookie, _, _) = request(&mut server).await;
+                let data = [&100u64.to_be_bytes()[..], b"abcd"].concat();
+                chunk(
+                    &mut server,
+                    REPLY_FLAG_DONE,
+                    REPLY_OFFSET_DATA,
+                    cookie,
+                    &data,
+                )
+                .await;
+                server
+            });
+            let err = client
+                .read_many(&mut [(0, &mut buf[..])])
+                .await
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("outside the requested range"),
+                "{err}"
+            );
+        });
+    }
 }
