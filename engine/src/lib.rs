@@ -9,7 +9,7 @@
 //! | --- | --- |
 //! | [`block`] | the block model: names, geometry, block hashes, runs of blocks, manifests (hash trees and their file format), payload encodings, parallel hashing of a file |
 //! | [`wire`] | frames and messages, the one conversation client ([`wire::client`]), the one server handshake ([`wire::handshake`]), framed TLS connections, roles and PKI, bandwidth throttling |
-//! | [`storage`] | local durability: atomic file replacement, sparse files, `O_DIRECT` writes, files opened beneath a root through no symbolic link |
+//! | [`storage`] | local durability: atomic file replacement, sparse files, `O_DIRECT` writes, early writeback, files opened beneath a root through no symbolic link |
 //! | [`point`] | what a recovery point claims (its kind) |
 //! | [`nbd`] | the NBD protocol's numbers, for the agent's client and the master target's server |
 //! | [`service`] | logging, bind-and-announce, SIGINT/SIGTERM |
