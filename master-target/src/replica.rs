@@ -56,9 +56,9 @@ pub struct Decoding {
     id: SafeName,
     geometry: Geometry,
     zero: ZeroHashes,
-    /// The extent, read for the old content of the batch's blocks while the replica keeps
-    /// an undo journal.
-    old_content: Option<Arc<File>>,
+    /// The extent (and its path, for errors), read for the old content of the batch's
+    /// blocks while the replica keeps an undo journal.
+    old_content: Option<(Arc<File>, PathBuf)>,
 }
 
 impl Decoding {
@@ -105,6 +105,8 @@ impl Decoding {
 
     /// Decodes and verifies a batch as [`Self::decode`] does, then reads the current content
     /// of its blocks and encodes it as journal records, so the writer only appends them.
+    /// Every block of the batch is read: the agent sends only blocks that differ, so the
+    /// few that turn out unchanged cost a read, not a lookup in the manifest here.
     ///
     /// Sound while the writer writes earlier batches: a block this read races with is one
     /// an earlier batch writes, and that batch journals the block first; the writer keeps
@@ -116,21 +118,16 @@ impl Decoding {
     ) -> Result<DecodedBatch> {
         let blocks = self.decode(records, decoder)?;
         let mut old = Vec::new();
-        if let Some(file) = &self.old_content {
+        if let Some((file, extent)) = &self.old_content {
             let mut encoder = BlockEncoder::new(true)?;
-            let (mut data, mut payload) = (Vec::new(), Vec::new());
+            let mut data = Vec::new();
             old.reserve(blocks.len());
             for &(index, _, _) in &blocks {
                 let len = self.geometry.block_len(index).unwrap_or(0);
                 data.resize(len, 0);
                 file.read_exact_at(&mut data, self.geometry.offset(index))
-                    .map_err(Error::file("read", format!("replica {}", self.id)))?;
-                old.push(JournalRecord::encode(
-                    &mut encoder,
-                    &mut payload,
-                    index,
-                    &data,
-                ));
+                    .map_err(Error::file("read", extent))?;
+                old.push(JournalRecord::encode(&mut encoder, index, &data));
             }
         }
         Ok(DecodedBatch { blocks, old })
@@ -554,7 +551,7 @@ impl Replica {
             .undo
             .as_ref()
             .and_then(|_| self.file.try_clone().ok())
-            .map(Arc::new);
+            .map(|file| (Arc::new(file), self.paths.extent.clone()));
         Decoding {
             id: self.id.clone(),
             geometry: self.manifest.geometry(),

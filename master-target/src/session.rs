@@ -122,15 +122,11 @@ async fn session(
             if let Message::Bye = msg {
                 return Ok(());
             }
-            // If the writer stopped, the reason it stopped for is the error to report: it
-            // may drop the command's reply a moment before it sends that reason, and the
-            // channel closes when the writer ends, so waiting for it is bounded.
+            // If the writer stopped, the reason it stopped for is the error to report (it
+            // sends that reason before it drops any command's reply).
             let reply = match handle(msg, &commands, max_disk_size).await {
                 Ok(reply) => reply,
-                Err(err) if is_writer_gone(&err) => {
-                    return Err(failures.recv().await.unwrap_or(err))
-                }
-                Err(err) => return Err(err),
+                Err(err) => return Err(failures.try_recv().unwrap_or(err)),
             };
             if let Some(reply) = reply {
                 conn.send(&reply).await?;
@@ -151,21 +147,13 @@ async fn session(
     }
 }
 
-/// What [`handle`] says when the writer thread ended (its reason follows on the failure
-/// channel).
-const WRITER_GONE: &str = "the writer stopped";
-
-fn is_writer_gone(err: &Error) -> bool {
-    matches!(err, Error::Invalid(message) if message == WRITER_GONE)
-}
-
 /// Turns one message into a writer command; returns the reply to send, if any.
 async fn handle(
     msg: Message,
     commands: &mpsc::Sender<Command>,
     max_disk_size: u64,
 ) -> Result<Option<Message>> {
-    let gone = || Error::Invalid(WRITER_GONE.into());
+    let gone = || Error::Invalid("the writer stopped".into());
     match msg {
         Message::OpenDisk {
             handle,

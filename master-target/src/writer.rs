@@ -213,7 +213,13 @@ impl Writer {
                         self.answer(other);
                         Ok(())
                     }
-                    Err(err) => Err(err),
+                    Err(err) => {
+                        // The reason goes out before the command's reply is dropped: the
+                        // session, seeing the reply gone, finds the reason waiting.
+                        let _ = failures.blocking_send(err);
+                        drop(other);
+                        return;
+                    }
                 },
             };
             if let Err(err) = outcome {

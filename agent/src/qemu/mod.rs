@@ -422,19 +422,16 @@ async fn send_disk(
     let feed = async move {
         for job_runs in to_read.batches(per_job.min(pipeline.blocks_per_batch())) {
             let mut job = Vec::new();
-            let mut offsets = Vec::new();
             for (first, count) in job_runs {
-                let (offset, len) = geometry.run_span(first, count).ok_or_else(|| {
+                let (_, len) = geometry.run_span(first, count).ok_or_else(|| {
                     Error::Qemu(format!("blocks {first}..+{count} lie outside the export"))
                 })?;
-                offsets.push(offset);
                 job.push((first, vec![0u8; len]));
             }
             // The job's scattered runs are asked for together, not one round trip each.
-            let mut reads: Vec<(u64, &mut [u8])> = offsets
-                .iter()
-                .zip(job.iter_mut())
-                .map(|(&offset, (_, data))| (offset, data.as_mut_slice()))
+            let mut reads: Vec<(u64, &mut [u8])> = job
+                .iter_mut()
+                .map(|(first, data)| (geometry.offset(*first), data.as_mut_slice()))
                 .collect();
             for group in reads.chunks_mut(MAX_READS_IN_FLIGHT) {
                 nbd.read_many(group).await?;

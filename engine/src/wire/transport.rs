@@ -26,9 +26,6 @@ use crate::wire::tls::{
 };
 use crate::wire::{Frame, FrameCodec, Message};
 
-/// Frames up to this body size are sent as one piece (header and body copied together).
-const SMALL_FRAME: usize = 16 << 10;
-
 /// Encrypted bytes a connection holds for the socket at most (per connection, while it
 /// sends).
 const TLS_SEND_BUFFER: usize = 256 << 10;
@@ -57,6 +54,16 @@ impl Counting<TcpStream> {
     }
 }
 
+impl<S> Counting<S> {
+    /// Adds what a write wrote to the counter.
+    fn count(&self, result: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = result {
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -74,24 +81,18 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = result {
-            self.written.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        result
+        self.count(result)
     }
 
-    /// TLS hands over every record it has ready at once: one `writev` for up to 64 records
-    /// (1 MiB), not one system call per 16 KiB record.
+    /// TLS hands over every record it has ready at once (up to [`TLS_SEND_BUFFER`]): one
+    /// `writev`, not one system call per 16 KiB record.
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = result {
-            self.written.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        result
+        self.count(result)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -269,30 +270,13 @@ impl ConnWriter {
                 .acquire((HEADER_LEN + frame.body.len()) as u64)
                 .await;
         }
-        let failed = Error::net("send");
-        if frame.body.len() <= SMALL_FRAME {
-            // One TLS record for a small message, not one for its header and one for it.
-            let mut whole = Vec::with_capacity(HEADER_LEN + frame.body.len());
-            whole.extend_from_slice(&header);
-            whole.extend_from_slice(&frame.body);
-            self.stream.write_all(&whole).await.map_err(failed)?;
-        } else {
-            let (mut header, mut body): (&[u8], &[u8]) = (&header, &frame.body);
-            while !header.is_empty() || !body.is_empty() {
-                let parts = [std::io::IoSlice::new(header), std::io::IoSlice::new(body)];
-                let n = self
-                    .stream
-                    .write_vectored(&parts)
-                    .await
-                    .map_err(Error::net("send"))?;
-                if n == 0 {
-                    return Err(Error::net("send")(std::io::ErrorKind::WriteZero.into()));
-                }
-                let from_header = n.min(header.len());
-                header = &header[from_header..];
-                body = &body[n - from_header..];
-            }
-        }
+        // One vectored write: TLS makes records across the header and the body, so a
+        // small message is one record and a batch is not copied into a buffer first.
+        let mut whole = bytes::Buf::chain(&header[..], &frame.body[..]);
+        self.stream
+            .write_all_buf(&mut whole)
+            .await
+            .map_err(Error::net("send"))?;
         self.stream.flush().await.map_err(Error::net("send"))
     }
 

@@ -318,22 +318,16 @@ pub struct JournalRecord {
 }
 
 impl JournalRecord {
-    /// The record of block `index` whose content was `old` (`payload` is scratch space).
-    pub fn encode(
-        encoder: &mut BlockEncoder,
-        payload: &mut Vec<u8>,
-        index: u64,
-        old: &[u8],
-    ) -> Self {
-        payload.clear();
-        let encoding = encoder.encode(old, payload);
+    /// The record of block `index` whose content was `old`, encoded in place after room
+    /// for its head.
+    pub fn encode(encoder: &mut BlockEncoder, index: u64, old: &[u8]) -> Self {
+        let mut bytes = vec![0u8; RECORD_HEAD];
+        let encoding = encoder.encode(old, &mut bytes);
         let data_len = u32::try_from(old.len()).unwrap_or(u32::MAX);
-        let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        let len = u32::try_from(bytes.len() - RECORD_HEAD).unwrap_or(u32::MAX);
         let head = record_head(index, encoding as u8, data_len, len);
-        let sum = checksum(&[&head, payload]);
-        let mut bytes = Vec::with_capacity(head.len() + payload.len() + sum.len());
-        bytes.extend_from_slice(&head);
-        bytes.extend_from_slice(payload);
+        bytes[..RECORD_HEAD].copy_from_slice(&head);
+        let sum = checksum(&[&bytes]);
         bytes.extend_from_slice(&sum);
         Self { index, bytes }
     }
@@ -349,7 +343,6 @@ pub struct JournalWriter {
     path: PathBuf,
     file: BufWriter<File>,
     encoder: BlockEncoder,
-    payload: Vec<u8>,
     /// Blocks already saved in this journal: only their first old content matters.
     saved: HashSet<u64>,
 }
@@ -416,7 +409,6 @@ impl JournalWriter {
             path: path.to_owned(),
             file: BufWriter::with_capacity(1 << 20, file),
             encoder: BlockEncoder::new(true)?,
-            payload: Vec::new(),
             saved,
         })
     }
@@ -431,7 +423,7 @@ impl JournalWriter {
         if self.saved.contains(&index) {
             return Ok(());
         }
-        let record = JournalRecord::encode(&mut self.encoder, &mut self.payload, index, old);
+        let record = JournalRecord::encode(&mut self.encoder, index, old);
         self.append_record(&record)
     }
 
