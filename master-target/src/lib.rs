@@ -29,10 +29,12 @@
 //! slow disk pushes back through TCP) to the session's writer thread ([`writer`]). The
 //! writer checks the sequence number and hands the batch to a decoding thread of its own
 //! (up to 3 batches ahead), which decodes each record and verifies its blake3 against the
-//! hash it came with ([`replica::Decoding`]); in order, the writer then compares each block
-//! with the manifest, saves the old content of those that change in the
-//! cycle's undo journal (fdatasynced before the overwrite) once the machine has a point,
-//! and writes it: consecutive blocks as one run, long runs with `O_DIRECT`, zero blocks as
+//! hash it came with ([`replica::Decoding`]) and, once the machine has a point, reads the
+//! blocks' current content and encodes it as undo-journal records; in order, the writer
+//! then compares each block with the manifest, appends the records of those that change
+//! to the cycle's undo journal (fdatasynced before the overwrite; a block's first record
+//! only), and writes it: consecutive blocks as one run, long runs with `O_DIRECT`, the
+//! others through the page cache with their writeback started every 32 MiB, zero blocks as
 //! holes; before the first write after a flush the manifest is marked dirty, and no block is
 //! written before the [`touched`] record covers it. On `Flush` the extent is fdatasynced
 //! and the manifest's changed hashes committed in place with the durable sequence before
